@@ -1,0 +1,176 @@
+"""Common contract of the metafluence solvers.
+
+Every total-Hessian / inner-Hessian solver takes a linear operator ``matvec`` and right-hand
+sides ``b`` and returns a :class:`SolveResult`.
+
+Shapes
+------
+``b`` is either a single vector ``[P]`` or ``k`` right-hand sides stored as **rows** ``[k, P]``.
+``matvec`` receives a tensor of the same rank as ``b``:
+
+* ``b`` of shape ``[P]``: ``matvec`` gets and returns ``[P]``;
+* ``b`` of shape ``[k, P]``: ``matvec`` gets and returns ``[k', P]`` with ``k' <= k`` (solvers
+  may apply it to a subset of still-active rows, or to one row ``[1, P]``).
+
+The operator ``A`` is assumed symmetric; every solver solves ``(A + damping I) x = b``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Matvec", "SolveResult"]
+
+Matvec = Callable[[Tensor], Tensor]
+"""A symmetric linear operator ``v -> A v`` acting on rows (see the module docstring)."""
+
+
+@dataclass
+class SolveResult:
+    """Result of a linear solve ``(A + damping I) x = b``.
+
+    Attributes:
+        x: the solution, same shape as ``b``: ``[P]`` or ``[k, P]``.
+        iters: iterations performed (maximum over columns); 0 for direct methods.
+        residual: relative residual ``||b - (A + damping I) x|| / ||b||`` per column, computed from
+            the operator (not from a recurrence): shape ``[]`` for ``b`` of shape ``[P]``, ``[k]``
+            for ``[k, P]``; 0 for zero columns.
+        converged: whether every column reached the requested tolerance.
+        column_converged: per-column convergence, same shape as ``residual`` (bool).
+        negative_curvature: ``solve_cg`` only: some column met ``pᵀ A p <= 0``.
+        info: solver-specific details (``scale`` for Neumann, ``eigenvalues`` for Arnoldi, ...).
+    """
+
+    x: Tensor
+    iters: int
+    residual: Tensor
+    converged: bool
+    column_converged: Tensor | None = None
+    negative_curvature: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def check_damping(damping: float, *, positive: bool = False) -> float:
+    """Validate ``damping`` (finite, ``>= 0``, or ``> 0`` when ``positive``) and return it."""
+    if isinstance(damping, Tensor):
+        if damping.numel() != 1:
+            raise ValueError(
+                f"damping must be a float, got a tensor of shape {list(damping.shape)}"
+            )
+        damping = float(damping.item())
+    try:
+        value = float(damping)
+    except (TypeError, ValueError):
+        raise TypeError(f"damping must be a float, got {type(damping).__name__}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"damping must be finite, got {value}")
+    if positive and value <= 0.0:
+        raise ValueError(f"damping must be > 0, got {value}")
+    if value < 0.0:
+        raise ValueError(f"damping must be >= 0, got {value}")
+    return value
+
+
+def check_positive_int(value: int, name: str, *, minimum: int = 1) -> int:
+    """Validate an integer argument ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def as_rows(b: Tensor, name: str = "b") -> tuple[Tensor, bool]:
+    """View ``b`` ([P] or [k, P]) as rows ``[k, P]``; also return whether ``b`` was 1-D."""
+    if not isinstance(b, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(b).__name__}")
+    if not b.is_floating_point():
+        raise TypeError(f"{name} has dtype {b.dtype}, expected a floating dtype")
+    if b.dim() == 1:
+        return b.unsqueeze(0), True
+    if b.dim() == 2:
+        return b, False
+    raise ValueError(f"{name} has {b.dim()} dims, expected [P] or [k, P]")
+
+
+def from_rows(x: Tensor, one_d: bool) -> Tensor:
+    """Inverse of :func:`as_rows` for an output ``[k, ...]``."""
+    return x[0] if one_d else x
+
+
+class RowOperator:
+    """Adapter applying a user ``matvec`` to rows ``[k', P]`` and adding ``damping * X``.
+
+    When the right-hand side was 1-D the user's ``matvec`` only accepts ``[P]``; the adapter then
+    calls it once per row. Counts rows processed (``rows``) and calls (``calls``) for diagnostics.
+    """
+
+    def __init__(self, matvec: Matvec, one_d: bool, damping: float = 0.0, name: str = "matvec"):
+        if not callable(matvec):
+            raise TypeError(f"{name} must be callable, got {type(matvec).__name__}")
+        self.matvec = matvec
+        self.one_d = one_d
+        self.damping = damping
+        self.name = name
+        self.calls = 0
+        self.rows = 0
+
+    def _check(self, y: Tensor, x: Tensor) -> Tensor:
+        if not isinstance(y, Tensor):
+            raise TypeError(f"{self.name} returned {type(y).__name__}, expected a Tensor")
+        if y.shape != x.shape:
+            raise ValueError(
+                f"{self.name} returned shape {list(y.shape)} for input {list(x.shape)}, "
+                "expected the same shape"
+            )
+        if y.dtype != x.dtype:
+            raise ValueError(f"{self.name} returned dtype {y.dtype} for input dtype {x.dtype}")
+        return y
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        self.rows += x.shape[0]
+        if self.one_d:
+            ys = [self._check(self.matvec(row), row) for row in x]
+            y = torch.stack(ys) if ys else torch.zeros_like(x)
+        else:
+            y = self._check(self.matvec(x), x)
+        if self.damping != 0.0:
+            y = y + self.damping * x
+        return y
+
+
+def tiny(dtype: torch.dtype) -> float:
+    """Smallest positive normal number of ``dtype`` (guard for divisions)."""
+    return float(torch.finfo(dtype).tiny)
+
+
+def eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of ``dtype``."""
+    return float(torch.finfo(dtype).eps)
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Tolerance used to call a direct solve converged: ``sqrt(eps)`` of ``dtype``."""
+    return math.sqrt(eps(dtype))
+
+
+def relative_residual(residual_norm: Tensor, b_norm: Tensor) -> Tensor:
+    """``||r|| / ||b||`` per column, 0 where ``||b|| = 0`` and ``||r|| = 0``."""
+    safe = torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
+    rel = residual_norm / safe
+    return torch.where(b_norm > 0, rel, torch.where(residual_norm > 0, torch.inf, 0.0))
+
+
+def random_rows(
+    k: int, dim: int, dtype: torch.dtype, device: torch.device | str | None, seed: int
+) -> Tensor:
+    """Deterministic standard-normal rows ``[k, dim]`` (drawn on the CPU, then moved)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(k, dim, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)

@@ -1,0 +1,211 @@
+"""Multi right-hand-side conjugate gradients with per-column early exit."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from ._base import (
+    Matvec,
+    RowOperator,
+    SolveResult,
+    as_rows,
+    check_damping,
+    check_positive_int,
+    eps,
+    from_rows,
+    relative_residual,
+    tiny,
+)
+
+__all__ = ["solve_cg"]
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(dim=1)
+
+
+def solve_cg(
+    matvec: Matvec,
+    b: Tensor,
+    damping: float = 0.0,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: int = 100,
+    x0: Tensor | None = None,
+    check_every: int = 5,
+    precond: Matvec | None = None,
+) -> SolveResult:
+    r"""Solve ``(A + damping I) x = b`` by (preconditioned) conjugate gradients.
+
+    Each of the ``k`` right-hand sides (rows of ``b``) runs its own CG recurrence::
+
+        alpha_j = r_jᵀ z_j / p_jᵀ A p_j
+        x_{j+1} = x_j + alpha_j p_j,     r_{j+1} = r_j - alpha_j A p_j
+        z_{j+1} = M⁻¹ r_{j+1},           beta_j = r_{j+1}ᵀ z_{j+1} / r_jᵀ z_j
+        p_{j+1} = z_{j+1} + beta_j p_j
+
+    batched so that one ``matvec`` call serves all active columns. A column stops when
+    ``||r|| <= max(rtol ||b||, atol)``; it is then frozen by masked updates (its ``x`` no longer
+    changes). The host is consulted only every ``check_every`` iterations: there the active set
+    shrinks (``matvec`` is then called on the remaining rows only), and each newly converged column
+    is verified against its true residual ``b - A x``; if the recurrence drifted, the column
+    restarts from its current ``x`` (residual replacement).
+
+    Negative curvature: if ``pᵀ A p <= eps · max|pᵀ A p / pᵀ p| · pᵀ p`` for a column (``A`` is not
+    positive definite along ``p``), the column stops at its last iterate, the result has
+    ``negative_curvature=True``, ``converged=False``, ``info["negative_curvature_columns"]`` lists
+    the columns, and a ``RuntimeWarning`` is issued.
+
+    Args:
+        matvec: symmetric operator ``A`` (same-rank contract, see :mod:`._base`).
+        b: right-hand sides ``[P]`` or ``[k, P]`` (float32 / float64, any device).
+        damping: ``damping >= 0`` added to the diagonal.
+        rtol, atol: stopping rule ``||b - (A + damping I) x|| <= max(rtol ||b||, atol)``.
+        maxiter: maximum CG iterations per column.
+        x0: initial guess, same shape as ``b`` (default zeros).
+        check_every: iterations between host synchronisations (convergence checks).
+        precond: optional SPD preconditioner ``r -> M⁻¹ r`` with the same contract as ``matvec``.
+
+    Returns:
+        :class:`SolveResult`; ``info`` holds ``column_iters`` ([k] int64), ``matvec_calls``,
+        ``matvec_rows`` and ``negative_curvature_columns`` (list of int).
+    """
+    damping = check_damping(damping)
+    maxiter = check_positive_int(maxiter, "maxiter", minimum=0)
+    check_every = check_positive_int(check_every, "check_every")
+    if rtol < 0 or atol < 0:
+        raise ValueError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
+    B, one_d = as_rows(b)
+    k, _ = B.shape
+    op = RowOperator(matvec, one_d, damping)
+    pc = RowOperator(precond, one_d, 0.0, name="precond") if precond is not None else None
+    dt = B.dtype
+    curv_tol = eps(dt)
+
+    b_norm = torch.linalg.vector_norm(B, dim=1)
+    thr = torch.clamp(rtol * b_norm, min=atol)
+    zero_col = b_norm == 0
+
+    if x0 is not None:
+        if x0.shape != b.shape:
+            raise ValueError(f"x0 has shape {list(x0.shape)}, expected {list(b.shape)} like b")
+        X = x0.reshape(B.shape).to(dtype=dt, device=B.device, copy=True)
+        X = torch.where(zero_col[:, None], torch.zeros_like(X), X)
+        R = B - op(X) if k > 0 else B.clone()
+    else:
+        X = torch.zeros_like(B, memory_format=torch.contiguous_format)
+        R = B.clone(memory_format=torch.contiguous_format)
+
+    col_iters = torch.zeros(k, dtype=torch.int64, device=B.device)
+    negative = torch.zeros(k, dtype=torch.bool, device=B.device)
+    verified = torch.zeros(k, dtype=torch.bool, device=B.device)  # true residual <= thr
+    true_res = torch.zeros(k, dtype=dt, device=B.device)  # absolute true residual norms
+
+    # Columns with ||b - A x0|| <= thr (incl. zero columns) are done before any iteration; their
+    # residual is exact (R was computed from the operator).
+    r_norm = torch.linalg.vector_norm(R, dim=1)
+    done0 = r_norm <= thr
+    verified |= done0
+    true_res = torch.where(done0, r_norm, true_res)
+    active = torch.nonzero(~done0).flatten()  # host sync (once, at start)
+
+    Xa, Ra, Ba, thra = X[active], R[active], B[active], thr[active]
+    Za = pc(Ra) if (pc is not None and active.numel() > 0) else Ra
+    Pa = Za.clone()
+    rza = _rowdot(Ra, Za)
+    curv_max = torch.zeros(active.numel(), dtype=dt, device=B.device)
+    it_a = torch.zeros(active.numel(), dtype=torch.int64, device=B.device)
+    neg_a = torch.zeros(active.numel(), dtype=torch.bool, device=B.device)
+
+    it = 0
+    while it < maxiter and active.numel() > 0:
+        done_a = torch.zeros(active.numel(), dtype=torch.bool, device=B.device)
+        for _ in range(min(check_every, maxiter - it)):
+            W = op(Pa)
+            pAp = _rowdot(Pa, W)
+            pp = _rowdot(Pa, Pa)
+            curv = pAp / pp.clamp_min(tiny(dt))
+            curv_max = torch.maximum(curv_max, curv.abs())
+            neg = (~done_a) & (curv <= curv_tol * curv_max)
+            step = (~done_a) & (~neg)
+            alpha = torch.where(step, rza / torch.where(step, pAp, torch.ones_like(pAp)), 0.0)
+            Xa = Xa + alpha[:, None] * Pa
+            Ra = Ra - alpha[:, None] * W
+            it_a = it_a + step.to(torch.int64)
+            neg_a = neg_a | neg
+            done_a = done_a | neg | (step & (torch.linalg.vector_norm(Ra, dim=1) <= thra))
+            Za = pc(Ra) if pc is not None else Ra
+            rz_new = _rowdot(Ra, Za)
+            beta = torch.where(
+                done_a, 0.0, rz_new / torch.where(rza == 0, torch.ones_like(rza), rza)
+            )
+            Pa = torch.where(done_a[:, None], Pa, Za + beta[:, None] * Pa)
+            rza = torch.where(done_a, rza, rz_new)
+            it += 1
+
+        # ---- check point: the only host synchronisation of the iteration ----
+        claimed = done_a & ~neg_a
+        claimed_idx = torch.nonzero(claimed).flatten()
+        finished = neg_a.clone()
+        if claimed_idx.numel() > 0:
+            R_true = Ba[claimed_idx] - op(Xa[claimed_idx])
+            tn = torch.linalg.vector_norm(R_true, dim=1)
+            ok = tn <= thra[claimed_idx]
+            finished[claimed_idx] = ok
+            g = active[claimed_idx]
+            true_res[g] = torch.where(ok, tn, true_res[g])
+            verified[g] = ok
+            # residual replacement + restart for columns whose recurrence drifted
+            Ra[claimed_idx] = R_true
+            Z_true = pc(R_true) if pc is not None else R_true
+            restart = claimed_idx[~ok]
+            Pa[restart] = Z_true[~ok]
+            rza[restart] = _rowdot(R_true, Z_true)[~ok]
+        keep = ~finished
+        if not bool(keep.all()):
+            gone = torch.nonzero(finished).flatten()
+            X[active[gone]] = Xa[gone]
+            col_iters[active[gone]] = it_a[gone]
+            negative[active[gone]] = neg_a[gone]
+            kept = torch.nonzero(keep).flatten()
+            active = active[kept]
+            Xa, Ra, Ba, thra, Pa = Xa[kept], Ra[kept], Ba[kept], thra[kept], Pa[kept]
+            rza, curv_max, it_a, neg_a = rza[kept], curv_max[kept], it_a[kept], neg_a[kept]
+
+    if active.numel() > 0:  # ran out of iterations
+        X[active] = Xa
+        col_iters[active] = it_a
+        negative[active] = neg_a
+
+    # honest residuals for everything not verified (not converged or negative curvature)
+    todo = torch.nonzero(~verified).flatten()
+    if todo.numel() > 0:
+        true_res[todo] = torch.linalg.vector_norm(B[todo] - op(X[todo]), dim=1)
+    rel = relative_residual(true_res, b_norm)
+    col_conv = verified & ~negative
+    neg_cols = [int(i) for i in torch.nonzero(negative).flatten().tolist()]
+    if neg_cols:
+        warnings.warn(
+            f"solve_cg: negative curvature (pᵀ(A + damping I)p <= 0) in column(s) {neg_cols}; "
+            "the operator is not positive definite, those columns stopped unconverged "
+            "(increase damping or use another solver)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return SolveResult(
+        x=from_rows(X, one_d),
+        iters=int(col_iters.max().item()) if k > 0 else 0,
+        residual=from_rows(rel, one_d),
+        converged=bool(col_conv.all().item()),
+        column_converged=from_rows(col_conv, one_d),
+        negative_curvature=bool(neg_cols),
+        info={
+            "column_iters": from_rows(col_iters, one_d),
+            "negative_curvature_columns": neg_cols,
+            "matvec_calls": op.calls,
+            "matvec_rows": op.rows,
+        },
+    )
