@@ -1,0 +1,130 @@
+"""The ``metafluence`` command.
+
+Subcommands: ``info`` (build information), ``demo`` (a tiny per-sample-gradient check across
+backends), ``run`` (the main influence job) and ``bench`` -- the last two are placeholders until
+their issues land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+NOT_IMPLEMENTED_EXIT = 2
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from ._build import build_info
+
+    info = build_info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"metafluence {info['version']}")
+    print(f"  torch runtime : {info['torch_runtime']}")
+    print(f"  torch built   : {info['torch_built']}")
+    print(f"  compiler      : {info['compiler']}")
+    native = info["native"]
+    print(f"  native module : {'loaded' if native['loaded'] else 'not loaded'}", end="")
+    print(f" ({native['reason']})" if native["reason"] else "")
+    cuda = info["cuda"]
+    print(f"  cuda          : {cuda['status']} (nvcc {cuda['version']}, archs {cuda['archs']})")
+    print(f"  kernels       : {info['kernels']}  families {info['kernel_families']}")
+    print(f"  triton        : {info['triton']['version']}, runs on {info['triton']['runs_on']}")
+    for kind, why in info["missing"].items():
+        print(f"  missing {kind:<6}: {why}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import reference
+    from .ops import _dispatch, psg_linear
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    n, t, d_in, d_out = args.samples, 3, 16, 8
+    # A tiny linear model y = x W^T and squared-error loss per sample: the per-sample gradient
+    # of sample n's loss w.r.t. W is sum_t (dL_n/dy[n,t])^T x[n,t] -- what psg_linear computes.
+    x = torch.randn(n, t, d_in, device=device, dtype=dtype)
+    weight = torch.randn(d_out, d_in, device=device, dtype=dtype, requires_grad=True)
+    target = torch.randn(n, t, d_out, device=device, dtype=dtype)
+    y = x @ weight.T
+    y.retain_grad()
+    per_sample_loss = 0.5 * ((y - target) ** 2).sum(dim=(1, 2))
+    per_sample_loss.sum().backward()
+    assert y.grad is not None and weight.grad is not None
+    grad_outputs = y.grad.detach()
+
+    print(
+        f"psg_linear demo: N={n} samples, T={t}, in={d_in}, out={d_out}, device={device}, "
+        f"dtype={args.dtype}"
+    )
+    ref = reference.psg_linear(x, grad_outputs)
+    scale = max(1.0, ref.abs().max().item())
+    sum_err = (ref.sum(0) - weight.grad).abs().max().item()
+    print(f"  per-sample grads sum to autograd's batch gradient (max err {sum_err:.1e})")
+    ok = sum_err <= rtol * n * scale
+    report = _dispatch.backend_report("psg_linear", device, x.dtype)
+    for name, why in report.items():
+        if why is not None:
+            print(f"  {name:<9}: skipped ({why})")
+            continue
+        start = time.perf_counter()
+        out = psg_linear(x, grad_outputs, backend=name)
+        elapsed = (time.perf_counter() - start) * 1e3
+        err = (out - ref).abs().max().item()
+        ok &= err <= rtol * scale
+        print(f"  {name:<9}: max |diff| vs reference {err:.1e}  ({elapsed:.2f} ms)")
+    print("demo " + ("OK" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+def _not_implemented(what: str, issue: str) -> Callable[[argparse.Namespace], int]:
+    def cmd(args: argparse.Namespace) -> int:
+        print(f"metafluence {what}: not implemented yet: see issue {issue}", file=sys.stderr)
+        return NOT_IMPLEMENTED_EXIT
+
+    return cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metafluence",
+        description="Influence (removal effects) for meta-learning.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p_info = sub.add_parser("info", help="show build information (compiled kernels, versions)")
+    p_info.add_argument("--json", action="store_true", help="print the build_info() dict as JSON")
+    p_info.set_defaults(func=_cmd_info)
+
+    p_demo = sub.add_parser("demo", help="tiny per-sample-gradient demo comparing backends")
+    p_demo.add_argument("--samples", type=int, default=97)
+    p_demo.add_argument("--device", default="cpu")
+    p_demo.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    p_demo.set_defaults(func=_cmd_demo)
+
+    p_run = sub.add_parser("run", help="the main job: influence of meta-training tasks")
+    p_run.set_defaults(func=_not_implemented("run", "'metafluence run' (main job)"))
+
+    p_bench = sub.add_parser("bench", help="benchmarks")
+    p_bench.add_argument("family", nargs="?", default="all")
+    p_bench.set_defaults(func=_not_implemented("bench", "'metafluence bench'"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

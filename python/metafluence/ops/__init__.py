@@ -1,0 +1,9 @@
+"""One Python entry per op: each picks native | triton | reference and can say why
+(see :mod:`metafluence.ops._dispatch`)."""
+
+from __future__ import annotations
+
+from ._dispatch import BackendUnavailableError
+from .psg_linear import psg_linear
+
+__all__ = ["BackendUnavailableError", "psg_linear"]
