@@ -62,18 +62,21 @@ std::string compiler() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "metafluence native extension (ops are registered under torch.ops.metafluence)";
   m.attr("with_cuda") = kWithCuda;
-  m.def("build_info", []() {
-    const std::string cuda_mode = METAFLUENCE_CUDA_MODE;
-    py::dict d;
-    d["torch_version"] = METAFLUENCE_TORCH_VERSION;
-    d["cuda_mode"] = cuda_mode;
-    d["cuda_version"] = METAFLUENCE_CUDA_VERSION;
-    d["cuda_archs"] = split_csv(METAFLUENCE_CUDA_ARCHS);
-    d["compiler"] = compiler();
-    d["kernel_families"] = split_csv(METAFLUENCE_FAMILIES);
-    d["cpu_kernels"] = true;
-    d["cuda_kernels_linked"] = kWithCuda;
-    d["cuda_compile_only"] = cuda_mode == "COMPILE_ONLY";
-    return d;
-  }, "Build information recorded when this module was compiled.");
+  m.def(
+      "build_info",
+      []() {
+        const std::string cuda_mode = METAFLUENCE_CUDA_MODE;
+        py::dict d;
+        d["torch_version"] = METAFLUENCE_TORCH_VERSION;
+        d["cuda_mode"] = cuda_mode;
+        d["cuda_version"] = METAFLUENCE_CUDA_VERSION;
+        d["cuda_archs"] = split_csv(METAFLUENCE_CUDA_ARCHS);
+        d["compiler"] = compiler();
+        d["kernel_families"] = split_csv(METAFLUENCE_FAMILIES);
+        d["cpu_kernels"] = true;
+        d["cuda_kernels_linked"] = kWithCuda;
+        d["cuda_compile_only"] = cuda_mode == "COMPILE_ONLY";
+        return d;
+      },
+      "Build information recorded when this module was compiled.");
 }

@@ -14,8 +14,7 @@ namespace {
 
 template <typename scalar_t>
 void psg_linear_cpu_kernel(const scalar_t* __restrict__ act, const scalar_t* __restrict__ gout,
-                           scalar_t* __restrict__ out, int64_t N, int64_t T, int64_t I,
-                           int64_t O) {
+                           scalar_t* __restrict__ out, int64_t N, int64_t T, int64_t I, int64_t O) {
   // One work item = one output row (n, o): out[n, o, :] = sum_t gout[n, t, o] * act[n, t, :].
   // Parallel over N * O rows so that N = 1 still uses every core; the inner loop over `in` is
   // contiguous and vectorises.
@@ -43,10 +42,10 @@ at::Tensor psg_linear_cpu(const at::Tensor& activations, const at::Tensor& grad_
               " dims, expected [N, T, in]");
   TORCH_CHECK(grad_outputs.dim() == 3, "psg_linear: grad_outputs has ", grad_outputs.dim(),
               " dims, expected [N, T, out]");
-  TORCH_CHECK(activations.size(0) == grad_outputs.size(0) &&
-                  activations.size(1) == grad_outputs.size(1),
-              "psg_linear: activations ", activations.sizes(), " and grad_outputs ",
-              grad_outputs.sizes(), " must agree on N and T");
+  TORCH_CHECK(
+      activations.size(0) == grad_outputs.size(0) && activations.size(1) == grad_outputs.size(1),
+      "psg_linear: activations ", activations.sizes(), " and grad_outputs ", grad_outputs.sizes(),
+      " must agree on N and T");
   TORCH_CHECK(activations.scalar_type() == grad_outputs.scalar_type(),
               "psg_linear: activations and grad_outputs must have the same dtype");
   TORCH_CHECK(activations.device().is_cpu() && grad_outputs.device().is_cpu(),

@@ -17,10 +17,10 @@ at::Tensor psg_linear_cuda(const at::Tensor& activations, const at::Tensor& grad
               " dims, expected [N, T, in]");
   TORCH_CHECK(grad_outputs.dim() == 3, "psg_linear: grad_outputs has ", grad_outputs.dim(),
               " dims, expected [N, T, out]");
-  TORCH_CHECK(activations.size(0) == grad_outputs.size(0) &&
-                  activations.size(1) == grad_outputs.size(1),
-              "psg_linear: activations ", activations.sizes(), " and grad_outputs ",
-              grad_outputs.sizes(), " must agree on N and T");
+  TORCH_CHECK(
+      activations.size(0) == grad_outputs.size(0) && activations.size(1) == grad_outputs.size(1),
+      "psg_linear: activations ", activations.sizes(), " and grad_outputs ", grad_outputs.sizes(),
+      " must agree on N and T");
   TORCH_CHECK(activations.scalar_type() == grad_outputs.scalar_type(),
               "psg_linear: activations and grad_outputs must have the same dtype");
   TORCH_CHECK(activations.is_cuda() && grad_outputs.is_cuda() &&

@@ -86,8 +86,8 @@ cudaError_t launch(const scalar_t* act, const scalar_t* gout, scalar_t* out, int
 
 }  // namespace
 
-cudaError_t launch_psg_linear(const float* act, const float* gout, float* out, int64_t N,
-                              int64_t T, int64_t I, int64_t O, cudaStream_t stream) {
+cudaError_t launch_psg_linear(const float* act, const float* gout, float* out, int64_t N, int64_t T,
+                              int64_t I, int64_t O, cudaStream_t stream) {
   return launch<float>(act, gout, out, N, T, I, O, stream);
 }
 

@@ -8,8 +8,8 @@
 
 namespace metafluence {
 
-cudaError_t launch_psg_linear(const float* act, const float* gout, float* out, int64_t N,
-                              int64_t T, int64_t I, int64_t O, cudaStream_t stream);
+cudaError_t launch_psg_linear(const float* act, const float* gout, float* out, int64_t N, int64_t T,
+                              int64_t I, int64_t O, cudaStream_t stream);
 cudaError_t launch_psg_linear(const double* act, const double* gout, double* out, int64_t N,
                               int64_t T, int64_t I, int64_t O, cudaStream_t stream);
 
