@@ -70,9 +70,11 @@ def solve_direct(
 
     ``A`` is materialised with :func:`dense_matrix` (``P`` matvec columns, in chunks of ``chunk``
     when ``b`` is ``[k, P]``, one by one when ``b`` is ``[P]``), symmetrised
-    ``Â = (A + Aᵀ)/2 + damping I``, and factorised: Cholesky when ``Â`` is positive definite,
-    else LU (``torch.linalg.solve``), else (singular) the minimum-norm least-squares solution
-    from the eigendecomposition of ``Â`` (``info["method"]`` says which). Costs ``O(P³)`` time and
+    ``Â = (A + Aᵀ)/2 + damping I``, and factorised: Cholesky when ``Â`` is (numerically) positive
+    definite; otherwise the spectral solve ``x = Σ_i u_i u_iᵀ b / μ_i`` from ``Â = Σ μ_i u_i u_iᵀ``
+    (``torch.linalg.eigh``), dropping ``|μ_i| <= P · eps · max|μ|`` so that a singular ``Â``
+    gives the minimum-norm least-squares solution (``info["method"]``: ``"cholesky"``,
+    ``"eigh"`` or ``"eigh_pinv"``). Costs ``O(P³)`` time and
     ``O(P²)`` memory.
 
     The residual is measured against the operator as given (unsymmetrised), so it is honest
@@ -102,19 +104,25 @@ def solve_direct(
     if damping != 0.0:
         A_sym = A_sym + damping * torch.eye(P, dtype=dt, device=dev)
     rhs = B.T  # [P, k]
-    method = "cholesky"
     L, chol_info = torch.linalg.cholesky_ex(A_sym)
-    if int(chol_info.item()) == 0:
+    d = torch.diagonal(L).abs()
+    # Cholesky pivots also flag numerically singular PSD matrices: d_min² <= P·eps·d_max²
+    well_posed = (
+        int(chol_info.item()) == 0
+        and P > 0
+        and bool((d.min() ** 2 > P * eps(dt) * d.max() ** 2).item())
+    )
+    if well_posed or P == 0:
+        method = "cholesky"
         X = torch.cholesky_solve(rhs, L)
     else:
-        method = "lu"
-        X, lu_info = torch.linalg.solve_ex(A_sym, rhs)
-        if int(lu_info.item()) != 0 or not bool(torch.isfinite(X).all()):
-            method = "eigh_pinv"
-            evals, evecs = torch.linalg.eigh(A_sym)
-            cutoff = evals.abs().max() * P * eps(dt)
-            inv = torch.where(evals.abs() > cutoff, 1.0 / evals, torch.zeros_like(evals))
-            X = evecs @ (inv[:, None] * (evecs.T @ rhs))
+        # symmetric indefinite or singular: spectral solve, min-norm on the numerical null space
+        evals, evecs = torch.linalg.eigh(A_sym)
+        cutoff = evals.abs().max() * P * eps(dt)
+        keep = evals.abs() > cutoff
+        method = "eigh" if bool(keep.all().item()) else "eigh_pinv"
+        inv = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)
+        X = evecs @ (inv[:, None] * (evecs.T @ rhs))
     X = X.T.contiguous()  # [k, P]
     R = B - X @ A.T - damping * X
     res = relative_residual(torch.linalg.vector_norm(R, dim=1), torch.linalg.vector_norm(B, dim=1))

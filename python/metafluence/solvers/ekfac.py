@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._base import check_damping
+from ._base import check_damping, eps
 
 __all__ = [
     "KFACFactors",
@@ -215,7 +215,8 @@ def solve_ekfac(
     Args:
         factors: from :func:`compute_kfac_factors`.
         b_blocks: per layer ``[out, in]`` or ``[k, out, in]`` (k right-hand sides).
-        damping: ``>= 0``; with ``damping = 0`` every ``Λ`` must be positive.
+        damping: ``>= 0``; with ``damping = 0`` every ``Λ`` must exceed ``eps · max(out, in) ·
+            max Λ`` (else ``ValueError``).
 
     Returns:
         The solution blocks, same shapes as ``b_blocks`` (a direct method: no ``SolveResult``).
@@ -224,10 +225,12 @@ def solve_ekfac(
     _check_blocks(factors, b_blocks, "b_blocks")
     if damping == 0.0:
         for i, lf in enumerate(factors.layers):
-            if not bool((lf.eigvals > 0).all()):
+            lam = lf.eigvals
+            floor = eps(lam.dtype) * max(lam.shape) * lam.abs().max()
+            if lam.numel() > 0 and not bool((lam > floor).all()):
                 raise ValueError(
-                    f"damping=0 but layer {i} has non-positive (E)K-FAC eigenvalues; "
-                    "pass damping > 0"
+                    f"damping=0 but layer {i} has (numerically) zero or negative (E)K-FAC "
+                    "eigenvalues; pass damping > 0"
                 )
     out = []
     for blk, lf in zip(b_blocks, factors.layers, strict=True):
