@@ -1,4 +1,4 @@
-"""Shared helpers for the solver tests (unique module name: tests have no __init__.py)."""
+"""Shared helpers for the solver tests."""
 
 from __future__ import annotations
 

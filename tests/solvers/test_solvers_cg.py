@@ -6,9 +6,10 @@ import warnings
 
 import pytest
 import torch
-from solvers_helpers import dense_solve, randn, rel_err, row_matvec, spd
 
 from metafluence.solvers import solve_cg
+
+from ._helpers import dense_solve, randn, rel_err, row_matvec, spd
 
 
 @pytest.mark.parametrize("cond", [1e2, 1e4, 1e6])
@@ -199,3 +200,21 @@ def test_cg_float32() -> None:
     assert r.converged and r.x.dtype == torch.float32
     ref = dense_solve(A.double(), b.double())
     assert rel_err(r.x.double(), ref) < 1e-3
+
+
+def test_cg_shrink_false_calls_matvec_on_all_rows() -> None:
+    P = 40
+    A, Q, eigs = spd(P, 1e3, seed=27)
+    b = torch.stack([randn(P, seed=28), torch.zeros(P, dtype=A.dtype), Q[:, 3]])
+
+    def mv(x: torch.Tensor) -> torch.Tensor:
+        assert x.shape == (3, P), "shrink=False must always pass every row"
+        return x @ A
+
+    r = solve_cg(mv, b, rtol=1e-10, maxiter=10 * P, shrink=False)
+    ref = solve_cg(row_matvec(A), b, rtol=1e-10, maxiter=10 * P)
+    assert r.converged and ref.converged
+    torch.testing.assert_close(r.x, ref.x, rtol=1e-6, atol=1e-9)  # rounding differs
+    assert torch.equal(r.x[1], torch.zeros(P, dtype=A.dtype))
+    torch.testing.assert_close(r.x[2], Q[:, 3] / eigs[3], rtol=1e-12, atol=1e-12)
+    assert int(r.info["column_iters"][2]) == 1

@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 import torch
-from solvers_helpers import dense_solve, randn, spd
 
 from metafluence.solvers import SOLVERS, SolveResult, get_solver
+
+from ._helpers import dense_solve, randn, spd
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "cg": {"rtol": 1e-10, "maxiter": 300},

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from solvers_helpers import dense_solve, randn, rel_err, row_matvec, spd
 
 from metafluence.solvers import (
     dense_matrix,
@@ -12,6 +11,8 @@ from metafluence.solvers import (
     solve_arnoldi,
     solve_direct,
 )
+
+from ._helpers import dense_solve, randn, rel_err, row_matvec, spd
 
 # ----------------------------------------------------------------------------- direct
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from solvers_helpers import randn
 
 from metafluence.solvers import (
     KFACFactors,
@@ -13,6 +12,8 @@ from metafluence.solvers import (
     ekfac_matvec,
     solve_ekfac,
 )
+
+from ._helpers import randn
 
 
 def _implied_dense(factors: KFACFactors, layer: int, damping: float = 0.0) -> torch.Tensor:

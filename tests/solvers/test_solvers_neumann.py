@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from solvers_helpers import dense_solve, randn, rel_err, row_matvec, spd
 
 from metafluence.solvers import estimate_top_eigenvalue, solve_neumann
+
+from ._helpers import dense_solve, randn, rel_err, row_matvec, spd
 
 
 def _true_rel_residual(A: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -114,3 +115,18 @@ def test_estimate_top_eigenvalue() -> None:
     assert lam_b == pytest.approx(lam, rel=1e-12)
     with pytest.raises(ValueError, match="iters"):
         estimate_top_eigenvalue(lambda v: A @ v, P, iters=0)
+
+
+def test_neumann_shrink_false_calls_matvec_on_all_rows() -> None:
+    P = 30
+    A, _, _ = spd(P, 20.0, seed=45)
+    b = torch.stack([randn(P, seed=46), torch.zeros(P, dtype=A.dtype), 1e-3 * randn(P, seed=47)])
+
+    def mv(x: torch.Tensor) -> torch.Tensor:
+        assert x.shape == (3, P), "shrink=False must always pass every row"
+        return x @ A
+
+    r = solve_neumann(mv, b, maxiter=2000, rtol=1e-9, shrink=False)
+    assert r.converged
+    torch.testing.assert_close(r.x, dense_solve(A, b), rtol=1e-7, atol=1e-12)
+    assert torch.equal(r.x[1], torch.zeros(P, dtype=A.dtype))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from solvers_helpers import randn
 
 from metafluence.solvers import solve_woodbury, solve_woodbury_batched
+
+from ._helpers import randn
 
 
 def _dense(U: torch.Tensor, v: torch.Tensor, gamma: float, W: torch.Tensor | None = None):

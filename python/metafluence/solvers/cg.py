@@ -37,6 +37,7 @@ def solve_cg(
     x0: Tensor | None = None,
     check_every: int = 5,
     precond: Matvec | None = None,
+    shrink: bool = True,
 ) -> SolveResult:
     r"""Solve ``(A + damping I) x = b`` by (preconditioned) conjugate gradients.
 
@@ -68,6 +69,9 @@ def solve_cg(
         x0: initial guess, same shape as ``b`` (default zeros).
         check_every: iterations between host synchronisations (convergence checks).
         precond: optional SPD preconditioner ``r -> M⁻¹ r`` with the same contract as ``matvec``.
+        shrink: drop finished columns from the ``matvec`` calls at check points (default). With
+            ``shrink=False`` ``matvec`` (and ``precond``) always get all ``k`` rows (finished
+            ones frozen by masking), for operators that need the full batch of rows.
 
     Returns:
         :class:`SolveResult`; ``info`` holds ``column_iters`` ([k] int64), ``matvec_calls``,
@@ -110,7 +114,12 @@ def solve_cg(
     done0 = r_norm <= thr
     verified |= done0
     true_res = torch.where(done0, r_norm, true_res)
-    active = torch.nonzero(~done0).flatten()  # host sync (once, at start)
+    if shrink:
+        active = torch.nonzero(~done0).flatten()  # host sync (once, at start)
+    else:
+        active = torch.arange(k, device=B.device)
+    frozen_a = done0[active]  # finished rows kept in the working set (shrink=False only)
+    all_frozen = bool(frozen_a.all().item()) if k > 0 else True
 
     Xa, Ra, Ba, thra = X[active], R[active], B[active], thr[active]
     Za = pc(Ra) if (pc is not None and active.numel() > 0) else Ra
@@ -121,8 +130,8 @@ def solve_cg(
     neg_a = torch.zeros(active.numel(), dtype=torch.bool, device=B.device)
 
     it = 0
-    while it < maxiter and active.numel() > 0:
-        done_a = torch.zeros(active.numel(), dtype=torch.bool, device=B.device)
+    while it < maxiter and active.numel() > 0 and not all_frozen:
+        done_a = frozen_a.clone()
         for _ in range(min(check_every, maxiter - it)):
             W = op(Pa)
             pAp = _rowdot(Pa, W)
@@ -147,11 +156,12 @@ def solve_cg(
             it += 1
 
         # ---- check point: the only host synchronisation of the iteration ----
-        claimed = done_a & ~neg_a
+        claimed = done_a & ~neg_a & ~frozen_a
         claimed_idx = torch.nonzero(claimed).flatten()
         finished = neg_a.clone()
         if claimed_idx.numel() > 0:
-            R_true = Ba[claimed_idx] - op(Xa[claimed_idx])
+            AX = op(Xa[claimed_idx]) if shrink else op(Xa)[claimed_idx]
+            R_true = Ba[claimed_idx] - AX
             tn = torch.linalg.vector_norm(R_true, dim=1)
             ok = tn <= thra[claimed_idx]
             finished[claimed_idx] = ok
@@ -165,13 +175,17 @@ def solve_cg(
             Pa[restart] = Z_true[~ok]
             rza[restart] = _rowdot(R_true, Z_true)[~ok]
         keep = ~finished
-        if not bool(keep.all()):
+        if not shrink:
+            frozen_a = frozen_a | finished
+            all_frozen = bool(frozen_a.all().item())
+        elif not bool(keep.all()):
             gone = torch.nonzero(finished).flatten()
             X[active[gone]] = Xa[gone]
             col_iters[active[gone]] = it_a[gone]
             negative[active[gone]] = neg_a[gone]
             kept = torch.nonzero(keep).flatten()
             active = active[kept]
+            frozen_a = frozen_a[kept]
             Xa, Ra, Ba, thra, Pa = Xa[kept], Ra[kept], Ba[kept], thra[kept], Pa[kept]
             rza, curv_max, it_a, neg_a = rza[kept], curv_max[kept], it_a[kept], neg_a[kept]
 
@@ -183,7 +197,8 @@ def solve_cg(
     # honest residuals for everything not verified (not converged or negative curvature)
     todo = torch.nonzero(~verified).flatten()
     if todo.numel() > 0:
-        true_res[todo] = torch.linalg.vector_norm(B[todo] - op(X[todo]), dim=1)
+        AX = op(X[todo]) if shrink else op(X)[todo]
+        true_res[todo] = torch.linalg.vector_norm(B[todo] - AX, dim=1)
     rel = relative_residual(true_res, b_norm)
     col_conv = verified & ~negative
     neg_cols = [int(i) for i in torch.nonzero(negative).flatten().tolist()]

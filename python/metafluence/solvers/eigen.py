@@ -17,16 +17,20 @@ def power_iteration(
     device: torch.device | str | None,
     iters: int,
     seed: int,
+    rows: int = 1,
 ) -> float:
-    """Power iteration on a row operator; see :func:`estimate_top_eigenvalue`."""
-    v = random_rows(1, dim, dtype, device, seed)
-    v = v / torch.linalg.vector_norm(v).clamp_min(tiny(dtype))
-    lam = torch.zeros((), dtype=dtype, device=v.device)
+    """Power iteration on ``rows`` independent probes; the largest Rayleigh quotient.
+
+    See :func:`estimate_top_eigenvalue`; ``rows > 1`` serves operators that need a fixed batch.
+    """
+    V = random_rows(rows, dim, dtype, device, seed)
+    V = V / torch.linalg.vector_norm(V, dim=1, keepdim=True).clamp_min(tiny(dtype))
+    lam = torch.zeros(rows, dtype=dtype, device=V.device)
     for _ in range(iters):
-        w = op(v)
-        lam = (v * w).sum()
-        v = w / torch.linalg.vector_norm(w).clamp_min(tiny(dtype))
-    return float(lam.item())
+        W = op(V)
+        lam = (V * W).sum(dim=1)
+        V = W / torch.linalg.vector_norm(W, dim=1, keepdim=True).clamp_min(tiny(dtype))
+    return float(lam.max().item())
 
 
 def estimate_top_eigenvalue(

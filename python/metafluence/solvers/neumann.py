@@ -37,6 +37,7 @@ def solve_neumann(
     check_every: int = 5,
     power_iters: int = 20,
     seed: int = 0,
+    shrink: bool = True,
 ) -> SolveResult:
     r"""Solve ``(A + damping I) x = b`` by the truncated Neumann series (LiSSA form).
 
@@ -68,6 +69,9 @@ def solve_neumann(
         maxiter: maximum iterations; rtol: stop a column when ``||r|| <= rtol ||b||``.
         check_every: iterations between host synchronisations.
         power_iters, seed: power iteration for the automatic scale.
+        shrink: drop finished columns from the ``matvec`` calls at check points (default). With
+            ``shrink=False`` ``matvec`` always gets all ``k`` rows (the power iteration then also
+            runs on ``k`` probe rows and takes the largest Rayleigh quotient).
 
     Returns:
         :class:`SolveResult` with ``info["scale"]`` (final σ), ``info["initial_scale"]``,
@@ -88,7 +92,11 @@ def solve_neumann(
     auto = scale is None
     if scale is None:
         power_iters = check_positive_int(power_iters, "power_iters")
-        lam = power_iteration(op, P, dt, dev, power_iters, seed) if P > 0 and k > 0 else 1.0
+        lam = (
+            power_iteration(op, P, dt, dev, power_iters, seed, rows=1 if shrink else k)
+            if P > 0 and k > 0
+            else 1.0
+        )
         info["lambda_max_estimate"] = lam
         sigma = _SAFETY * abs(lam) if math.isfinite(lam) and lam != 0.0 else 1.0
     else:
@@ -104,7 +112,12 @@ def solve_neumann(
     res = b_norm.clone()  # ||b - Ã x|| of the returned iterate (x = 0 initially)
     col_iters = torch.zeros(k, dtype=torch.int64, device=dev)
     done = res <= thr
-    active = torch.nonzero(~done).flatten()  # host sync (start)
+    if shrink:
+        active = torch.nonzero(~done).flatten()  # host sync (start)
+    else:
+        active = torch.arange(k, device=dev)
+    frozen_a = done[active]  # finished rows kept in the working set (shrink=False only)
+    all_frozen = bool(frozen_a.all().item()) if k > 0 else True
 
     Ba, thra = B[active], thr[active]
     Xa = X[active]
@@ -116,8 +129,8 @@ def solve_neumann(
 
     it = 0
     diverged = False
-    while it < maxiter and active.numel() > 0 and not diverged:
-        done_a = torch.zeros(active.numel(), dtype=torch.bool, device=dev)
+    while it < maxiter and active.numel() > 0 and not diverged and not all_frozen:
+        done_a = frozen_a.clone()
         inv_sigma = 1.0 / sigma
         for _ in range(min(check_every, maxiter - it)):
             upd = ~done_a
@@ -152,13 +165,17 @@ def solve_neumann(
                 )
                 diverged = True
         keep = ~done_a
-        if not bool(keep.all()):
+        if not shrink:
+            frozen_a = done_a
+            all_frozen = bool(frozen_a.all().item())
+        elif not bool(keep.all()):
             gone = torch.nonzero(done_a).flatten()
             X[active[gone]] = Xa[gone]
             res[active[gone]] = rn[gone]
             col_iters[active[gone]] = it_a[gone]
             kept = torch.nonzero(keep).flatten()
             active = active[kept]
+            frozen_a = frozen_a[kept]
             Ba, thra, Xa, Ra, rn = Ba[kept], thra[kept], Xa[kept], Ra[kept], rn[kept]
             best_X, best_res, it_a, floor = best_X[kept], best_res[kept], it_a[kept], floor[kept]
 
