@@ -1,8 +1,20 @@
 """metafluence: task-level and instance-level influence (removal effects) for meta-learning."""
 
 # --- foundation exports (begin) ---
+# --- foundation exports (end) ---
+# --- core exports ---
+from . import evaluate as evaluate  # noqa: E402
+from . import inner as inner  # noqa: E402
+from . import solvers as solvers  # noqa: E402
+from . import train as train  # noqa: E402
 from ._build import build_info as build_info
 from ._version import __version__ as __version__
+from .bilevel import MetaProblem as MetaProblem  # noqa: E402
+from .bilevel import Task as Task  # noqa: E402
+from .bilevel import TaskBatch as TaskBatch  # noqa: E402
+from .influence import InfluenceResult as InfluenceResult  # noqa: E402
+from .influence import edit as edit  # noqa: E402
+from .influence import param_influence as param_influence  # noqa: E402
+from .influence import removal_effects as removal_effects  # noqa: E402
 from .ops import psg_linear as psg_linear
 from .ops._dispatch import BackendUnavailableError as BackendUnavailableError
-# --- foundation exports (end) ---

@@ -1,0 +1,226 @@
+"""Few-shot tasks and their stacked, weighted batches.
+
+A :class:`Task` holds one support set ``S = (x_s [n, ...], y_s [n])`` and one query set
+``Q = (x_q [m, ...], y_q [m])``. A :class:`TaskBatch` stacks ``M`` tasks of identical shapes into
+``[M, n, ...]`` / ``[M, m, ...]`` tensors together with the data weights of math.md §1:
+``task_weight`` ``c [M]`` (default ``1/M``), ``support_weight`` ``w [M, n]`` and
+``query_weight`` ``v [M, m]`` (default 1). Influence is the derivative with respect to these
+weights; removing an item sets its weight to 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Task:
+    """One few-shot task: ``support=(x_s, y_s)``, ``query=(x_q, y_q)`` and a stable ``id``."""
+
+    support: tuple[Tensor, Tensor]
+    query: tuple[Tensor, Tensor]
+    id: Any = None
+    support_weight: Tensor | None = None
+    query_weight: Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("support", "query"):
+            pair = getattr(self, name)
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"task {self.id!r}: {name} must be a pair (x, y)")
+            x, y = pair
+            if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+                raise TypeError(f"task {self.id!r}: {name} x and y must be tensors")
+            setattr(self, name, (x, y))
+
+
+def _check_finite(t: Tensor, what: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} contains NaN or Inf")
+
+
+@dataclass
+class TaskBatch:
+    """``M`` tasks stacked: ``xs [M, n, ...]``, ``ys [M, n, ...]``, ``xq [M, m, ...]``, ...
+
+    ``ids`` keeps each task's id (used in every error message and in results).
+    """
+
+    xs: Tensor
+    ys: Tensor
+    xq: Tensor
+    yq: Tensor
+    task_weight: Tensor
+    support_weight: Tensor
+    query_weight: Tensor
+    ids: list[Any]
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.xs.shape[0])
+
+    @property
+    def n_support(self) -> int:
+        return int(self.xs.shape[1])
+
+    @property
+    def n_query(self) -> int:
+        return int(self.xq.shape[1])
+
+    def weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(c [M], w [M, n], v [M, m])``."""
+        return self.task_weight, self.support_weight, self.query_weight
+
+    def with_weights(
+        self,
+        task_weight: Tensor | None = None,
+        support_weight: Tensor | None = None,
+        query_weight: Tensor | None = None,
+    ) -> TaskBatch:
+        """A copy sharing the data, with some weights replaced."""
+        return replace(
+            self,
+            task_weight=self.task_weight if task_weight is None else task_weight,
+            support_weight=self.support_weight if support_weight is None else support_weight,
+            query_weight=self.query_weight if query_weight is None else query_weight,
+        )
+
+    def slice(self, start: int, stop: int) -> TaskBatch:
+        """Tasks ``start:stop`` (weights kept as they are, not renormalised)."""
+        return TaskBatch(
+            self.xs[start:stop],
+            self.ys[start:stop],
+            self.xq[start:stop],
+            self.yq[start:stop],
+            self.task_weight[start:stop],
+            self.support_weight[start:stop],
+            self.query_weight[start:stop],
+            self.ids[start:stop],
+        )
+
+    def select(self, index: Sequence[int]) -> TaskBatch:
+        idx = torch.as_tensor(list(index), dtype=torch.long, device=self.xs.device)
+        return TaskBatch(
+            self.xs[idx],
+            self.ys[idx],
+            self.xq[idx],
+            self.yq[idx],
+            self.task_weight[idx],
+            self.support_weight[idx],
+            self.query_weight[idx],
+            [self.ids[int(i)] for i in idx],
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        def conv(t: Tensor) -> Tensor:
+            if dtype is not None and t.is_floating_point():
+                return t.to(device=device, dtype=dtype)
+            return t.to(device=device)
+
+        return TaskBatch(
+            conv(self.xs),
+            conv(self.ys),
+            conv(self.xq),
+            conv(self.yq),
+            conv(self.task_weight),
+            conv(self.support_weight),
+            conv(self.query_weight),
+            list(self.ids),
+        )
+
+    @staticmethod
+    def from_tasks(
+        tasks: Sequence[Task] | TaskBatch,
+        task_weight: Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> TaskBatch:
+        """Validate and stack ``tasks`` (all of one shape). ``task_weight`` defaults to ``1/M``.
+
+        Raises ValueError naming the task id and the field for: mismatched shapes across tasks,
+        an empty support or query set, NaN/Inf in the data, a duplicate task id.
+        """
+        if isinstance(tasks, TaskBatch):
+            batch = tasks
+            if task_weight is not None:
+                batch = batch.with_weights(task_weight=task_weight)
+            return batch.to(device, dtype) if (dtype or device) else batch
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("tasks is empty: need at least one task")
+        ids = [t.id if t.id is not None else i for i, t in enumerate(tasks)]
+        seen: dict[Any, int] = {}
+        for i, tid in enumerate(ids):
+            if tid in seen:
+                raise ValueError(f"duplicate task id {tid!r} (tasks {seen[tid]} and {i})")
+            seen[tid] = i
+        ref = tasks[0]
+        fields = {
+            "support x": lambda t: t.support[0],
+            "support y": lambda t: t.support[1],
+            "query x": lambda t: t.query[0],
+            "query y": lambda t: t.query[1],
+        }
+        for t, tid in zip(tasks, ids, strict=True):
+            for fname, get in fields.items():
+                v = get(t)
+                if v.dim() == 0:
+                    raise ValueError(f"task {tid!r}: {fname} is a scalar, expected [N, ...]")
+                if v.shape[0] == 0:
+                    raise ValueError(f"task {tid!r}: {fname} is empty (0 points)")
+                rv = get(ref)
+                if v.shape != rv.shape:
+                    raise ValueError(
+                        f"task {tid!r}: {fname} has shape {tuple(v.shape)}, but task {ids[0]!r} "
+                        f"has {tuple(rv.shape)}; all tasks in one batch need the same shapes"
+                    )
+                _check_finite(v, f"task {tid!r}: {fname}")
+            if t.support[0].shape[0] != t.support[1].shape[0]:
+                raise ValueError(
+                    f"task {tid!r}: support x has {t.support[0].shape[0]} points but support y "
+                    f"has {t.support[1].shape[0]}"
+                )
+            if t.query[0].shape[0] != t.query[1].shape[0]:
+                raise ValueError(
+                    f"task {tid!r}: query x has {t.query[0].shape[0]} points but query y "
+                    f"has {t.query[1].shape[0]}"
+                )
+        xs = torch.stack([t.support[0] for t in tasks])
+        ys = torch.stack([t.support[1] for t in tasks])
+        xq = torch.stack([t.query[0] for t in tasks])
+        yq = torch.stack([t.query[1] for t in tasks])
+        fdtype = dtype or (xs.dtype if xs.is_floating_point() else torch.get_default_dtype())
+        dev = device if device is not None else xs.device
+        m_tasks, n, m = len(tasks), xs.shape[1], xq.shape[1]
+
+        def weights_of(get, size: int, what: str) -> Tensor:
+            rows = []
+            for t, tid in zip(tasks, ids, strict=True):
+                w = get(t)
+                if w is None:
+                    rows.append(torch.ones(size, dtype=fdtype, device=dev))
+                else:
+                    if tuple(w.shape) != (size,):
+                        raise ValueError(
+                            f"task {tid!r}: {what} has shape {tuple(w.shape)}, expected ({size},)"
+                        )
+                    _check_finite(w, f"task {tid!r}: {what}")
+                    rows.append(w.to(dtype=fdtype, device=dev))
+            return torch.stack(rows)
+
+        sw = weights_of(lambda t: t.support_weight, n, "support_weight")
+        qw = weights_of(lambda t: t.query_weight, m, "query_weight")
+        if task_weight is None:
+            tw = torch.full((m_tasks,), 1.0 / m_tasks, dtype=fdtype, device=dev)
+        else:
+            tw = torch.as_tensor(task_weight, dtype=fdtype, device=dev)
+            if tuple(tw.shape) != (m_tasks,):
+                raise ValueError(f"task_weight has shape {tuple(tw.shape)}, expected ({m_tasks},)")
+        batch = TaskBatch(xs, ys, xq, yq, tw, sw, qw, ids)
+        return batch.to(dev, dtype) if (dtype is not None or device is not None) else batch

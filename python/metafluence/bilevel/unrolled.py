@@ -1,0 +1,144 @@
+"""Engine for the unrolled (MAML) inner map, including head-only (ANIL) adaptation.
+
+Every quantity is a block of the gradient or of a Hessian-vector product of the *weighted
+meta-objective* of one chunk of ``M`` tasks
+
+    Φ(λ, c, W, V) = Σ_k c_k F_k(λ, W_k, V_k),   F_k = L_O(θ_k(λ, W_k); Q_k, V_k),
+
+with ``θ_k`` the ``T``-step unrolled inner map. All blocks come from ``torch.func`` (``grad``,
+``jvp``) over a ``vmap`` across tasks, so one call processes the whole chunk:
+
+- ``∂_λ Φ = Σ c_k g_k`` (the total gradients), ``∂_{c_k} Φ = F_k``;
+- ``∇²Φ · (dλ, dc, dW, dV)`` — its λ-block with ``dc = dW = dV = 0`` is the total HVP; with
+  ``dλ = s`` its ``c``, ``W`` and ``V`` blocks are ``sᵀ g_k``, ``∂_{w_kj}(c_k sᵀ g_k)`` and
+  ``∂_{v_kq}(c_k sᵀ g_k)``, the removal-effect ingredients of math.md §3.
+
+``first_order=True`` uses ``θ = λ + stopgrad_λ(θ(stopgrad(λ), W) − λ)``: ``dθ/dλ = I`` while
+the dependence on the support weights ``W`` stays exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp, vmap
+
+from .functional import FunctionalModel
+from .inner import Unrolled
+from .tasks import TaskBatch
+
+_TASK = (None, 0, 0, 0)  # in_dims for (λ, xs, ys, w)
+
+
+class UnrolledEngine:
+    """Batched unrolled-map computations for one chunk of tasks at fixed ``λ``."""
+
+    def __init__(self, fm: FunctionalModel, inner: Unrolled, batch: TaskBatch, lam: Tensor):
+        self.fm, self.inner, self.batch, self.lam = fm, inner, batch, lam
+        self.spec = fm.spec
+
+    # ---- per-task pure functions ---------------------------------------------------------
+    def _unroll(self, lam: Tensor, xs: Tensor, ys: Tensor, w: Tensor) -> Tensor:
+        fixed, theta = self.spec.split(lam)
+        join = self.spec.join
+
+        def inner_loss(th: Tensor) -> Tensor:
+            return self.fm.set_loss(join(fixed, th), xs, ys, w)
+
+        for _ in range(int(self.inner.steps)):
+            theta = theta - self.inner.lr * grad(inner_loss)(theta)
+        return join(fixed, theta)
+
+    def adapt_one(self, lam: Tensor, xs: Tensor, ys: Tensor, w: Tensor) -> Tensor:
+        """``Θ(λ, w) [P]`` for one task (fixed block = λ's, adapted block unrolled)."""
+        if self.inner.first_order:
+            const = lam.detach()
+            return lam + (self._unroll(const, xs, ys, w) - const)
+        return self._unroll(lam, xs, ys, w)
+
+    def task_objective(self, lam, xs, ys, xq, yq, w, v) -> Tensor:
+        """``F_k(λ, w, v) = L_O(Θ(λ, w); Q, v)``."""
+        return self.fm.set_loss(self.adapt_one(lam, xs, ys, w), xq, yq, v)
+
+    def phi(self, lam: Tensor, c: Tensor, W: Tensor, V: Tensor) -> Tensor:
+        b = self.batch
+        f = vmap(self.task_objective, in_dims=(None, 0, 0, 0, 0, 0, 0))(
+            lam, b.xs, b.ys, b.xq, b.yq, W, V
+        )
+        return (c * f).sum()
+
+    # ---- public blocks -------------------------------------------------------------------
+    def adapted(self) -> Tensor:
+        """``Θ_k [M, P]``."""
+        b = self.batch
+        return vmap(self.adapt_one, in_dims=_TASK)(self.lam, b.xs, b.ys, b.support_weight)
+
+    def task_losses(self) -> Tensor:
+        """``F_k [M]`` (unweighted per-task outer losses)."""
+        b = self.batch
+        return vmap(self.task_objective, in_dims=(None, 0, 0, 0, 0, 0, 0))(
+            self.lam, b.xs, b.ys, b.xq, b.yq, b.support_weight, b.query_weight
+        )
+
+    def grad_all(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(∂_λ Φ [P], ∂_c Φ [M], ∂_W Φ [M, n], ∂_V Φ [M, m])``."""
+        c, W, V = self.batch.weights()
+        return grad(self.phi, argnums=(0, 1, 2, 3))(self.lam, c, W, V)
+
+    def task_grads(self) -> Tensor:
+        """Total gradients ``g_k = D_λ F_k`` stacked ``[M, P]``."""
+        b = self.batch
+        return vmap(grad(self.task_objective), in_dims=(None, 0, 0, 0, 0, 0, 0))(
+            self.lam, b.xs, b.ys, b.xq, b.yq, b.support_weight, b.query_weight
+        )
+
+    def hvp_all(self, dlam: Tensor, dc: Tensor, dW: Tensor, dV: Tensor):
+        """``∇²Φ (dλ, dc, dW, dV)`` → the four blocks (λ summed over tasks)."""
+        c, W, V = self.batch.weights()
+        g = grad(self.phi, argnums=(0, 1, 2, 3))
+        _, out = jvp(g, (self.lam, c, W, V), (dlam, dc, dW, dV))
+        return out
+
+    def hvp_exact(self, D: Tensor) -> Tensor:
+        """``Σ_k c_k ∇²F_k · d`` for each row of ``D [k, P]`` (no damping)."""
+        c, W, V = self.batch.weights()
+
+        def g(lam: Tensor) -> Tensor:
+            return grad(self.phi)(lam, c, W, V)
+
+        def one(d: Tensor) -> Tensor:
+            return jvp(g, (self.lam,), (d,))[1]
+
+        return vmap(one)(D)
+
+    def theta_jvp(self, D: Tensor) -> tuple[Tensor, Tensor]:
+        """``(Θ [M, P], dΘ [k, M, P])`` with ``dΘ_k = (∂Θ_k/∂λ) d`` for ``D [k, P]``."""
+        b = self.batch
+
+        def one(xs, ys, w, d):
+            return jvp(lambda lam: self.adapt_one(lam, xs, ys, w), (self.lam,), (d,))[1]
+
+        per_task = vmap(one, in_dims=(0, 0, 0, None))
+        dtheta = vmap(lambda d: per_task(b.xs, b.ys, b.support_weight, d))(D)
+        return self.adapted(), dtheta
+
+    def theta_vjp(self, Y: Tensor) -> Tensor:
+        """``Σ_k (∂Θ_k/∂λ)ᵀ y_k`` for ``Y [k, M, P]`` → ``[k, P]``."""
+        b = self.batch
+
+        def one(xs, ys, w, y):
+            _, fn = vjp(lambda lam: self.adapt_one(lam, xs, ys, w), self.lam)
+            return fn(y)[0]
+
+        per_task = vmap(one)
+        return vmap(lambda y: per_task(b.xs, b.ys, b.support_weight, y).sum(0))(Y)
+
+
+def empty_like_blocks(batch: TaskBatch, lam: Tensor):
+    """Zero directions ``(dλ, dc, dW, dV)`` shaped for ``batch``."""
+    return (
+        torch.zeros_like(lam),
+        torch.zeros_like(batch.task_weight),
+        torch.zeros_like(batch.support_weight),
+        torch.zeros_like(batch.query_weight),
+    )

@@ -1,0 +1,107 @@
+"""Ground truth by retraining: leave-one-out and the proximal response (math.md §5).
+
+For each item ``e`` the item's weight is set to 0 (a task's ``c_k``, a support point's
+``w_kj``, a query point's ``v_kq``; the other weights are unchanged, as in the influence
+derivation), the meta-parameters are retrained, and the true change of the target
+``Δf_{-e} = f(λ*_{-e}) − f(λ*)`` is recorded: the quantity that ``removal_effect`` predicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
+from ..bilevel.tasks import TaskBatch
+from ..influence.removal import ITEMS, TargetLike
+from ..train.meta_train import newton_refine
+
+Retrain = Callable[[TaskBatch, dict[str, Tensor]], dict[str, Tensor]]
+
+
+def target_value(problem: MetaProblem, meta_params: ParamsLike, target: TargetLike) -> float:
+    """``f(λ)``: mean post-adaptation query loss of target tasks, or the callable's value."""
+    if callable(target) and not isinstance(target, Sequence):
+        lam = problem.flat(meta_params)
+        return float(target(problem.spec.unflatten(lam)))
+    return float(problem.outer_loss(meta_params, target))  # type: ignore[arg-type]
+
+
+def item_index(batch: TaskBatch, items: str) -> list[Any]:
+    """All items of a kind: task positions ``k`` or ``(k, j)`` pairs."""
+    if items == "task":
+        return list(range(batch.num_tasks))
+    size = batch.n_support if items == "support_point" else batch.n_query
+    return [(k, j) for k in range(batch.num_tasks) for j in range(size)]
+
+
+def reweighted(batch: TaskBatch, items: str, item: Any, factor: float) -> TaskBatch:
+    """``batch`` with one item's weight multiplied by ``factor`` (0 = removal)."""
+    c, W, V = (t.clone() for t in batch.weights())
+    if items == "task":
+        c[int(item)] *= factor
+    elif items == "support_point":
+        W[int(item[0]), int(item[1])] *= factor
+    else:
+        V[int(item[0]), int(item[1])] *= factor
+    return batch.with_weights(c, W, V)
+
+
+def newton_retrain(
+    problem: MetaProblem, tol: float = 1e-12, max_steps: int = 30, proximal: float = 0.0
+) -> Retrain:
+    """Retrainer: dense Newton from the given start (``proximal=δ'`` adds ``δ'/2‖λ−λ*‖²``)."""
+
+    def retrain(batch: TaskBatch, start: dict[str, Tensor]) -> dict[str, Tensor]:
+        prox = None
+        if proximal > 0:
+            prox = (float(proximal), problem.flat(start))
+        return newton_refine(problem, start, batch, tol=tol, max_steps=max_steps, prox=prox)
+
+    return retrain
+
+
+def leave_one_out(
+    problem: MetaProblem,
+    meta_params: ParamsLike,
+    train_tasks: TasksLike,
+    target: TargetLike,
+    items: str = "task",
+    retrain: Retrain | None = None,
+    indices: Sequence[Any] | None = None,
+    factor: float = 0.0,
+    progress: bool = False,
+) -> Tensor:
+    """True ``Δf`` for each item in ``indices`` (default: all items of the kind) ``[len]``.
+
+    ``retrain(batch, start_params) -> params`` retrains on the reweighted batch; the default
+    is :func:`newton_retrain` (warm start at ``λ*``, dense Newton: small ``P`` only). Pass a
+    ``retrain`` that ignores ``start_params`` and calls ``mf.train.meta_train`` with the
+    original seed for retraining from the same initialisation. ``factor`` scales the item's
+    weight instead of zeroing it (``1 ± ε`` for infinitesimal checks).
+    """
+    if items not in ITEMS:
+        raise ValueError(f"items={items!r}: expected one of {ITEMS}")
+    lam = problem.flat(meta_params)
+    batch = problem.batch(train_tasks, lam)
+    retrain = newton_retrain(problem) if retrain is None else retrain
+    idx = item_index(batch, items) if indices is None else list(indices)
+    f0 = target_value(problem, lam, target)
+    start = problem.unflat(lam)
+    out = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(idx), desc=f"leave-one-out ({items})", leave=False)
+    for item in idx:
+        new = retrain(reweighted(batch, items, item, factor), start)
+        out.append(target_value(problem, new, target) - f0)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return torch.tensor(out, dtype=lam.dtype)

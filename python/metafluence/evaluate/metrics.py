@@ -1,0 +1,40 @@
+"""Agreement between predicted and actual effects."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import Tensor
+
+
+def _flat(x: Tensor | Sequence[Tensor] | Sequence[float] | np.ndarray) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().double().cpu().reshape(-1).numpy()
+    if isinstance(x, (list, tuple)) and x and isinstance(x[0], Tensor):
+        return torch.cat([t.detach().double().cpu().reshape(-1) for t in x]).numpy()
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def correlation(pred: Any, truth: Any) -> dict[str, float]:
+    """``{"pearson", "spearman", "n", "rel_error"}`` between predictions and ground truth.
+
+    ``rel_error = ‖pred − truth‖ / ‖truth‖``. Lists of per-task tensors are concatenated.
+    """
+    p, t = _flat(pred), _flat(truth)
+    if p.shape != t.shape:
+        raise ValueError(f"pred has {p.size} values but truth has {t.size}")
+    n = int(p.size)
+    out: dict[str, float] = {"n": n}
+    if n >= 2 and np.std(p) > 0 and np.std(t) > 0:
+        out["pearson"] = float(stats.pearsonr(p, t)[0])
+        out["spearman"] = float(stats.spearmanr(p, t)[0])
+    else:
+        out["pearson"] = float("nan")
+        out["spearman"] = float("nan")
+    denom = float(np.linalg.norm(t))
+    out["rel_error"] = float(np.linalg.norm(p - t) / denom) if denom > 0 else float("nan")
+    return out

@@ -1,0 +1,305 @@
+"""Removal effects, parameter influence and editing (math.md §3).
+
+For an item ``e`` with weight ``ω_e`` the removal effect on a target ``f`` is
+
+    Δf_{-e} ≈ ω_e · sᵀ ∂_{ω_e} ∇F(λ*),      s = (H + δ'I)⁻¹ ∇f(λ*)   (the s-test),
+
+positive when removing ``e`` would raise the target loss (``e`` helps), negative when ``e`` is
+harmful. One total solve gives ``s``; then a *single* exact mixed Hessian-vector product of the
+weighted meta-objective ``Φ(λ, c, W, V) = Σ_k c_k F_k(λ, W_k, V_k)`` along ``(s, 0, 0, 0)`` gives
+every item's score at once:
+
+- task ``k``:          ``c_k · [∂_c ∂_λ Φ · s]_k = c_k sᵀ g_k``;
+- support point ``j``: ``w_kj · [∂_W ∂_λ Φ · s]_kj = w_kj c_k ∂_{w_kj}(sᵀ g_k)``;
+- query point ``q``:   ``v_kq · [∂_V ∂_λ Φ · s]_kq = v_kq (c_k/m_k) sᵀ D_λ ℓ(z_q; θ_k)``.
+
+Parameter influence of a group ``R``: ``Δλ_{-R} = (H + δ'I)⁻¹ Σ_{e∈R} ω_e ∂_{ω_e}∇F``, where the sum
+is the λ-block of ``∇²Φ · (0, c⊙1_R, W⊙1_R, V⊙1_R)``: one mixed product and one solve.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..bilevel.point import BilevelPoint, check_curvature
+from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
+from ..solvers import SolveResult, get_solver, lanczos_extreme_eigenvalues
+
+ITEMS = ("task", "support_point", "query_point")
+TargetLike = TasksLike | Callable[[dict[str, Tensor]], Tensor]
+
+
+@dataclass
+class InfluenceResult:
+    """Scores and everything needed to judge them.
+
+    Attributes:
+        scores: ``items="task"``: ``[M]``; point items: list of ``M`` tensors ``[n]`` / ``[m]``.
+        items: the item kind of ``scores``.
+        all_scores: the three kinds (they cost the same single mixed product).
+        solve: the shared total solve ``s = (H + δ'I)⁻¹ ∇f`` (:class:`SolveResult`).
+        meta_grad_norm: ``‖∇F(λ*)‖`` — how far ``λ*`` is from stationary.
+        diagnostics: conditioning of ``H + δ'I`` (Lanczos estimates), regime, warnings.
+        task_ids: ids of the training tasks, in score order.
+    """
+
+    scores: Tensor | list[Tensor]
+    items: str
+    all_scores: dict[str, Any]
+    solve: SolveResult
+    meta_grad_norm: float
+    diagnostics: dict[str, Any]
+    task_ids: list[Any]
+    target_grad: Tensor = field(repr=False, default_factory=lambda: torch.empty(0))
+
+    def ranking(self) -> list[tuple[Any, ...]]:
+        """Items sorted from most harmful (most negative score) to most helpful."""
+        if self.items == "task":
+            s = self.scores
+            assert isinstance(s, Tensor)
+            order = torch.argsort(s).tolist()
+            return [(self.task_ids[i], float(s[i])) for i in order]
+        flat = [
+            (self.task_ids[k], j, float(v))
+            for k, row in enumerate(self.scores)
+            for j, v in enumerate(row.tolist())
+        ]
+        return sorted(flat, key=lambda t: t[-1])
+
+
+def _check_items(items: str) -> str:
+    if items not in ITEMS:
+        raise ValueError(f"items={items!r}: expected one of {ITEMS}")
+    return items
+
+
+def target_gradient(problem: MetaProblem, lam: Tensor, target: TargetLike | None) -> Tensor:
+    """``∇f(λ) [P]``: mean post-adaptation query loss of target tasks, or a callable's gradient."""
+    if target is None:
+        raise ValueError(
+            "target is required: held-out target tasks, or a callable f(meta_params) -> scalar"
+        )
+    if callable(target) and not isinstance(target, Sequence):
+
+        def f(flat: Tensor) -> Tensor:
+            out = target(problem.spec.unflatten(flat))
+            if not isinstance(out, Tensor) or out.numel() != 1:
+                raise ValueError("target callable must return a scalar tensor")
+            return out.reshape(())
+
+        return torch.func.grad(f)(lam).detach()
+    tp = problem.point(lam, target)  # type: ignore[arg-type]
+    return (tp.grad_all()[0] - problem.damping * lam).detach()
+
+
+def _solve(
+    pt: BilevelPoint,
+    b: Tensor,
+    curvature: str,
+    solver: str,
+    solve_damping: float,
+    solver_kwargs: Mapping[str, Any] | None,
+) -> SolveResult:
+    check_curvature(curvature)
+    if not float(solve_damping) >= 0:
+        raise ValueError(f"solve_damping={solve_damping}: expected δ' >= 0")
+    fn = get_solver(solver)
+    res = fn(pt.matvec(curvature), b, damping=float(solve_damping), **dict(solver_kwargs or {}))
+    if not res.converged:
+        warnings.warn(
+            f"total solve ({solver}, curvature={curvature}) did not converge: relative residual "
+            f"{_fmt(res.residual)} after {res.iters} iterations; scores are approximate "
+            "(raise maxiter, add solve_damping, or use solver='direct' for small P)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return res
+
+
+def _fmt(t: Tensor) -> str:
+    return f"{float(t.max()):.3g}" if t.numel() else "n/a"
+
+
+def diagnose(
+    pt: BilevelPoint,
+    curvature: str,
+    solve_damping: float,
+    steps: int = 20,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Extreme-eigenvalue estimates of ``H + δ'I`` (Lanczos) and the regime they imply.
+
+    The smallest Ritz value is an *upper bound* on ``λ_min``; the largest a lower bound on
+    ``λ_max``. Regimes: ``"indefinite"`` (``λ_min ≤ 0``: influence undefined without damping),
+    ``"proximal"`` (``δ' > 0``: scores predict ``argmin F_{-e}(λ) + δ'/2‖λ − λ*‖²``, not plain
+    retraining), ``"ill_conditioned"`` (``λ_max/λ_min > 1e4``: near-flat directions; whole
+    removals may not follow first-order predictions), ``"well_conditioned"``.
+    """
+    P = pt.lam.shape[0]
+    mv = pt.matvec(curvature, solve_damping)
+    lo, hi = lanczos_extreme_eigenvalues(
+        mv, P, dtype=pt.lam.dtype, device=pt.lam.device, steps=min(int(steps), P), seed=seed
+    )
+    notes: list[str] = []
+    if lo <= 0:
+        regime = "indefinite"
+        notes.append(
+            f"H + δ'I is not positive definite (λ_min ≈ {lo:.3g}): scores are unreliable; "
+            "use curvature='gauss_newton' or a positive solve_damping"
+        )
+    elif solve_damping > 0:
+        regime = "proximal"
+        notes.append(
+            f"solve_damping={solve_damping:g}: scores predict the proximal response "
+            "argmin_λ F_-e(λ) + δ'/2‖λ − λ*‖², not plain leave-one-out retraining"
+        )
+    elif hi / lo > 1e4:
+        regime = "ill_conditioned"
+        notes.append(
+            f"H is ill-conditioned (λ_max/λ_min ≈ {hi / lo:.3g}): along near-flat directions "
+            "whole removals may not track first-order predictions; consider solve_damping"
+        )
+    else:
+        regime = "well_conditioned"
+    return {
+        "lambda_min": lo,
+        "lambda_max": hi,
+        "condition": hi / lo if lo > 0 else math.inf,
+        "lanczos_steps": min(int(steps), P),
+        "regime": regime,
+        "notes": notes,
+    }
+
+
+def removal_effects(
+    problem: MetaProblem,
+    meta_params: ParamsLike,
+    train_tasks: TasksLike,
+    target: TargetLike | None = None,
+    items: str = "task",
+    curvature: str = "exact",
+    solver: str = "cg",
+    solve_damping: float = 0.0,
+    solver_kwargs: Mapping[str, Any] | None = None,
+    diagnostics: bool = True,
+    lanczos_steps: int = 20,
+    task_weight: Tensor | None = None,
+) -> InfluenceResult:
+    """Predicted change of ``target`` when each item is removed (math.md §3 sign convention).
+
+    Args:
+        problem: the :class:`MetaProblem`.
+        meta_params: trained ``λ*`` (dict name → tensor, or the flat vector).
+        train_tasks: the ``M`` meta-training tasks (a list of :class:`Task` or a TaskBatch).
+        target: held-out target tasks (``f`` = their mean post-adaptation query loss), or
+            ``callable(meta_params) -> scalar``.
+        items: ``"task"`` (scores ``[M]``), ``"support_point"`` or ``"query_point"``
+            (list of ``M`` tensors ``[n]`` / ``[m]``).
+        curvature: ``"exact" | "gauss_newton" | "gamma"``.
+        solver: ``"cg" | "neumann" | "direct" | "arnoldi"``.
+        solve_damping: ``δ'`` added to ``H`` in the solve only (predicts the proximal response).
+
+    Cost: one solve with ``H`` (shared by every item), one mixed HVP for all scores, and
+    ``lanczos_steps`` HVPs for the diagnostics.
+    """
+    _check_items(items)
+    pt = problem.point(meta_params, train_tasks, task_weight)
+    grad_f = target_gradient(problem, pt.lam, target)
+    res = _solve(pt, grad_f, curvature, solver, solve_damping, solver_kwargs)
+    s = res.x
+    _, h_c, h_w, h_v = pt.hvp_all(s)
+    c, W, V = pt.batch.weights()
+    all_scores = {
+        "task": (c * h_c).detach(),
+        "support_point": list((W * h_w).detach().unbind(0)),
+        "query_point": list((V * h_v).detach().unbind(0)),
+    }
+    meta_grad_norm = float(pt.meta_grad().norm())
+    diag: dict[str, Any] = {"notes": []}
+    if diagnostics:
+        diag = diagnose(pt, curvature, solve_damping, steps=lanczos_steps)
+    diag.update(pt.inner_report())
+    diag["solve_converged"] = res.converged
+    if res.negative_curvature:
+        diag["notes"].append("the total solve met negative curvature")
+    for note in diag["notes"]:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    return InfluenceResult(
+        scores=all_scores[items],
+        items=items,
+        all_scores=all_scores,
+        solve=res,
+        meta_grad_norm=meta_grad_norm,
+        diagnostics=diag,
+        task_ids=list(pt.batch.ids),
+        target_grad=grad_f,
+    )
+
+
+def _removal_direction(pt: BilevelPoint, remove: Mapping[str, Sequence[Any]]):
+    """``(dc, dW, dV) = (c⊙1_R, W⊙1_R, V⊙1_R)`` for ``remove`` = {kind: indices}."""
+    c, W, V = pt.batch.weights()
+    dc, dW, dV = torch.zeros_like(c), torch.zeros_like(W), torch.zeros_like(V)
+    M = c.shape[0]
+    for kind, idx in remove.items():
+        _check_items(kind)
+        for e in idx:
+            if kind == "task":
+                k = int(e)
+                if not 0 <= k < M:
+                    raise ValueError(f"remove['task'] index {k} outside [0, {M})")
+                dc[k] = c[k]
+            else:
+                k, j = (int(v) for v in e)
+                tgt, src = (dW, W) if kind == "support_point" else (dV, V)
+                if not (0 <= k < M and 0 <= j < src.shape[1]):
+                    raise ValueError(
+                        f"remove[{kind!r}] item {(k, j)} outside [0,{M})×[0,{src.shape[1]})"
+                    )
+                tgt[k, j] = src[k, j]
+    return dc, dW, dV
+
+
+def param_influence(
+    problem: MetaProblem,
+    meta_params: ParamsLike,
+    train_tasks: TasksLike,
+    remove: Mapping[str, Sequence[Any]],
+    curvature: str = "exact",
+    solver: str = "cg",
+    solve_damping: float = 0.0,
+    solver_kwargs: Mapping[str, Any] | None = None,
+    return_result: bool = False,
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], SolveResult]:
+    """``Δλ ≈ (H + δ'I)⁻¹ Σ_{e∈R} ω_e ∂_{ω_e}∇F(λ*)`` for removing the group ``R``.
+
+    ``remove`` maps ``"task"`` to task positions ``[k, ...]`` and ``"support_point"`` /
+    ``"query_point"`` to ``[(k, j), ...]`` pairs. Returns a parameter dict.
+    """
+    pt = problem.point(meta_params, train_tasks)
+    dc, dW, dV = _removal_direction(pt, remove)
+    b, _, _, _ = pt.hvp_all(torch.zeros_like(pt.lam), dc, dW, dV)
+    res = _solve(pt, b.detach(), curvature, solver, solve_damping, solver_kwargs)
+    out = problem.unflat(res.x)
+    return (out, res) if return_result else out
+
+
+def edit(
+    problem: MetaProblem,
+    meta_params: ParamsLike,
+    train_tasks: TasksLike,
+    remove: Mapping[str, Sequence[Any]],
+    **kwargs: Any,
+) -> dict[str, Tensor]:
+    """Meta-parameters with ``remove`` taken out, without retraining: ``λ* + Δλ``."""
+    lam = problem.flat(meta_params)
+    delta = param_influence(problem, lam, train_tasks, remove, **kwargs)
+    assert isinstance(delta, dict)
+    return problem.unflat(lam + problem.spec.flatten(delta))
