@@ -23,6 +23,7 @@ from .ekfac import (
     KFACFactors,
     KFACLayerFactors,
     compute_kfac_factors,
+    compute_kfac_factors_batched,
     ekfac_matvec,
     solve_ekfac,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "Matvec",
     "SolveResult",
     "compute_kfac_factors",
+    "compute_kfac_factors_batched",
     "dense_matrix",
     "ekfac_matvec",
     "estimate_top_eigenvalue",

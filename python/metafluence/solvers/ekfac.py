@@ -14,6 +14,7 @@ __all__ = [
     "KFACFactors",
     "KFACLayerFactors",
     "compute_kfac_factors",
+    "compute_kfac_factors_batched",
     "ekfac_matvec",
     "solve_ekfac",
 ]
@@ -55,15 +56,15 @@ class KFACLayerFactors:
     @property
     def shape(self) -> tuple[int, int]:
         """``(out, in)`` of the layer's weight block."""
-        return (self.grad_cov.shape[0], self.activation_cov.shape[0])
+        return (self.grad_cov.shape[-1], self.activation_cov.shape[-1])
 
     def to_eigenbasis(self, block: Tensor) -> Tensor:
         """``Q_Gᵀ V Q_A`` for ``V`` ``[..., out, in]``."""
-        return self.grad_eigvecs.T @ block @ self.activation_eigvecs
+        return self.grad_eigvecs.mT @ block @ self.activation_eigvecs
 
     def from_eigenbasis(self, block: Tensor) -> Tensor:
         """``Q_G C Q_Aᵀ`` for ``C`` ``[..., out, in]``."""
-        return self.grad_eigvecs @ block @ self.activation_eigvecs.T
+        return self.grad_eigvecs @ block @ self.activation_eigvecs.mT
 
 
 @dataclass
@@ -176,11 +177,49 @@ def compute_kfac_factors(
     return KFACFactors(layers)
 
 
+def compute_kfac_factors_batched(
+    activations: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor],
+    correct_eigenvalues: bool = True,
+) -> KFACFactors:
+    r"""Independent (E)K-FAC factors for a batch of ``B`` problems (e.g. one per task).
+
+    Same formulas as :func:`compute_kfac_factors` with ``T = 1``, batched over a leading dim:
+    activations ``[B, N, in]``, grad_outputs ``[B, N, out]`` per layer. The factors then hold
+    ``[B, ...]`` tensors, and :func:`solve_ekfac` takes blocks ``[B, out, in]`` or
+    ``[k, B, out, in]`` (broadcasting over the batch).
+    """
+    layers = []
+    for i, (a, g) in enumerate(zip(activations, grad_outputs, strict=True)):
+        if a.dim() != 3 or g.dim() != 3 or a.shape[:2] != g.shape[:2]:
+            raise ValueError(
+                f"layer {i}: activations {list(a.shape)} / grad_outputs {list(g.shape)}: "
+                "expected [B, N, in] / [B, N, out]"
+            )
+        g = g.to(a.dtype)
+        N = a.shape[1]
+        A = a.mT @ a / N
+        G = g.mT @ g / N
+        A = 0.5 * (A + A.mT)
+        G = 0.5 * (G + G.mT)
+        lam_a, Q_a = torch.linalg.eigh(A)
+        lam_g, Q_g = torch.linalg.eigh(G)
+        if correct_eigenvalues:
+            lam = ((g @ Q_g) ** 2).mT @ ((a @ Q_a) ** 2) / N
+        else:
+            lam = lam_g[..., :, None] * lam_a[..., None, :]
+        layers.append(
+            KFACLayerFactors(A, G, lam_a, Q_a, lam_g, Q_g, lam, correct_eigenvalues, N)
+        )
+    return KFACFactors(layers)
+
+
 def _check_blocks(factors: KFACFactors, blocks: Sequence[Tensor], name: str) -> None:
     if len(blocks) != len(factors.layers):
         raise ValueError(f"{name} has {len(blocks)} blocks, expected {len(factors.layers)} layers")
     for i, (blk, lf) in enumerate(zip(blocks, factors.layers, strict=True)):
-        if blk.dim() not in (2, 3) or tuple(blk.shape[-2:]) != lf.shape:
+        batch_dims = lf.eigvals.dim() - 2  # > 0 for compute_kfac_factors_batched
+        if blk.dim() - batch_dims not in (2, 3) or tuple(blk.shape[-2:]) != lf.shape:
             raise ValueError(
                 f"{name}[{i}] has shape {list(blk.shape)}, expected {list(lf.shape)} "
                 f"or [k, {lf.shape[0]}, {lf.shape[1]}]"
