@@ -1,6 +1,12 @@
 """metafluence: task-level and instance-level influence (removal effects) for meta-learning."""
 
 # --- foundation exports (begin) ---
+from . import psg as psg  # noqa: E402
+from .ops import psg_linear_dot as psg_linear_dot  # noqa: E402
+from .ops import psg_linear_sqnorm as psg_linear_sqnorm  # noqa: E402
+from .psg import per_sample_grad_dots as per_sample_grad_dots  # noqa: E402
+from .psg import per_sample_grad_norms as per_sample_grad_norms  # noqa: E402
+from .psg import per_sample_grads as per_sample_grads  # noqa: E402
 # --- foundation exports (end) ---
 # --- core exports ---
 from . import evaluate as evaluate  # noqa: E402

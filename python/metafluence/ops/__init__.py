@@ -5,5 +5,7 @@ from __future__ import annotations
 
 from ._dispatch import BackendUnavailableError
 from .psg_linear import psg_linear
+from .psg_linear_dot import psg_linear_dot
+from .psg_linear_sqnorm import psg_linear_sqnorm
 
-__all__ = ["BackendUnavailableError", "psg_linear"]
+__all__ = ["BackendUnavailableError", "psg_linear", "psg_linear_dot", "psg_linear_sqnorm"]

@@ -1,0 +1,487 @@
+"""Per-sample gradients, their fused dot products and norms, and per-sample logit Jacobians.
+
+Which gradient is computed
+--------------------------
+``params`` is a dict like ``model.named_parameters()`` (names not in it are held fixed at the
+model's own values). For a batch ``x [N, ...]``, ``y`` the model computes ``logits =
+model(x; θ)`` and per-sample losses ``ℓ_n(θ) = loss(logits, y)[n]``. The per-sample gradient of
+sample ``n`` is the total derivative of **its own loss** on this batch::
+
+    G_n = dℓ_n(θ) / dθ        (ordinary autograd on the batch, then row n)
+
+* If samples do not interact in the forward pass (Linear, Conv, GroupNorm/LayerNorm,
+  Embedding, BatchNorm with running statistics = eval mode, ...), this is the gradient of
+  ``ℓ(model(x_n; θ), y_n)`` alone -- the same as ``torch.func.vmap(grad(...))``.
+* If a BatchNorm normalises with **batch statistics** (training mode, or no running stats), then
+  ``ℓ_n`` depends on θ also through the batch mean and variance, which every sample's
+  activations enter. ``G_n`` then includes these exact cross-sample terms:
+  ``G_n = Σ_m (∂ℓ_n/∂h_m)(∂h_m/∂θ)`` over all samples ``m`` of the batch, i.e. row ``n`` of the
+  Jacobian of the loss vector ``[ℓ_1..ℓ_N]`` w.r.t. θ (``torch.func.jacrev``). Note
+  ``Σ_n G_n`` is still the ordinary batch gradient. This mode costs about ``N`` backward
+  passes (vmapped, in chunks); running statistics are never updated.
+
+Methods
+-------
+``"hooks"`` (default when no batch-statistics BatchNorm is present): one ordinary forward pass
+with forward hooks capturing each parametrised module's input and output, one backward pass of
+``Σ_n ℓ_n`` **to the module outputs only** (no parameter gradients are computed), then the rule
+of :mod:`metafluence.psg.registry` for each module turns (activations, grad_outputs) into
+per-sample gradients / norms / dots. Modules without a rule use ``torch.func`` on that module.
+``"func"``: ``torch.func`` for the whole model (``vmap(grad)``, or the exact Jacobian rows when
+batch statistics couple samples). ``"auto"`` picks ``hooks`` unless batch statistics are used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from . import rules as _rules  # noqa: F401  (registers the standard rules)
+from .losses import LossSpec, resolve_loss
+from .registry import FUNC_RULE, Call, Rule, get_rule
+
+__all__ = [
+    "logit_jacobians",
+    "per_sample_grad_dots",
+    "per_sample_grad_norms",
+    "per_sample_grads",
+    "uses_batch_statistics",
+]
+
+Method = Literal["auto", "hooks", "func"]
+
+
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """True if some BatchNorm in ``model`` normalises with the statistics of the batch."""
+    return any(_rules.batch_norm_uses_batch_stats(m) for m in model.modules())
+
+
+# ---- validation -----------------------------------------------------------------------------------
+def _check(model: Any, params: Any, x: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model)}")
+    if not isinstance(params, Mapping) or not params:
+        raise TypeError("params must be a non-empty dict {name: Tensor} like named_parameters()")
+    known = dict(model.named_parameters())
+    for k, v in params.items():
+        if k not in known:
+            raise KeyError(f"params[{k!r}] is not a parameter of the model")
+        if not isinstance(v, Tensor) or v.shape != known[k].shape:
+            raise ValueError(
+                f"params[{k!r}] has shape {getattr(v, 'shape', None)}, expected "
+                f"{tuple(known[k].shape)}"
+            )
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError("x must be a tensor [N, ...] with the batch in dim 0")
+
+
+def _check_vectors(params: Mapping[str, Tensor], vectors: Any) -> int:
+    if not isinstance(vectors, Mapping):
+        raise TypeError("vectors must be a dict {name: Tensor [m, *shape]}")
+    m: int | None = None
+    for k, p in params.items():
+        if k not in vectors:
+            raise KeyError(f"vectors has no entry for parameter {k!r}")
+        v = vectors[k]
+        if v.dim() != p.dim() + 1 or tuple(v.shape[1:]) != tuple(p.shape):
+            raise ValueError(
+                f"vectors[{k!r}] has shape {tuple(v.shape)}, expected [m, {', '.join(map(str, p.shape))}]"
+            )
+        if m is None:
+            m = v.shape[0]
+        elif v.shape[0] != m:
+            raise ValueError(f"vectors[{k!r}] has m={v.shape[0]}, other entries have m={m}")
+    assert m is not None
+    return m
+
+
+# ---- capture ----------------------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    module: nn.Module
+    names: list[str]  # local names of this module's own params that are in `params`
+    full: dict[str, str]  # local -> full name
+    rule: Rule
+    calls: list[Call]
+
+
+def _buffers(model: nn.Module) -> dict[str, Tensor]:
+    """Buffers of training-mode BatchNorms are cloned so running statistics never change."""
+    out: dict[str, Tensor] = {}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
+            for bname, b in mod.named_buffers(recurse=False):
+                if b is not None:
+                    out[f"{mname}.{bname}" if mname else bname] = b.clone()
+    return out
+
+
+def _entries(model: nn.Module, params: Mapping[str, Tensor]) -> list[_Entry]:
+    entries = []
+    for mname, mod in model.named_modules():
+        own = [k for k, _ in mod.named_parameters(recurse=False)]
+        full = {k: f"{mname}.{k}" if mname else k for k in own}
+        names = [k for k in own if full[k] in params]
+        if names:
+            rule = get_rule(mod) or FUNC_RULE
+            entries.append(_Entry(mod, names, {k: full[k] for k in names}, rule, []))
+    return entries
+
+
+@contextmanager
+def _capturing(
+    entries: list[_Entry], params: Mapping[str, Tensor], clone: set[int]
+) -> Iterator[None]:
+    handles = []
+    for idx, e in enumerate(entries):
+
+        def hook(
+            mod: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            output: Any,
+            e: _Entry = e,
+            idx: int = idx,
+        ) -> Any:
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"per-sample gradients: {type(mod).__name__} returned {type(output)}; "
+                    "capture needs a tensor output (use method='func')"
+                )
+            if idx in clone:
+                output = output.clone()
+            own = {k: getattr(mod, k) for k, _ in mod.named_parameters(recurse=False)}
+            call = Call(args=args, kwargs=kwargs, output=output, params=own)
+            call._version = output._version  # type: ignore[attr-defined]
+            e.calls.append(call)
+            return output if idx in clone else None
+
+        handles.append(e.module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward_capture(
+    model: nn.Module, params: Mapping[str, Tensor], x: Tensor
+) -> tuple[Tensor, list[_Entry]]:
+    """Forward with hooks; returns logits and the entries with their calls (retries with
+    cloned outputs where a later in-place op modified a captured output)."""
+    p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    bufs = _buffers(model)
+    clone: set[int] = set()
+    for _ in range(2):
+        entries = _entries(model, params)
+        with _capturing(entries, p, clone):
+            logits = functional_call(model, {**p, **bufs}, (x,))
+        bumped = {
+            i
+            for i, e in enumerate(entries)
+            for c in e.calls
+            if c.output._version != c._version  # type: ignore[attr-defined]
+        }
+        if not bumped:
+            return logits, entries
+        clone |= bumped
+    raise RuntimeError("per-sample gradients: captured outputs keep being modified in place")
+
+
+def _backward_to_outputs(
+    scalar: Tensor, entries: list[_Entry], retain_graph: bool = False
+) -> list[list[Tensor]]:
+    outs = [c.output for e in entries for c in e.calls]
+    grads = torch.autograd.grad(scalar, outs, retain_graph=retain_graph, allow_unused=True)
+    res: list[list[Tensor]] = []
+    k = 0
+    for e in entries:
+        row = []
+        for c in e.calls:
+            gr = grads[k]
+            row.append(torch.zeros_like(c.output) if gr is None else gr)
+            k += 1
+        res.append(row)
+    return res
+
+
+def _set_grad_outputs(entries: list[_Entry], g: list[list[Tensor]]) -> None:
+    for e, row in zip(entries, g, strict=True):
+        for c, gr in zip(e.calls, row, strict=True):
+            c.grad_output = gr.detach()
+            c.args = tuple(a.detach() if isinstance(a, Tensor) else a for a in c.args)
+            c.params = {k: v.detach() for k, v in c.params.items()}
+
+
+def _method(model: nn.Module, method: Method) -> str:
+    if method not in ("auto", "hooks", "func"):
+        raise ValueError(f"method={method!r}: expected 'auto', 'hooks' or 'func'")
+    if uses_batch_statistics(model):
+        if method == "hooks":
+            raise ValueError(
+                "method='hooks' cannot be used: a BatchNorm uses batch statistics, so samples "
+                "interact; use method='auto' or 'func' (exact cross-sample terms)"
+            )
+        return "exact"
+    return "hooks" if method == "auto" else "func"
+
+
+# ---- torch.func paths ------------------------------------------------------------------------------
+def _func_grad_chunks(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    exact: bool,
+    chunk: int,
+) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """Yields ``(start, {name: [c, *shape]})``: per-sample gradients of samples
+    ``start .. start + c`` (``vmap(grad)``, or rows of the loss-vector Jacobian if ``exact``)."""
+    p = {k: v.detach() for k, v in params.items()}
+    bufs = _buffers(model)
+    n = x.shape[0]
+    if exact:
+
+        def losses(q: dict[str, Tensor]) -> Tensor:
+            return loss_fn(functional_call(model, {**q, **bufs}, (x,)), y)
+
+        _, pull = torch.func.vjp(losses, p)
+        eye = torch.eye(n, dtype=next(iter(p.values())).dtype, device=x.device)
+        for s in range(0, n, chunk):
+            (g,) = torch.func.vmap(pull)(eye[s : s + chunk])
+            yield s, g
+        return
+
+    def one(q: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        out = functional_call(model, {**q, **bufs}, (xi.unsqueeze(0),))
+        return loss_fn(out, yi.unsqueeze(0)).sum()
+
+    per = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))
+    for s in range(0, n, chunk):
+        yield s, per(p, x[s : s + chunk], y[s : s + chunk])
+
+
+def _default_chunk(params: Mapping[str, Tensor], n: int) -> int:
+    total = sum(v.numel() for v in params.values())
+    return max(1, min(max(n, 1), (1 << 24) // max(total, 1)))
+
+
+# ---- public API --------------------------------------------------------------------------------------
+def per_sample_grads(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    loss: LossSpec = "cross_entropy",
+    *,
+    method: Method = "auto",
+) -> dict[str, Tensor]:
+    """Per-sample gradients ``{name: [N, *shape]}`` of each sample's own loss.
+
+    ``G_n = dℓ_n/dθ`` with ``ℓ_n = loss(model(x; θ), y)[n]`` (see the module docstring for what
+    this means when BatchNorm uses batch statistics). Units: loss per unit parameter.
+
+    Args:
+        model: the network; evaluated functionally at ``params`` (its own values elsewhere).
+        params: ``{name: Tensor}`` subset of ``model.named_parameters()`` to differentiate.
+        x: inputs ``[N, ...]``; y: targets ``[N, ...]``.
+        loss: ``"cross_entropy"``, ``"mse"`` or ``callable(logits, y) -> [N]``.
+        method: ``"auto"`` | ``"hooks"`` | ``"func"`` (module docstring).
+
+    Returns:
+        ``{name: [N, *shape]}`` (detached), same dtype as the parameters.
+    """
+    _check(model, params, x)
+    loss_fn = resolve_loss(loss)
+    how = _method(model, method)
+    n = x.shape[0]
+    if how != "hooks" or n == 0:
+        if n == 0:
+            return {k: v.new_zeros(0, *v.shape) for k, v in params.items()}
+        out = {k: v.new_empty(n, *v.shape) for k, v in params.items()}
+        chunk = _default_chunk(params, n)
+        for s, g in _func_grad_chunks(model, params, x, y, loss_fn, how == "exact", chunk):
+            for k in out:
+                out[k][s : s + g[k].shape[0]] = g[k]
+        return out
+    logits, entries = _forward_capture(model, params, x)
+    total = loss_fn(logits, y).sum()
+    _set_grad_outputs(entries, _backward_to_outputs(total, entries))
+    res: dict[str, Tensor] = {}
+    for e in entries:
+        for c in e.calls:
+            for local, g in e.rule.grads(e.module, c, e.names).items():
+                name = e.full[local]
+                res[name] = res[name] + g if name in res else g
+    return {k: res[k] if k in res else v.new_zeros(n, *v.shape) for k, v in params.items()}
+
+
+def _reduce(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    loss: LossSpec,
+    method: Method,
+    vectors: Mapping[str, Tensor] | None,
+) -> Tensor:
+    _check(model, params, x)
+    loss_fn = resolve_loss(loss)
+    m = _check_vectors(params, vectors) if vectors is not None else 0
+    how = _method(model, method)
+    n = x.shape[0]
+    ref = next(iter(params.values()))
+    shape = (n, m) if vectors is not None else (n,)
+    out = ref.new_zeros(shape)
+    if n == 0:
+        return out
+    if how != "hooks":
+        chunk = _default_chunk(params, n)
+        for s, g in _func_grad_chunks(model, params, x, y, loss_fn, how == "exact", chunk):
+            for k, gk in g.items():
+                flat = gk.reshape(gk.shape[0], -1)
+                if vectors is None:
+                    out[s : s + flat.shape[0]] += flat.pow(2).sum(1)
+                else:
+                    v = vectors[k].reshape(m, -1).to(flat.dtype)
+                    out[s : s + flat.shape[0]] += flat @ v.T
+        return out
+    logits, entries = _forward_capture(model, params, x)
+    total = loss_fn(logits, y).sum()
+    _set_grad_outputs(entries, _backward_to_outputs(total, entries))
+    for e in entries:
+        if len(e.calls) > 1:
+            # a shared module: per-sample gradients add over calls before reducing
+            grads: dict[str, Tensor] = {}
+            for c in e.calls:
+                for local, g in e.rule.grads(e.module, c, e.names).items():
+                    grads[local] = grads[local] + g if local in grads else g
+            for local, g in grads.items():
+                flat = g.reshape(n, -1)
+                if vectors is None:
+                    out += flat.pow(2).sum(1)
+                else:
+                    out += flat @ vectors[e.full[local]].reshape(m, -1).T
+            continue
+        (c,) = e.calls
+        if vectors is None:
+            out += e.rule.sqnorms(e.module, c, e.names)
+        else:
+            local_v = {local: vectors[full] for local, full in e.full.items()}
+            out += e.rule.dots(e.module, c, e.names, local_v)
+    return out
+
+
+def per_sample_grad_norms(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    loss: LossSpec = "cross_entropy",
+    *,
+    method: Method = "auto",
+) -> Tensor:
+    """Squared norms ``[N]``: ``out[n] = Σ_p ‖G_n[p]‖²`` of the per-sample gradients of
+    :func:`per_sample_grads`, computed per layer from (activations, grad_outputs) without
+    forming ``[N, P]`` (Gram or tiled form per layer, see :mod:`metafluence.psg.rules`).
+    Units: (loss per unit parameter)². (The ``func``/batch-statistics paths form the
+    gradients of a chunk of samples at a time.)"""
+    return _reduce(model, params, x, y, loss, method, None)
+
+
+def per_sample_grad_dots(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    vectors: Mapping[str, Tensor],
+    loss: LossSpec = "cross_entropy",
+    *,
+    method: Method = "auto",
+) -> Tensor:
+    """Dot products ``[N, m]``: ``out[n, j] = Σ_p ⟨G_n[p], vectors[p][j]⟩`` with ``vectors``
+    ``{name: [m, *shape]}`` (one entry per name in ``params``), without forming ``[N, P]``
+    (for Linear ``⟨G_n, V⟩ = Σ_t g_tᵀ V a_t`` by the fused op; see
+    :mod:`metafluence.psg.rules`)."""
+    if vectors is None:
+        raise TypeError("vectors must be a dict {name: Tensor [m, *shape]}")
+    return _reduce(model, params, x, y, loss, method, vectors)
+
+
+def logit_jacobians(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    *,
+    flat: bool = False,
+    method: Method = "auto",
+) -> dict[str, Tensor] | Tensor:
+    """Per-sample Jacobians of the logits: ``J[n, c] = ∂ logits[n, c] / ∂θ``.
+
+    Returns ``{name: [N, C, *shape]}``, or with ``flat=True`` one tensor ``[N, C, P]`` (parameters
+    concatenated in the order of ``params``), e.g. to build ``U`` of width ``N·C`` for the
+    Woodbury inner solve. ``logits`` must be ``[N, C]``.
+
+    ``"hooks"``: one forward with capture and ``C`` backward passes of ``Σ_n logits[n, c]`` to
+    the module outputs, each turned into per-sample gradients by the registry rules.
+    ``"func"``: ``vmap(jacrev)`` per sample. With batch-statistics BatchNorm: rows of the full
+    Jacobian of all logits (cross-sample terms included, as in :func:`per_sample_grads`).
+    """
+    _check(model, params, x)
+    how = _method(model, method)
+    n = x.shape[0]
+    if how == "hooks" and n > 0:
+        logits, entries = _forward_capture(model, params, x)
+        if logits.dim() != 2:
+            raise ValueError(f"logits have shape {tuple(logits.shape)}, expected [N, C]")
+        c_dim = logits.shape[1]
+        per_c: list[dict[str, Tensor]] = []
+        for c in range(c_dim):
+            g = _backward_to_outputs(logits[:, c].sum(), entries, retain_graph=c + 1 < c_dim)
+            _set_grad_outputs(entries, g)
+            res: dict[str, Tensor] = {}
+            for e in entries:
+                for call in e.calls:
+                    for local, gr in e.rule.grads(e.module, call, e.names).items():
+                        name = e.full[local]
+                        res[name] = res[name] + gr if name in res else gr
+            per_c.append(res)
+        jac = {
+            k: torch.stack([r[k] if k in r else v.new_zeros(n, *v.shape) for r in per_c], 1)
+            for k, v in params.items()
+        }
+    else:
+        jac = _logit_jacobians_func(model, params, x, exact=how == "exact")
+    if not flat:
+        return jac
+    return torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()], dim=2)
+
+
+def _logit_jacobians_func(
+    model: nn.Module, params: Mapping[str, Tensor], x: Tensor, exact: bool
+) -> dict[str, Tensor]:
+    p = {k: v.detach() for k, v in params.items()}
+    bufs = _buffers(model)
+    if exact:
+
+        def all_logits(q: dict[str, Tensor]) -> Tensor:
+            return functional_call(model, {**q, **bufs}, (x,))
+
+        jac = torch.func.jacrev(all_logits)(p)  # {name: [N, C, N?]} -> rows n of sample n
+        out = {}
+        for k, j in jac.items():
+            out[k] = j  # [N, C, *shape]: d logits[n, c] / d θ (all samples' effect included)
+        return out
+
+    def one(q: dict[str, Tensor], xi: Tensor) -> Tensor:
+        return functional_call(model, {**q, **bufs}, (xi.unsqueeze(0),)).squeeze(0)
+
+    res: dict[str, Tensor] = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, 0))(p, x)
+    return res
