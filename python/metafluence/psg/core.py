@@ -154,13 +154,12 @@ def _capturing(
                     f"per-sample gradients: {type(mod).__name__} returned {type(output)}; "
                     "capture needs a tensor output (use method='func')"
                 )
-            if idx in clone:
-                output = output.clone()
             own = {k: getattr(mod, k) for k, _ in mod.named_parameters(recurse=False)}
             call = Call(args=args, kwargs=kwargs, output=output, params=own)
             call._version = output._version  # type: ignore[attr-defined]
             e.calls.append(call)
-            return output if idx in clone else None
+            # downstream gets a copy, so a later in-place op cannot change the captured output
+            return output.clone() if idx in clone else None
 
         handles.append(e.module.register_forward_hook(hook, with_kwargs=True))
     try:
@@ -250,7 +249,9 @@ def _func_grad_chunks(
     if exact:
 
         def losses(q: dict[str, Tensor]) -> Tensor:
-            return loss_fn(functional_call(model, {**q, **bufs}, (x,)), y)
+            # fresh buffer copies inside the transform: BatchNorm updates them in place
+            b = {k: v.clone() for k, v in bufs.items()}
+            return loss_fn(functional_call(model, {**q, **b}, (x,)), y)
 
         _, pull = torch.func.vjp(losses, p)
         eye = torch.eye(n, dtype=next(iter(p.values())).dtype, device=x.device)
@@ -472,7 +473,8 @@ def _logit_jacobians_func(
     if exact:
 
         def all_logits(q: dict[str, Tensor]) -> Tensor:
-            return functional_call(model, {**q, **bufs}, (x,))
+            b = {k: v.clone() for k, v in bufs.items()}
+            return functional_call(model, {**q, **b}, (x,))
 
         jac = torch.func.jacrev(all_logits)(p)  # {name: [N, C, N?]} -> rows n of sample n
         out = {}
