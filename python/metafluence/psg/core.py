@@ -62,7 +62,7 @@ def uses_batch_statistics(model: nn.Module) -> bool:
     return any(_rules.batch_norm_uses_batch_stats(m) for m in model.modules())
 
 
-# ---- validation -----------------------------------------------------------------------------------
+# ---- validation ----------------------------------------------------------------------------------
 def _check(model: Any, params: Any, x: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model)}")
@@ -91,7 +91,8 @@ def _check_vectors(params: Mapping[str, Tensor], vectors: Any) -> int:
         v = vectors[k]
         if v.dim() != p.dim() + 1 or tuple(v.shape[1:]) != tuple(p.shape):
             raise ValueError(
-                f"vectors[{k!r}] has shape {tuple(v.shape)}, expected [m, {', '.join(map(str, p.shape))}]"
+                f"vectors[{k!r}] has shape {tuple(v.shape)}, expected "
+                f"[m, {', '.join(map(str, p.shape))}]"
             )
         if m is None:
             m = v.shape[0]
@@ -101,7 +102,7 @@ def _check_vectors(params: Mapping[str, Tensor], vectors: Any) -> int:
     return m
 
 
-# ---- capture ----------------------------------------------------------------------------------------
+# ---- capture -------------------------------------------------------------------------------------
 @dataclass
 class _Entry:
     module: nn.Module
@@ -231,7 +232,7 @@ def _method(model: nn.Module, method: Method) -> str:
     return "hooks" if method == "auto" else "func"
 
 
-# ---- torch.func paths ------------------------------------------------------------------------------
+# ---- torch.func paths ----------------------------------------------------------------------------
 def _func_grad_chunks(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -253,7 +254,7 @@ def _func_grad_chunks(
             b = {k: v.clone() for k, v in bufs.items()}
             return loss_fn(functional_call(model, {**q, **b}, (x,)), y)
 
-        _, pull = torch.func.vjp(losses, p)
+        pull = torch.func.vjp(losses, p)[1]
         eye = torch.eye(n, dtype=next(iter(p.values())).dtype, device=x.device)
         for s in range(0, n, chunk):
             (g,) = torch.func.vmap(pull)(eye[s : s + chunk])
@@ -274,7 +275,7 @@ def _default_chunk(params: Mapping[str, Tensor], n: int) -> int:
     return max(1, min(max(n, 1), (1 << 24) // max(total, 1)))
 
 
-# ---- public API --------------------------------------------------------------------------------------
+# ---- public API ----------------------------------------------------------------------------------
 def per_sample_grads(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -308,9 +309,9 @@ def per_sample_grads(
             return {k: v.new_zeros(0, *v.shape) for k, v in params.items()}
         out = {k: v.new_empty(n, *v.shape) for k, v in params.items()}
         chunk = _default_chunk(params, n)
-        for s, g in _func_grad_chunks(model, params, x, y, loss_fn, how == "exact", chunk):
+        for s, gs in _func_grad_chunks(model, params, x, y, loss_fn, how == "exact", chunk):
             for k in out:
-                out[k][s : s + g[k].shape[0]] = g[k]
+                out[k][s : s + gs[k].shape[0]] = gs[k]
         return out
     logits, entries = _forward_capture(model, params, x)
     total = loss_fn(logits, y).sum()
@@ -345,8 +346,8 @@ def _reduce(
         return out
     if how != "hooks":
         chunk = _default_chunk(params, n)
-        for s, g in _func_grad_chunks(model, params, x, y, loss_fn, how == "exact", chunk):
-            for k, gk in g.items():
+        for s, gs in _func_grad_chunks(model, params, x, y, loss_fn, how == "exact", chunk):
+            for k, gk in gs.items():
                 flat = gk.reshape(gk.shape[0], -1)
                 if vectors is None:
                     out[s : s + flat.shape[0]] += flat.pow(2).sum(1)

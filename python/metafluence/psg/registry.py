@@ -68,7 +68,7 @@ class Rule:
     def dots(
         self, module: nn.Module, call: Call, names: list[str], vectors: Mapping[str, Tensor]
     ) -> Tensor:
-        """``[N, m]``: ``Σ_{p in names} ⟨∂ℓ_n/∂p, vectors[p][j]⟩``; ``vectors[p]``: ``[m, *shape]``."""
+        """``[N, m]``: ``Σ_{p in names} ⟨∂ℓ_n/∂p, vectors[p][j]⟩``, vectors ``[m, *shape]``."""
         grads = self.grads(module, call, names)
         out: Tensor | None = None
         for name, g in grads.items():
@@ -102,7 +102,7 @@ class FuncRule(Rule):
             return out
 
         def per_sample(g_row: Tensor, *row_args: Any) -> dict[str, Tensor]:
-            _, pull = vjp(lambda p: one(p, *row_args), wanted)
+            pull = vjp(lambda p: one(p, *row_args), wanted)[1]
             (res,) = pull(g_row.unsqueeze(0))
             return res
 

@@ -49,7 +49,7 @@ def _gram_sqnorm(a: Tensor, g: Tensor) -> Tensor:
     return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
 
 
-# ---- Linear ------------------------------------------------------------------------------------
+# ---- Linear --------------------------------------------------------------------------------------
 @register_rule(nn.Linear)
 class LinearRule(Rule):
     @staticmethod
@@ -161,11 +161,26 @@ def conv2d_weight_psg(module: nn.Conv2d, x: Tensor, g: Tensor) -> Tensor:
     return res.permute(1, 2, 3, 0).reshape(n, o, cg, kh, kw)
 
 
+def unfold_padded(module: nn.Conv2d, xp: Tensor) -> Tensor:
+    """``[N, C·kh·kw, Ho·Wo]`` like ``F.unfold`` of the already padded input, built from one
+    strided view and one copy (``F.unfold`` is many times slower on CPU)."""
+    n, c, hp, wp = xp.shape
+    kh, kw = module.kernel_size
+    dh, dw = module.dilation
+    sh, sw = module.stride
+    ho = (hp - dh * (kh - 1) - 1) // sh + 1
+    wo = (wp - dw * (kw - 1) - 1) // sw + 1
+    xp = xp.contiguous()
+    s_n, s_c, s_h, s_w = xp.stride()
+    view = xp.as_strided((n, c, kh, kw, ho, wo), (s_n, s_c, dh * s_h, dw * s_w, sh * s_h, sw * s_w))
+    return view.reshape(n, c * kh * kw, ho * wo)
+
+
 def _conv2d_weight_psg_unfold(module: nn.Conv2d, xp: Tensor, g: Tensor) -> Tensor:
     n = xp.shape[0]
     o = g.shape[1]
     groups = module.groups
-    u = F.unfold(xp, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    u = unfold_padded(module, xp)
     u = u.view(n, groups, -1, u.shape[-1])
     gg = g.reshape(n, groups, o // groups, -1)
     w = torch.einsum("ngot,ngkt->ngok", gg, u)
@@ -199,7 +214,7 @@ class Conv2dRule(Rule):
 
     def _unfold(self, module: nn.Conv2d, call: Call) -> tuple[Tensor, Tensor]:
         xp, _ = _conv_geometry(module, call.activations)
-        u = F.unfold(xp, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        u = unfold_padded(module, xp)
         g = call.grad_output
         assert g is not None
         return u.transpose(1, 2), g.flatten(2).transpose(1, 2)
@@ -252,7 +267,7 @@ class Conv2dRule(Rule):
         return out
 
 
-# ---- normalisation layers (affine parameters) ---------------------------------------------------
+# ---- normalisation layers (affine parameters) ----------------------------------------------------
 def _affine_grads(xhat: Tensor, g: Tensor, names: list[str], keep: list[int]) -> dict[str, Tensor]:
     """Sum ``g·x̂`` and ``g`` over every dim except 0 and ``keep``."""
     dims = [d for d in range(1, g.dim()) if d not in keep]
@@ -314,7 +329,7 @@ class BatchNormEvalRule(Rule):
         return _affine_grads(xhat, call.grad_output, names, keep=[1])
 
 
-# ---- Embedding ------------------------------------------------------------------------------------
+# ---- Embedding -----------------------------------------------------------------------------------
 @register_rule(nn.Embedding)
 class EmbeddingRule(Rule):
     @staticmethod
