@@ -1,16 +1,12 @@
 """metafluence: task-level and instance-level influence (removal effects) for meta-learning."""
 
 # --- foundation exports (begin) ---
-from . import psg as psg  # noqa: E402
-from .ops import psg_linear_dot as psg_linear_dot  # noqa: E402
-from .ops import psg_linear_sqnorm as psg_linear_sqnorm  # noqa: E402
-from .psg import per_sample_grad_dots as per_sample_grad_dots  # noqa: E402
-from .psg import per_sample_grad_norms as per_sample_grad_norms  # noqa: E402
-from .psg import per_sample_grads as per_sample_grads  # noqa: E402
 # --- foundation exports (end) ---
 # --- core exports ---
+from . import data as data  # noqa: E402
 from . import evaluate as evaluate  # noqa: E402
 from . import inner as inner  # noqa: E402
+from . import psg as psg  # noqa: E402
 from . import solvers as solvers  # noqa: E402
 from . import train as train  # noqa: E402
 from ._build import build_info as build_info
@@ -23,4 +19,9 @@ from .influence import edit as edit  # noqa: E402
 from .influence import param_influence as param_influence  # noqa: E402
 from .influence import removal_effects as removal_effects  # noqa: E402
 from .ops import psg_linear as psg_linear
+from .ops import psg_linear_dot as psg_linear_dot  # noqa: E402
+from .ops import psg_linear_sqnorm as psg_linear_sqnorm  # noqa: E402
 from .ops._dispatch import BackendUnavailableError as BackendUnavailableError
+from .psg import per_sample_grad_dots as per_sample_grad_dots  # noqa: E402
+from .psg import per_sample_grad_norms as per_sample_grad_norms  # noqa: E402
+from .psg import per_sample_grads as per_sample_grads  # noqa: E402

@@ -1,0 +1,79 @@
+"""Few-shot data: loaders (no downloads), the embedded glyph default, episodes, label noise.
+
+``load("glyphs")`` builds the embedded KanjiVG glyph dataset; ``load("<kind>:<path>")`` reads a
+user-supplied copy, with ``kind`` one of ``omniglot``, ``mini-imagenet``, ``tiered-imagenet``,
+``cifar-fs``, ``fc100``, ``cub``, ``idx`` (``mnist``), ``npz``, ``folder``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .dataset import SPLITS, DatasetLayoutError, FewShotDataset, LazyImages
+from .glyphs import cache_root, load_glyphs
+from .loaders import (
+    LAYOUTS,
+    LOADERS,
+    load_cifar_fewshot,
+    load_cub,
+    load_idx,
+    load_image_folder,
+    load_mini_imagenet,
+    load_npz,
+    load_omniglot,
+    load_tiered_imagenet,
+    read_idx,
+    safe_unpickle,
+)
+from .sampling import flip_labels, sample_tasks
+
+EMBEDDED = ("glyphs",)
+
+
+def load(spec: str, **kwargs: Any) -> FewShotDataset:
+    """``"glyphs"`` or ``"<kind>:<path>"`` → :class:`FewShotDataset`.
+
+    Keyword arguments go to the loader (e.g. ``strict=False``, ``size=28``; for glyphs
+    ``num_classes``, ``samples``, ``seed``). A wrong path or layout raises
+    :class:`DatasetLayoutError` whose one-line message names the expected layout.
+    """
+    if spec in ("glyphs", "glyphs:"):
+        return load_glyphs(**kwargs)
+    kind, sep, path = spec.partition(":")
+    kind = kind.strip().lower()
+    if not sep or kind not in LOADERS:
+        raise DatasetLayoutError(
+            f"dataset {spec!r}: expected 'glyphs' or '<kind>:<path>' with kind one of "
+            f"{sorted(LOADERS)}"
+        )
+    if not path:
+        raise DatasetLayoutError(
+            f"dataset {spec!r}: missing path; expected layout: {LAYOUTS[kind]}"
+        )
+    return LOADERS[kind](path, **kwargs)
+
+
+__all__ = [
+    "EMBEDDED",
+    "LAYOUTS",
+    "LOADERS",
+    "SPLITS",
+    "DatasetLayoutError",
+    "FewShotDataset",
+    "LazyImages",
+    "cache_root",
+    "flip_labels",
+    "load",
+    "load_cifar_fewshot",
+    "load_cub",
+    "load_glyphs",
+    "load_idx",
+    "load_image_folder",
+    "load_mini_imagenet",
+    "load_npz",
+    "load_omniglot",
+    "load_tiered_imagenet",
+    "read_idx",
+    "safe_unpickle",
+    "sample_tasks",
+]

@@ -1,0 +1,169 @@
+"""N-way K-shot episode sampling and label-noise injection.
+
+Task ``i`` of ``sample_tasks(..., seed=s)`` is drawn from its own random stream
+``SeedSequence([s, split, i])``: it is the same task whatever ``num_tasks`` is, so task ids stay
+stable when a run is enlarged.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..bilevel.tasks import Task
+from .dataset import FewShotDataset
+
+LEVELS = ("task", "point")
+WHERE = ("support", "query")
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), *[int(k) for k in keys]]))
+
+
+def sample_tasks(
+    dataset: FewShotDataset,
+    ways: int = 5,
+    shots: int = 1,
+    queries: int = 15,
+    num_tasks: int = 200,
+    seed: int = 0,
+    split: str = "train",
+    dtype: torch.dtype = torch.float32,
+    first_id: int = 0,
+) -> list[Task]:
+    """``num_tasks`` seeded ``ways``-way ``shots``-shot tasks with ``queries`` queries per class.
+
+    Each task draws ``ways`` distinct classes of ``split`` and ``shots + queries`` distinct
+    images of each; labels are relabelled ``0..ways-1`` in the drawn class order. Support
+    ``x [ways·shots, C, H, W]``, query ``x [ways·queries, C, H, W]`` (class-major), float in [0, 1].
+    Task ids are ``first_id + i``; ``task.meta`` records the split, the class indices and names,
+    and the sample indices.
+    """
+    ways, shots, queries, num_tasks = int(ways), int(shots), int(queries), int(num_tasks)
+    if ways < 2 or shots < 1 or queries < 1 or num_tasks < 1:
+        raise ValueError(
+            f"ways={ways}, shots={shots}, queries={queries}, num_tasks={num_tasks}: expected "
+            "ways >= 2 and shots, queries, num_tasks >= 1"
+        )
+    pools = dataset.by_class(split)
+    need = shots + queries
+    eligible = np.array(sorted(c for c, idx in pools.items() if len(idx) >= need), dtype=np.int64)
+    if len(eligible) < ways:
+        raise ValueError(
+            f"{dataset.name} split {split!r} has {len(eligible)} classes with at least "
+            f"{need} images (shots + queries); a {ways}-way task needs {ways}"
+        )
+    split_key = zlib.crc32(split.encode())
+    tasks = []
+    for i in range(num_tasks):
+        rng = _rng(seed, split_key, first_id + i)
+        classes = rng.choice(eligible, size=ways, replace=False)
+        picks = np.stack([rng.choice(pools[int(c)], size=need, replace=False) for c in classes])
+        s_idx, q_idx = picks[:, :shots].reshape(-1), picks[:, shots:].reshape(-1)
+        x = dataset.tensor(np.concatenate([s_idx, q_idx]), dtype)
+        ys = torch.arange(ways).repeat_interleave(shots)
+        yq = torch.arange(ways).repeat_interleave(queries)
+        meta = {
+            "split": split,
+            "classes": classes.tolist(),
+            "class_names": [dataset.class_names[int(c)] for c in classes],
+            "support_index": s_idx.tolist(),
+            "query_index": q_idx.tolist(),
+        }
+        tasks.append(
+            Task(
+                support=(x[: len(s_idx)], ys),
+                query=(x[len(s_idx) :], yq),
+                id=first_id + i,
+                meta=meta,
+            )
+        )
+    return tasks
+
+
+def _derangement(ways: int, rng: np.random.Generator) -> np.ndarray:
+    while True:
+        p = rng.permutation(ways)
+        if not np.any(p == np.arange(ways)):
+            return p
+
+
+def flip_labels(
+    tasks: Sequence[Task],
+    fraction: float = 0.2,
+    level: str = "task",
+    seed: int = 0,
+    where: str = "support",
+    ways: int | None = None,
+) -> tuple[list[Task], Tensor | list[Tensor]]:
+    """Inject label noise; returns ``(new tasks, ground-truth mask)``.
+
+    - ``level="task"``: ``round(fraction·M)`` tasks (seeded choice) get their ``where`` labels
+      permuted by a derangement of the classes (every label wrong, the other set untouched), so
+      adapting on them teaches the wrong mapping: harmful tasks. Mask: bool ``[M]``.
+    - ``level="point"``: in every task, each ``where`` point is flipped with probability
+      ``fraction`` to a different random class. Mask: list of ``M`` bool tensors ``[n]``/``[m]``.
+
+    Task ids, data and weights are kept; ``task.meta["flipped"]`` records what changed.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level={level!r}: expected one of {LEVELS}")
+    if where not in WHERE:
+        raise ValueError(f"where={where!r}: expected one of {WHERE}")
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(f"fraction={fraction}: expected a value in [0, 1]")
+    tasks = list(tasks)
+    M = len(tasks)
+    rng = _rng(seed, 0x5EED, LEVELS.index(level))
+
+    def n_ways(t: Task) -> int:
+        if ways is not None:
+            return int(ways)
+        return int(max(int(t.support[1].max()), int(t.query[1].max()))) + 1
+
+    def rebuild(t: Task, y_new: Tensor, flipped: object) -> Task:
+        sup, qry = t.support, t.query
+        if where == "support":
+            sup = (sup[0], y_new)
+        else:
+            qry = (qry[0], y_new)
+        meta = dict(t.meta)
+        meta["flipped"] = flipped
+        return Task(
+            sup,
+            qry,
+            id=t.id,
+            support_weight=t.support_weight,
+            query_weight=t.query_weight,
+            meta=meta,
+        )
+
+    out: list[Task] = []
+    if level == "task":
+        k = int(round(float(fraction) * M))
+        chosen = set(rng.choice(M, size=k, replace=False).tolist()) if k else set()
+        mask = torch.zeros(M, dtype=torch.bool)
+        for i, t in enumerate(tasks):
+            if i not in chosen:
+                out.append(t)
+                continue
+            y = t.support[1] if where == "support" else t.query[1]
+            perm = torch.as_tensor(_derangement(n_ways(t), rng), dtype=y.dtype)
+            out.append(rebuild(t, perm[y], True))
+            mask[i] = True
+        return out, mask
+    masks: list[Tensor] = []
+    for t in tasks:
+        y = t.support[1] if where == "support" else t.query[1]
+        w = n_ways(t)
+        flip = torch.from_numpy(rng.random(len(y)) < float(fraction))
+        shift = torch.from_numpy(rng.integers(1, w, size=len(y))).to(y.dtype)
+        y_new = torch.where(flip, (y + shift) % w, y)
+        out.append(rebuild(t, y_new, flip.clone()) if bool(flip.any()) else t)
+        masks.append(flip)
+    return out, masks
