@@ -94,6 +94,78 @@ def _not_implemented(what: str, issue: str) -> Callable[[argparse.Namespace], in
     return cmd
 
 
+# --- run (the main job) ---------------------------------------------------------------------
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    from .report.job import INNERS, RunConfig
+
+    d = RunConfig()
+    a = p.add_argument
+    a(
+        "--dataset",
+        default=d.dataset,
+        help="'glyphs' (embedded) or '<kind>:<path>', kind one of "
+        "omniglot, mini-imagenet, tiered-imagenet, cifar-fs, fc100, cub, idx, npz, folder",
+    )
+    a("--ways", type=int, default=d.ways)
+    a("--shots", type=int, default=d.shots)
+    a("--queries", type=int, default=d.queries, help="query points per class")
+    a("--tasks", type=int, default=d.tasks, help="meta-training tasks")
+    a("--target-tasks", type=int, default=d.target_tasks, help="target tasks (val split)")
+    a("--eval-tasks", type=int, default=d.eval_tasks, help="evaluation tasks (test split)")
+    a("--noise", type=float, default=d.noise, help="fraction of tasks with flipped labels")
+    a("--inner", choices=INNERS, default=d.inner, help="inner map")
+    a("--inner-steps", type=int, default=d.inner_steps)
+    a("--inner-lr", type=float, default=d.inner_lr)
+    a("--model", choices=["conv4", "mlp"], default=d.model)
+    a("--width", type=int, default=d.width, help="Conv-4 filters / MLP width")
+    a("--curvature", choices=["exact", "gauss_newton", "gamma"], default=d.curvature)
+    a("--solver", choices=["cg", "neumann", "direct", "arnoldi"], default=d.solver)
+    a("--maxiter", type=int, default=d.maxiter, help="iterations of the total solve")
+    a("--damping", type=float, default=d.damping, help="damping δ of the meta-objective")
+    a("--solve-damping", type=float, default=d.solve_damping, help="δ' added in the solve only")
+    a("--steps", type=int, default=d.steps, help="meta-training steps")
+    a("--outer-lr", type=float, default=d.outer_lr)
+    a("--meta-batch", type=int, default=d.meta_batch, help="tasks per meta-training step")
+    a("--retrain-steps", type=int, default=d.retrain_steps)
+    a("--remove", type=int, default=None, help="tasks to remove (default: number flipped)")
+    a("--glyph-classes", type=int, default=d.glyph_classes)
+    a("--device", default=d.device)
+    a("--dtype", choices=["float32", "float64"], default=d.dtype)
+    a("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch default)")
+    a("--chunk-size", type=int, default=d.chunk_size, help="tasks per batched engine call")
+    a("--seed", type=int, default=d.seed)
+    a("--out", default=d.out, help="results folder (the report goes to <out>/<name>/)")
+    a("--name", default=None, help="run name (default from the configuration)")
+    a("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .data import DatasetLayoutError
+    from .report.job import RunConfig, run
+
+    cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__})
+    cfg.threads = cfg.threads or None
+    try:
+        summary = run(cfg)
+    except (DatasetLayoutError, ImportError) as e:
+        print(f"metafluence run: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # invalid combinations (e.g. more ways than classes)
+        print(f"metafluence run: error: {e}", file=sys.stderr)
+        return 2
+    d = summary["detection"]
+    ev = summary["evaluation"]
+    print(
+        f"report: {summary['out']}/report.html  (task AUC {d['task_auc']:.3f}, recall@{d['k']} "
+        f"{d['recall_at_k']:.2f}; target acc original {ev['original']['target']['accuracy']:.3f}, "
+        f"edited {ev['edited']['target']['accuracy']:.3f}, retrained "
+        f"{ev['retrained']['target']['accuracy']:.3f}; {summary['wall_seconds']:.0f} s)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metafluence",
@@ -112,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.set_defaults(func=_cmd_demo)
 
     p_run = sub.add_parser("run", help="the main job: influence of meta-training tasks")
-    p_run.set_defaults(func=_not_implemented("run", "'metafluence run' (main job)"))
+    _add_run_args(p_run)
+    p_run.set_defaults(func=_cmd_run)
 
     p_bench = sub.add_parser("bench", help="benchmarks")
     p_bench.add_argument("family", nargs="?", default="all")

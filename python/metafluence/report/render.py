@@ -1,0 +1,272 @@
+"""Write the run report: Markdown, HTML (same content, images inline by path), PNGs, CSVs."""
+
+from __future__ import annotations
+
+import csv
+import html
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from . import metrics as M
+
+
+def _plots(out: Path, summary: dict, task_scores: Tensor, mask: Tensor, sup: Tensor) -> list[str]:
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    s, m = task_scores.numpy(), mask.numpy().astype(bool)
+    files = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    bins = np.linspace(s.min(), s.max(), 31) if s.max() > s.min() else 10
+    axes[0].hist(s[~m], bins=bins, alpha=0.6, label=f"clean ({(~m).sum()})", color="tab:blue")
+    axes[0].hist(s[m], bins=bins, alpha=0.6, label=f"label-flipped ({m.sum()})", color="tab:red")
+    axes[0].axvline(0, color="k", lw=0.8)
+    axes[0].set(xlabel="task removal effect (< 0: harmful)", ylabel="tasks", title="Tasks")
+    axes[0].legend()
+    sp = sup.numpy()
+    sm = np.broadcast_to(m[:, None], sp.shape)
+    b2 = np.linspace(sp.min(), sp.max(), 31) if sp.max() > sp.min() else 10
+    axes[1].hist(sp[~sm], bins=b2, alpha=0.6, label="in clean tasks", color="tab:blue")
+    axes[1].hist(sp[sm], bins=b2, alpha=0.6, label="in flipped tasks", color="tab:red")
+    axes[1].axvline(0, color="k", lw=0.8)
+    axes[1].set(xlabel="support-point removal effect", ylabel="points", title="Support points")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "scores.png", dpi=110)
+    plt.close(fig)
+    files.append("scores.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fp, tp = M.roc_curve(-s, m)
+    auc = summary["detection"]["task_auc"]
+    axes[0].plot(fp, tp, label=f"removal effect (AUC {auc:.3f})")
+    axes[0].plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
+    axes[0].set(
+        xlabel="false positive rate", ylabel="true positive rate", title="ROC: flipped tasks"
+    )
+    axes[0].legend(loc="lower right")
+    frac, rec = M.recall_curve(-s, m)
+    axes[1].plot(frac, rec, label="ranked by removal effect")
+    axes[1].plot([0, 1], [0, 1], "k--", lw=0.8, label="random order")
+    p = m.mean()
+    axes[1].plot([0, p, 1], [0, 1, 1], ":", color="gray", label="perfect")
+    axes[1].set(
+        xlabel="fraction of tasks inspected (most harmful first)",
+        ylabel="recall",
+        title="Detection curve",
+    )
+    axes[1].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "detection.png", dpi=110)
+    plt.close(fig)
+    files.append("detection.png")
+
+    ch = summary["target_change"]
+    ev = summary["evaluation"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = list(ch)
+    vals = [ch[n] for n in names]
+    colors = ["tab:gray", "tab:orange", "tab:green", "tab:purple"][: len(names)]
+    axes[0].bar(names, vals, color=colors)
+    axes[0].axhline(0, color="k", lw=0.8)
+    axes[0].set(
+        ylabel="Δ target loss",
+        title=f"Removing the {summary['detection']['k']} most harmful tasks: predicted vs actual",
+    )
+    models = [k for k in ev if k != "initial"]
+    x = np.arange(len(models))
+    axes[1].bar(x - 0.2, [ev[k]["target"]["accuracy"] for k in models], 0.4, label="target (val)")
+    axes[1].bar(x + 0.2, [ev[k]["test"]["accuracy"] for k in models], 0.4, label="test")
+    axes[1].set_xticks(x, [k.replace(" (all tasks)", "\n(all tasks)") for k in models])
+    lo = min(min(ev[k]["target"]["accuracy"], ev[k]["test"]["accuracy"]) for k in models)
+    axes[1].set_ylim(max(0.0, lo - 0.05), None)
+    axes[1].set(ylabel="accuracy after adaptation", title="Meta-test accuracy")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "change.png", dpi=110)
+    plt.close(fig)
+    files.append("change.png")
+    return files
+
+
+def _csvs(out: Path, ids, classes, task_scores, mask, sup, qry) -> list[str]:
+    order = np.argsort(task_scores.numpy(), kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    with open(out / "task_scores.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["task_id", "removal_effect", "harm_rank", "label_flipped", "classes"])
+        for i, tid in enumerate(ids):
+            w.writerow(
+                [
+                    tid,
+                    f"{float(task_scores[i]):.9g}",
+                    int(rank[i]) + 1,
+                    int(mask[i]),
+                    " ".join(classes[i]),
+                ]
+            )
+    for name, arr in (("support_point_scores.csv", sup), ("query_point_scores.csv", qry)):
+        with open(out / name, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["task_id", "point", "removal_effect", "in_flipped_task"])
+            for i, tid in enumerate(ids):
+                for j in range(arr.shape[1]):
+                    w.writerow([tid, j, f"{float(arr[i, j]):.9g}", int(mask[i])])
+    return ["task_scores.csv", "support_point_scores.csv", "query_point_scores.csv"]
+
+
+def _markdown(summary: dict, pngs: list[str], csvs: list[str]) -> str:
+    c = summary["config"]
+    d = summary["detection"]
+    ev = summary["evaluation"]
+    ch = summary["target_change"]
+    lines = [
+        "# metafluence run report",
+        "",
+        f"**Dataset** {summary['dataset']}",
+        "",
+        f"{c['ways']}-way {c['shots']}-shot tasks, {c['queries']} queries per class; "
+        f"{d['n_tasks']} meta-training tasks of which {d['n_flipped']} "
+        f"({100 * c['noise']:.0f}%) have their support labels permuted (injected harm). Model: "
+        f"{c['model']} (width {c['width']}, {summary['parameters']:,} meta-parameters); inner map "
+        f"`{c['inner']}`; curvature `{c['curvature']}`, solver `{c['solver']}` (maxiter "
+        f"{c['maxiter']}), damping {c['damping']:g}, seed {c['seed']}.",
+        "",
+        "Sign convention: removal effect > 0 means removing the item would raise the target loss "
+        "(the item helps); < 0 means the item is harmful. Target: mean post-adaptation query "
+        f"loss of {c['target_tasks']} held-out tasks (val classes).",
+        "",
+        "## Detection of the injected label noise",
+        "",
+        "| items | ROC AUC |",
+        "|---|---|",
+        f"| tasks | **{d['task_auc']:.3f}** |",
+        f"| support points (flipped task ⇒ flipped point) | {d['support_point_auc']:.3f} |",
+        f"| query points (in a flipped task) | {d['query_point_auc']:.3f} |",
+        "",
+        f"Recall at k = {d['k']} (the number removed): **{d['recall_at_k']:.3f}**; at 2k: "
+        f"{d['recall_at_2k']:.3f}. Tasks with negative removal effect: {d['harmful_predicted']}.",
+        "",
+        "## Editing without retraining, checked by retraining",
+        "",
+        f"The {d['k']} most harmful tasks ({summary['removed_flipped']} of them label-flipped) "
+        "were removed by `mf.edit` (λ* + Δλ, no retraining) and, to check, by meta-training "
+        f"without them for {c['retrain_steps']} steps warm-started at λ*. 'continued' trains "
+        "the same number of steps on all tasks (a control for the extra steps).",
+        "",
+        "| model | target loss | target acc | test loss | test acc |",
+        "|---|---|---|---|---|",
+    ]
+    for k, v in ev.items():
+        lines.append(
+            f"| {k} | {v['target']['loss']:.4f} | {v['target']['accuracy']:.3f} | "
+            f"{v['test']['loss']:.4f} | {v['test']['accuracy']:.3f} |"
+        )
+    lines += [
+        "",
+        "Change of the target loss relative to the original λ*: "
+        + ", ".join(f"{k} {v:+.4f}" for k, v in ch.items())
+        + " (predicted = first-order sum of the removed tasks' removal effects).",
+        "",
+        "## Reliability",
+        "",
+        f"‖∇F(λ*)‖ = {summary['meta_grad_norm']:.3g}; total solve: {summary['solve']}; "
+        f"diagnostics: regime `{summary['diagnostics'].get('regime', 'n/a')}`, λ_min ≈ "
+        f"{summary['diagnostics'].get('lambda_min', float('nan')):.3g}, λ_max ≈ "
+        f"{summary['diagnostics'].get('lambda_max', float('nan')):.3g}.",
+        "",
+    ]
+    for wmsg in summary["warnings"]:
+        lines.append(f"- warning: {wmsg}")
+    lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    for k, v in summary["stage_seconds"].items():
+        lines.append(f"| {k} | {v:.1f} |")
+    lines += ["", "## Plots", ""]
+    for p in pngs:
+        lines.append(f"![{p}]({p})")
+    lines += ["", "Scores: " + ", ".join(f"[{f}]({f})" for f in csvs) + ", summary.json.", ""]
+    if summary.get("dataset_source"):
+        lines += [f"Data: {summary['dataset_source']}.", ""]
+    return "\n".join(lines)
+
+
+def _html(md: str) -> str:
+    """A minimal Markdown → HTML conversion for the report's own constructs."""
+    import re
+
+    body, in_table = [], False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [x.strip() for x in line.strip("|").split("|")]
+            if all(set(x) <= {"-"} for x in cells):
+                continue
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+                tag = "th"
+            else:
+                tag = "td"
+            body.append("<tr>" + "".join(f"<{tag}>{_inline(x)}</{tag}>" for x in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        m = re.match(r"!\[(.*?)\]\((.*?)\)", line)
+        if m:
+            body.append(
+                f'<p><img src="{html.escape(m.group(2))}" alt="{html.escape(m.group(1))}"></p>'
+            )
+        elif line.startswith("# "):
+            body.append(f"<h1>{_inline(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{_inline(line[3:])}</h2>")
+        elif line.startswith("- "):
+            body.append(f"<p>• {_inline(line[2:])}</p>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = (
+        "body{font-family:sans-serif;max-width:960px;margin:2em auto;line-height:1.45}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+        "img{max-width:100%}code{background:#f4f4f4}"
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>metafluence run report"
+        f"</title><style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def _inline(s: str) -> str:
+    import re
+
+    s = html.escape(s)
+    s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+    s = re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+    s = re.sub(r"\[(.+?)\]\((.+?)\)", r'<a href="\2">\1</a>', s)
+    return s
+
+
+def write_report(
+    out: Path,
+    summary: dict[str, Any],
+    task_scores: Tensor,
+    task_mask: Tensor,
+    support_scores: Tensor,
+    query_scores: Tensor,
+    task_ids: list,
+    task_classes: list,
+) -> None:
+    pngs = _plots(out, summary, task_scores, task_mask, support_scores)
+    csvs = _csvs(out, task_ids, task_classes, task_scores, task_mask, support_scores, query_scores)
+    md = _markdown(summary, pngs, csvs)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(_html(md))

@@ -1,0 +1,92 @@
+"""``metafluence run`` end to end at a tiny size, its determinism and its errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from metafluence import cli
+
+TINY = [
+    "run",
+    "--tasks",
+    "12",
+    "--ways",
+    "3",
+    "--queries",
+    "2",
+    "--width",
+    "4",
+    "--steps",
+    "4",
+    "--retrain-steps",
+    "2",
+    "--target-tasks",
+    "4",
+    "--eval-tasks",
+    "4",
+    "--glyph-classes",
+    "24",
+    "--maxiter",
+    "4",
+    "--quiet",
+]
+
+
+@pytest.fixture
+def glyph_cache(tmp_path_factory, monkeypatch):
+    try:
+        from metafluence.data.glyphs import kanjivg_dir
+
+        kanjivg_dir()
+    except ImportError:
+        pytest.skip("kanjivg is not installed")
+    monkeypatch.setenv("METAFLUENCE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_run_tiny_end_to_end_and_deterministic(tmp_path, glyph_cache, capsys):
+    assert cli.main([*TINY, "--out", str(tmp_path), "--name", "a"]) == 0
+    out = tmp_path / "a"
+    for f in (
+        "report.md",
+        "report.html",
+        "scores.png",
+        "detection.png",
+        "change.png",
+        "task_scores.csv",
+        "support_point_scores.csv",
+        "query_point_scores.csv",
+        "summary.json",
+    ):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    md = (out / "report.md").read_text()
+    for needle in ("ROC AUC", "edited", "retrained", "Wall time per stage", "scores.png"):
+        assert needle in md
+    assert '<img src="detection.png"' in (out / "report.html").read_text()
+    rows = list(csv.DictReader(open(out / "task_scores.csv")))
+    assert len(rows) == 12 and sum(int(r["label_flipped"]) for r in rows) == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["stage_seconds"]) >= {"data", "meta-train", "influence", "edit", "retrain"}
+    assert 0.0 <= summary["detection"]["task_auc"] <= 1.0
+    assert "report:" in capsys.readouterr().out
+    # same seed → identical scores
+    assert cli.main([*TINY, "--out", str(tmp_path), "--name", "b"]) == 0
+    assert (tmp_path / "a" / "task_scores.csv").read_text() == (
+        tmp_path / "b" / "task_scores.csv"
+    ).read_text()
+    assert (tmp_path / "a" / "support_point_scores.csv").read_text() == (
+        tmp_path / "b" / "support_point_scores.csv"
+    ).read_text()
+
+
+def test_run_bad_dataset_is_one_line_error(tmp_path, capsys):
+    rc = cli.main(
+        ["run", "--dataset", f"omniglot:{tmp_path / 'nope'}", "--out", str(tmp_path), "--quiet"]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "expected layout" in err and "images_background" in err
+    rc = cli.main(["run", "--dataset", "imagenet:/x", "--out", str(tmp_path), "--quiet"])
+    assert rc == 2 and "kind one of" in capsys.readouterr().err
