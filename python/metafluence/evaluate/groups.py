@@ -1,0 +1,199 @@
+"""Leave-group-out ground truth: remove a set of items, retrain, record the true change.
+
+A *group* is a mapping ``{kind: items}`` with ``kind`` in ``"task"`` (task positions ``k``),
+``"support_point"`` / ``"query_point"`` (``(k, j)`` pairs) — the same form as ``remove=`` of
+:func:`metafluence.param_influence` — or, with ``items=`` given, a plain list of items of
+that kind. Every removed item's weight is multiplied by ``factor`` (0 = removal; the other
+weights are unchanged, as in the influence derivation of math.md §3), the meta-parameters are
+retrained with the same stopping rule, and
+
+    Δf_{-R} = f(λ*_{-R}) − f(λ*)          (and optionally Δλ_{-R} = λ*_{-R} − λ*)
+
+is recorded. To first order ``Δf_{-R} ≈ Σ_{e∈R} removal_effect(e)`` (math.md §3).
+
+Retrainers (``retrain(batch, start) -> params``):
+
+- :func:`metafluence.evaluate.newton_retrain` (default; warm start at ``λ*``, dense Newton,
+  ``proximal=δ'`` for the proximal response): small ``P``;
+- :func:`meta_train_retrain`: ``meta_train`` from the *same* initialisation and seed, for
+  larger models (ignores ``start``).
+
+``workers > 1`` spreads groups over processes (``fork`` start method: the problem and the
+retrainer are inherited, not pickled; each worker uses one torch thread).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
+from ..bilevel.tasks import TaskBatch
+from ..influence.removal import ITEMS, TargetLike
+from ..train.meta_train import meta_train
+from .loo import Retrain, newton_retrain, target_value
+
+Group = Mapping[str, Sequence[Any]] | Sequence[Any]
+
+
+def normalize_group(group: Group, items: str | None = None) -> dict[str, list[Any]]:
+    """``{kind: [items]}`` from a mapping or (with ``items``) a plain list of one kind."""
+    if isinstance(group, Mapping):
+        out = {str(k): list(v) for k, v in group.items()}
+    else:
+        if items is None:
+            raise ValueError("a plain list of items needs items='task'|'support_point'|...")
+        out = {items: list(group)}
+    for kind in out:
+        if kind not in ITEMS:
+            raise ValueError(f"group kind {kind!r}: expected one of {ITEMS}")
+    return out
+
+
+def group_reweighted(batch: TaskBatch, group: Group, factor: float = 0.0,
+                     items: str | None = None) -> TaskBatch:
+    """``batch`` with every item of ``group`` reweighted by ``factor`` (0 = removal)."""
+    g = normalize_group(group, items)
+    c, W, V = (t.clone() for t in batch.weights())
+    M = c.shape[0]
+    for kind, idx in g.items():
+        for e in idx:
+            if kind == "task":
+                k = int(e)
+                if not 0 <= k < M:
+                    raise ValueError(f"task index {k} outside [0, {M})")
+                c[k] = c[k] * factor
+            else:
+                k, j = (int(v) for v in e)
+                T = W if kind == "support_point" else V
+                if not (0 <= k < M and 0 <= j < T.shape[1]):
+                    raise ValueError(f"{kind} {(k, j)} outside [0,{M})×[0,{T.shape[1]})")
+                T[k, j] = T[k, j] * factor
+    return batch.with_weights(c, W, V)
+
+
+def predicted_group_effects(
+    scores: Tensor | Sequence[Tensor], groups: Sequence[Group], items: str | None = None,
+    all_scores: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """First-order prediction ``Σ_{e∈R} removal_effect(e)`` for each group ``R``.
+
+    ``scores``: task scores ``[M]`` or per-task point-score lists of the kind ``items``; or pass
+    ``all_scores`` (``InfluenceResult.all_scores``) for groups mixing kinds.
+    """
+    out = []
+    for grp in groups:
+        g = normalize_group(grp, items)
+        tot = 0.0
+        for kind, idx in g.items():
+            src = all_scores[kind] if all_scores is not None else scores
+            for e in idx:
+                if kind == "task":
+                    tot += float(src[int(e)])
+                else:
+                    tot += float(src[int(e[0])][int(e[1])])
+        out.append(tot)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def meta_train_retrain(problem: MetaProblem, init: ParamsLike, **train_kwargs: Any) -> Retrain:
+    """Retrainer: ``meta_train`` from the same ``init`` and seed (``train_kwargs`` as used for
+    ``λ*``: ``steps``, ``outer_lr``, ``optimizer``, ``seed``, ``batch_size``, ``tol``)."""
+    lam0 = problem.flat(init).clone()
+
+    def retrain(batch: TaskBatch, start: dict[str, Tensor]) -> dict[str, Tensor]:
+        return meta_train(problem, None, batch, init=lam0, **train_kwargs)
+
+    return retrain
+
+
+# --- process pool (fork: the state is inherited, never pickled) -----------------------------
+_STATE: dict[str, Any] = {}
+
+
+def _one(i: int) -> tuple[float, Tensor]:
+    st = _STATE
+    b = group_reweighted(st["batch"], st["groups"][i], st["factor"], st["items"])
+    new = st["problem"].flat(st["retrain"](b, st["start"]))
+    return target_value(st["problem"], new, st["target"]) - st["f0"], (new - st["lam"])
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def leave_group_out(
+    problem: MetaProblem,
+    meta_params: ParamsLike,
+    train_tasks: TasksLike,
+    target: TargetLike,
+    groups: Sequence[Group],
+    items: str | None = None,
+    retrain: Retrain | None = None,
+    factor: float = 0.0,
+    workers: int = 1,
+    return_params: bool = False,
+    progress: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """True ``Δf_{-R}`` for each group ``R`` in ``groups`` → ``[len(groups)]`` (float64).
+
+    Args:
+        groups: each a ``{kind: items}`` mapping, or (with ``items``) a list of items.
+        retrain: ``retrain(batch, start_params) -> params``; default :func:`newton_retrain`.
+        factor: weight multiplier of the group's items (0 = removal, ``1 ± ε`` infinitesimal).
+        workers: processes (fork); 1 = in this process.
+        return_params: also return ``Δλ_{-R}`` ``[len(groups), P]``.
+    """
+    lam = problem.flat(meta_params)
+    batch = problem.batch(train_tasks, lam)
+    groups = [normalize_group(g, items) for g in groups]
+    _STATE.update(
+        problem=problem,
+        batch=batch,
+        groups=groups,
+        factor=float(factor),
+        items=items,
+        retrain=newton_retrain(problem) if retrain is None else retrain,
+        start=problem.unflat(lam),
+        target=target,
+        f0=target_value(problem, lam, target),
+        lam=lam,
+    )
+    n = len(groups)
+    try:
+        if workers > 1 and n > 1 and "fork" in mp.get_all_start_methods():
+            ctx = mp.get_context("fork")
+            with ctx.Pool(min(int(workers), n), initializer=_init_worker) as pool:
+                res = pool.map(_one, range(n), chunksize=1)
+        else:
+            res = []
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=n, desc="leave-group-out", leave=False)
+            for i in range(n):
+                res.append(_one(i))
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+    finally:
+        _STATE.clear()
+    df = torch.tensor([r[0] for r in res], dtype=torch.float64)
+    if not return_params:
+        return df
+    dl = torch.stack([r[1] for r in res]) if res else lam.new_zeros(0, lam.numel())
+    return df, dl
+
+
+def relative_error(pred: Tensor, truth: Tensor) -> float:
+    """``‖pred − truth‖ / ‖truth‖`` (flattened; for Δλ rows or Δf vectors)."""
+    p, t = pred.detach().double().reshape(-1), truth.detach().double().reshape(-1)
+    d = float(t.norm())
+    return float((p - t).norm()) / d if d > 0 else float("nan")
+
