@@ -15,4 +15,20 @@ TORCH_LIBRARY(metafluence, m) {
   // Per-sample dot products of that gradient with m vectors [m, out, in]:
   //   out[n, j] = sum_t grad_outputs[n, t, :]^T vectors[j] activations[n, t, :]          -> [N, m]
   m.def("psg_linear_dot(Tensor activations, Tensor grad_outputs, Tensor vectors) -> Tensor");
+  // Fused multi-column solver vector updates (rows = right-hand sides, e.g. tasks x columns).
+  // In place on the (a!)/(b!)/(c!) arguments; rows with active[i] == false are left untouched.
+  // CG step, per active row i (x, r, p, Ap [k, P]; curv_max, rz [k]; active [k] bool):
+  //   pAp = p.Ap, pp = p.p, curv = pAp / max(pp, tiny), curv_max = max(curv_max, |curv|)
+  //   neg = curv <= curv_tol * curv_max; alpha = neg ? 0 : rz / pAp
+  //   x += alpha p, r -= alpha Ap; returns rr = r.r (0 for rows that did not step) and neg
+  m.def(
+      "cg_update_(Tensor(a!) x, Tensor(b!) r, Tensor(c!) curv_max, Tensor p, Tensor Ap, "
+      "Tensor rz, Tensor active, float curv_tol) -> (Tensor, Tensor)");
+  // CG direction, per active row: beta = rz_new / (rz_old == 0 ? 1 : rz_old); p = z + beta p
+  m.def("cg_direction_(Tensor(a!) p, Tensor z, Tensor rz_new, Tensor rz_old, Tensor active) -> ()");
+  // Neumann (LiSSA) step, per active row: r = b - Ax, rn = ||r||; then, if advance and
+  // !(rn <= thr): x += inv_sigma r  (x_next = x + (b - A x) / sigma). Returns rn (0 if inactive).
+  m.def(
+      "neumann_step_(Tensor(a!) x, Tensor(b!) r, Tensor b, Tensor Ax, Tensor active, Tensor thr, "
+      "float inv_sigma, bool advance) -> Tensor");
 }

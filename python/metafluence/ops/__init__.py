@@ -7,5 +7,14 @@ from ._dispatch import BackendUnavailableError
 from .psg_linear import psg_linear
 from .psg_linear_dot import psg_linear_dot
 from .psg_linear_sqnorm import psg_linear_sqnorm
+from .solver_update import cg_direction_, cg_update_, neumann_step_
 
-__all__ = ["BackendUnavailableError", "psg_linear", "psg_linear_dot", "psg_linear_sqnorm"]
+__all__ = [
+    "BackendUnavailableError",
+    "cg_direction_",
+    "cg_update_",
+    "neumann_step_",
+    "psg_linear",
+    "psg_linear_dot",
+    "psg_linear_sqnorm",
+]

@@ -4,5 +4,13 @@ from __future__ import annotations
 
 from .psg import psg_linear
 from .psg_reduce import psg_linear_dot, psg_linear_sqnorm
+from .solvers import cg_direction_, cg_update_, neumann_step_
 
-__all__ = ["psg_linear", "psg_linear_dot", "psg_linear_sqnorm"]
+__all__ = [
+    "cg_direction_",
+    "cg_update_",
+    "neumann_step_",
+    "psg_linear",
+    "psg_linear_dot",
+    "psg_linear_sqnorm",
+]
