@@ -40,7 +40,9 @@ class EKFACLayout:
                 w = f"{mname}.weight" if mname else "weight"
                 b = f"{mname}.bias" if mname else "bias"
                 if w in offsets:
-                    self.layers.append((mod, w, b if mod.bias is not None and b in offsets else None))
+                    self.layers.append(
+                        (mod, w, b if mod.bias is not None and b in offsets else None)
+                    )
                     covered.update({w, b})
         missing = [n for n in adapted if n not in covered]
         if missing or not self.layers:
@@ -77,14 +79,15 @@ class EKFACLayout:
                 X[..., ob : ob + cb] = blk[..., -1]
         return X
 
-    def statistics(self, lam: Tensor, theta: Tensor, batch: Any) -> tuple[list[Tensor], list[Tensor]]:
+    def statistics(
+        self, lam: Tensor, theta: Tensor, batch: Any
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """Per layer ``a' [M, N', in+1]`` and ``g' [M, N', out]`` at adapted blocks ``theta``."""
         fm, spec = self.fm, self.fm.spec
         fixed, _ = spec.split(lam)
         mods = [m for m, _, _ in self.layers]
 
         def one(th: Tensor, xs: Tensor, ys: Tensor, w: Tensor):
-            full = spec.join(fixed, th)
             n = xs.shape[0]
             acts: dict[int, Tensor] = {}
 
@@ -99,7 +102,7 @@ class EKFACLayout:
 
                     handles.append(mod.register_forward_hook(hook))
                 try:
-                    return fm.logits(full, xs)
+                    return fm.logits_split(fixed, th, xs)
                 finally:
                     for h in handles:
                         h.remove()

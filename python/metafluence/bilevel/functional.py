@@ -22,6 +22,15 @@ class FunctionalModel:
     def logits(self, theta: Tensor, x: Tensor) -> Tensor:
         return torch.func.functional_call(self.model, self.spec.unflatten(theta), (x,))
 
+    def logits_split(self, fixed: Tensor, adapted: Tensor, x: Tensor) -> Tensor:
+        """``logits`` with the fixed and adapted blocks passed separately (see unflatten_split)."""
+        params = self.spec.unflatten_split(fixed, adapted)
+        return torch.func.functional_call(self.model, params, (x,))
+
+    def set_loss_split(self, fixed: Tensor, adapted: Tensor, x: Tensor, y: Tensor, w: Tensor):
+        """``L((fixed, adapted); S, w)``."""
+        return weighted_mean(self.loss_fn(self.logits_split(fixed, adapted, x), y), w)
+
     def per_sample_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``ℓ(z_j; Θ)`` for ``x [n, ...]``, ``y [n]`` → ``[n]``."""
         return self.loss_fn(self.logits(theta, x), y)

@@ -70,14 +70,14 @@ class ImplicitEngine:
     def G_one(self, theta: Tensor, lam: Tensor, xs: Tensor, ys: Tensor, w: Tensor) -> Tensor:
         fixed, lam_a = self.spec.split(lam)
         prox = 0.5 * self.reg * ((theta - lam_a) ** 2).sum()
-        return self.fm.set_loss(self.spec.join(fixed, theta), xs, ys, w) + prox
+        return self.fm.set_loss_split(fixed, theta, xs, ys, w) + prox
 
     def gradG_one(self, theta, lam, xs, ys, w) -> Tensor:
         return grad(self.G_one)(theta, lam, xs, ys, w)
 
     def outer_one(self, theta, lam, xq, yq, v) -> Tensor:
         fixed, _ = self.spec.split(lam)
-        return self.fm.set_loss(self.spec.join(fixed, theta), xq, yq, v)
+        return self.fm.set_loss_split(fixed, theta, xq, yq, v)
 
     def lag_one(self, theta, lam, xs, ys, xq, yq, w, v, a) -> Tensor:
         return (
@@ -143,7 +143,7 @@ class ImplicitEngine:
 
         def one(t, xs, ys, w):
             def logits_of(tt):
-                return self.fm.logits(self.spec.join(fixed, tt), xs)
+                return self.fm.logits_split(fixed, tt, xs)
 
             logits = logits_of(t)
             J = jacrev(logits_of)(t)  # [n, C, p_a]
@@ -165,7 +165,9 @@ class ImplicitEngine:
         L, M, p = Bl.shape
         self.inner_solves += L * M
         method = self.inner.solver
-        if theta is not None or (self._dense is None and self._wood is None and self._ekfac is None):
+        if theta is not None or (
+            self._dense is None and self._wood is None and self._ekfac is None
+        ):
             if method != "cg":
                 self._build(self.theta if theta is None else theta)
         if method == "direct":
@@ -213,14 +215,29 @@ class ImplicitEngine:
             theta = lam_a.detach().expand(M, -1).clone()
             for _ in range(int(self.inner.steps)):
                 theta = theta - self.inner.lr * self._gradG(theta)
-            gnorm = self._gradG(theta).norm(dim=-1).max()
+            grad = self._gradG(theta)
+            norms = grad.norm(dim=-1)  # [M]
+            frozen = norms <= self.inner.tol  # solved, or stalled at the precision floor
             for _ in range(int(self.inner.newton_steps)):
-                if float(gnorm) <= self.inner.tol:
+                if bool(frozen.all()):
                     break
-                step = self.solve_A(self._gradG(theta), theta=theta)
-                theta = theta - step
-                gnorm = self._gradG(theta).norm(dim=-1).max()
-            self.inner_grad_norm = float(gnorm)
+                step = self.solve_A(grad, theta=theta)
+                t = torch.ones_like(norms)
+                for _ in range(12):  # per-task backtracking on ‖∇_θ G_k‖ (damped Newton)
+                    cand = theta - t.unsqueeze(-1) * step
+                    cgrad = self._gradG(cand)
+                    cnorms = cgrad.norm(dim=-1)
+                    ok = (cnorms < norms) & ~frozen
+                    if bool((ok | frozen).all()):
+                        break
+                    t = torch.where(ok, t, 0.5 * t)
+                frozen = frozen | ~ok  # no decrease even with a tiny step: stalled
+                theta = torch.where(ok.unsqueeze(-1), cand, theta)
+                grad = torch.where(ok.unsqueeze(-1), cgrad, grad)
+                norms = torch.where(ok, cnorms, norms)
+                frozen = frozen | (norms <= self.inner.tol)
+            gnorm = float(norms.max())
+            self.inner_grad_norm = gnorm
             if self.inner.solver != "cg":
                 self._build(theta)
         if self.inner_grad_norm > max(self.inner.tol, 1e-6):

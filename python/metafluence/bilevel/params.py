@@ -87,6 +87,24 @@ class ParamSpec:
             offset += k
         return out
 
+    def unflatten_split(self, fixed: Tensor, adapted: Tensor) -> dict[str, Tensor]:
+        """``([p_fixed], [p_adapt]) → dict``: each parameter is a view of its own block.
+
+        Unlike ``unflatten(join(fixed, adapted))`` this keeps the fixed parameters independent
+        of ``adapted``, so a derivative with respect to ``adapted`` does not trace through the
+        fixed part of the model (e.g. the ANIL body).
+        """
+        out: dict[str, Tensor] = {}
+        offset = 0
+        for n, s, k in zip(self.names, self.shapes, self.numels, strict=True):
+            if offset < self.p_fixed:
+                out[n] = fixed[offset : offset + k].view(s)
+            else:
+                o = offset - self.p_fixed
+                out[n] = adapted[o : o + k].view(s)
+            offset += k
+        return out
+
     def split(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """``[..., P] → ([..., p_fixed], [..., p_adapt])``."""
         return flat[..., : self.p_fixed], flat[..., self.p_fixed :]

@@ -43,7 +43,7 @@ class UnrolledEngine:
         join = self.spec.join
 
         def inner_loss(th: Tensor) -> Tensor:
-            return self.fm.set_loss(join(fixed, th), xs, ys, w)
+            return self.fm.set_loss_split(fixed, th, xs, ys, w)
 
         for _ in range(int(self.inner.steps)):
             theta = theta - self.inner.lr * grad(inner_loss)(theta)
