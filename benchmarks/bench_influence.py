@@ -1,7 +1,7 @@
 """Where the time of ``removal_effects`` goes, over M Omniglot-shaped 5-way 1-shot tasks.
 
-Conv-4 (``--width`` filters) or an MLP on 1×28×28 inputs, 15 queries per class, float32, CPU. For each inner
-map and each M, times the stages of one influence computation:
+Conv-4 (``--width`` filters) or an MLP on 1×28×28 inputs, 15 queries per class, float32, CPU.
+For each inner map and each M, times the stages of one influence computation:
 
 - ``point``: inner adaptation of every task (forward solve for the implicit map);
 - ``meta_grad``: the total gradient ``∇F``; ``target_grad``: ``∇f`` over 20 target tasks;
