@@ -183,7 +183,7 @@ def cg_update_(
     if chosen == "triton":
         from ..kernels.triton.solver_update import cg_update_ as tri
 
-        return _with_contiguous(  # type: ignore[no-any-return]
+        return _with_contiguous(
             [x, r, curv_max], lambda w: tri(w[0], w[1], w[2], p, Ap, rz, active, curv_tol)
         )
     return _reference.cg_update_(x, r, curv_max, p, Ap, rz, active, curv_tol)
@@ -251,7 +251,7 @@ def neumann_step_(
     if chosen == "triton":
         from ..kernels.triton.solver_update import neumann_step_ as tri
 
-        return _with_contiguous(  # type: ignore[no-any-return]
+        return _with_contiguous(
             [x, r], lambda w: tri(w[0], w[1], b, Ax, active, thr, inv_sigma, advance)
         )
     return _reference.neumann_step_(x, r, b, Ax, active, thr, inv_sigma, advance)

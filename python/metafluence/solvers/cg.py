@@ -16,6 +16,7 @@ from ._base import (
     check_positive_int,
     eps,
     from_rows,
+    fused_updates_backend,
     relative_residual,
     tiny,
 )
@@ -38,6 +39,7 @@ def solve_cg(
     check_every: int = 5,
     precond: Matvec | None = None,
     shrink: bool = True,
+    fused: bool | None = None,
 ) -> SolveResult:
     r"""Solve ``(A + damping I) x = b`` by (preconditioned) conjugate gradients.
 
@@ -72,6 +74,10 @@ def solve_cg(
         shrink: drop finished columns from the ``matvec`` calls at check points (default). With
             ``shrink=False`` ``matvec`` (and ``precond``) always get all ``k`` rows (finished
             ones frozen by masking), for operators that need the full batch of rows.
+        fused: run the vector updates of each iteration as two fused kernels for all columns
+            (:func:`metafluence.ops.cg_update_`, :func:`metafluence.ops.cg_direction_`). Default
+            (``None``): when a native / Triton kernel exists for ``b``'s device and dtype and no
+            gradient flows through the solve; ``False``: the plain-PyTorch loop (reference).
 
     Returns:
         :class:`SolveResult`; ``info`` holds ``column_iters`` ([k] int64), ``matvec_calls``,
@@ -129,11 +135,36 @@ def solve_cg(
     it_a = torch.zeros(active.numel(), dtype=torch.int64, device=B.device)
     neg_a = torch.zeros(active.numel(), dtype=torch.bool, device=B.device)
 
+    fb = fused_updates_backend(B) if fused is not False else None
+    if fb is not None:
+        from ..ops import solver_update
+
     it = 0
     while it < maxiter and active.numel() > 0 and not all_frozen:
         done_a = frozen_a.clone()
         for _ in range(min(check_every, maxiter - it)):
             W = op(Pa)
+            if fb is not None and W.requires_grad:
+                fb = None  # gradient flows through the matvec: plain loop from here on
+            if fb is not None:
+                # fused: x, r, curv_max updated in place; then p in place (rows still running)
+                run = ~done_a
+                rr, neg = solver_update.cg_update_(
+                    Xa, Ra, curv_max, Pa, W, rza, run, curv_tol, backend=fb
+                )
+                step = run & ~neg
+                it_a = it_a + step.to(torch.int64)
+                neg_a = neg_a | neg
+                done_a = done_a | neg | (step & (rr.sqrt() <= thra))
+                if pc is not None:
+                    Za = pc(Ra)
+                    rz_new = _rowdot(Ra, Za)
+                else:
+                    Za, rz_new = Ra, rr
+                solver_update.cg_direction_(Pa, Za, rz_new, rza, ~done_a, backend=fb)
+                rza = torch.where(done_a, rza, rz_new)
+                it += 1
+                continue
             pAp = _rowdot(Pa, W)
             pp = _rowdot(Pa, Pa)
             curv = pAp / pp.clamp_min(tiny(dt))

@@ -17,6 +17,7 @@ from ._base import (
     check_positive_int,
     eps,
     from_rows,
+    fused_updates_backend,
     relative_residual,
 )
 from .eigen import power_iteration
@@ -38,6 +39,7 @@ def solve_neumann(
     power_iters: int = 20,
     seed: int = 0,
     shrink: bool = True,
+    fused: bool | None = None,
 ) -> SolveResult:
     r"""Solve ``(A + damping I) x = b`` by the truncated Neumann series (LiSSA form).
 
@@ -72,6 +74,10 @@ def solve_neumann(
         shrink: drop finished columns from the ``matvec`` calls at check points (default). With
             ``shrink=False`` ``matvec`` always gets all ``k`` rows (the power iteration then also
             runs on ``k`` probe rows and takes the largest Rayleigh quotient).
+        fused: compute ``r = b - Ãx``, ``||r||`` and the next ``x`` in one fused kernel per
+            iteration for all columns (:func:`metafluence.ops.neumann_step_`). Default
+            (``None``): when a native / Triton kernel exists for ``b``'s device and dtype and no
+            gradient flows through the solve; ``False``: the plain-PyTorch loop (reference).
 
     Returns:
         :class:`SolveResult` with ``info["scale"]`` (final σ), ``info["initial_scale"]``,
@@ -127,12 +133,41 @@ def solve_neumann(
     it_a = torch.zeros(active.numel(), dtype=torch.int64, device=dev)
     floor = 10 * eps(dt) * b_norm[active]
 
+    fb = fused_updates_backend(B) if fused is not False else None
+    if fb is not None:
+        from ..ops import solver_update
     it = 0
     diverged = False
     while it < maxiter and active.numel() > 0 and not diverged and not all_frozen:
         done_a = frozen_a.clone()
         inv_sigma = 1.0 / sigma
-        for _ in range(min(check_every, maxiter - it)):
+        n_inner = min(check_every, maxiter - it)
+        n_plain = n_inner
+        if fb is not None:
+            # fused: the first step of the block here, each later one inside neumann_step_
+            Xa = Xa + torch.where(~done_a, inv_sigma, 0.0)[:, None] * Ra
+            for j in range(n_inner):
+                upd = ~done_a
+                W = op(Xa)
+                if W.requires_grad:  # gradient flows through the matvec: plain loop from here
+                    fb = None
+                    Ra_new = Ba - W
+                    rn_new = torch.linalg.vector_norm(Ra_new, dim=1)
+                    Ra = torch.where(upd[:, None], Ra_new, Ra)
+                else:
+                    rn_new = solver_update.neumann_step_(
+                        Xa, Ra, Ba, W, upd, thra, inv_sigma, j < n_inner - 1, backend=fb
+                    )
+                rn = torch.where(upd, rn_new, rn)
+                it_a = it_a + upd.to(torch.int64)
+                done_a = done_a | (rn <= thra)
+                it += 1
+                n_plain = n_inner - j - 1
+                if fb is None:
+                    break
+            else:
+                n_plain = 0
+        for _ in range(n_plain):
             upd = ~done_a
             Xa = Xa + torch.where(upd, inv_sigma, 0.0)[:, None] * Ra
             Ra_new = Ba - op(Xa)
