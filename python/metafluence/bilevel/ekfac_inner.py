@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import vjp, vmap
+from torch.func import vmap
 
+from ._func import vjp
 from .losses import logit_hessian_sqrt
 
 

@@ -40,9 +40,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, jacrev, jvp, vmap
+from torch.func import grad, jacrev, vmap
 
 from ..solvers import compute_kfac_factors_batched, solve_cg, solve_ekfac
+from ._func import jvp
 from .ekfac_inner import EKFACLayout
 from .functional import FunctionalModel
 from .inner import Implicit

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 INNER_SOLVERS = ("cg", "direct", "woodbury", "ekfac")
 
@@ -73,7 +74,7 @@ def HeadOnly(  # noqa: N802 - a factory that reads like a class, as in the publi
     first_order: bool = False,
     reg: float | None = None,
     solver: str = "cg",
-    **implicit_kwargs: object,
+    **implicit_kwargs: Any,
 ) -> Unrolled | Implicit:
     """ANIL: adapt only ``head`` (a parameter name prefix, or several).
 
@@ -90,4 +91,4 @@ def HeadOnly(  # noqa: N802 - a factory that reads like a class, as in the publi
         lr=lr,
         adapt=heads,
         **implicit_kwargs,
-    )  # type: ignore[arg-type]
+    )

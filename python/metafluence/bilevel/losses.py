@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._func import jvp
+
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -49,7 +51,7 @@ def logit_hessian_vp(fn: PerSampleLoss, logits: Tensor, y: Tensor, vec: Tensor) 
     def total(lg: Tensor) -> Tensor:
         return fn(lg, y).sum()
 
-    _, out = torch.func.jvp(torch.func.grad(total), (logits,), (vec,))
+    _, out = jvp(torch.func.grad(total), (logits,), (vec,))
     return out
 
 

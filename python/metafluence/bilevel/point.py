@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, vmap
 
+from ._func import jvp, vjp
 from .losses import logit_hessian_vp
 from .tasks import TaskBatch
 
@@ -168,7 +169,10 @@ class BilevelPoint:
         theta, dtheta = e.theta_jvp(D)
 
         def task(th, dth, xq, yq, v, c):
-            return c * jvp(grad(lambda t: fm.set_loss(t, xq, yq, v)), (th,), (dth,))[1]
+            def loss(t: Tensor) -> Tensor:
+                return fm.set_loss(t, xq, yq, v)
+
+            return c * jvp(grad(loss), (th,), (dth,))[1]
 
         per_task = vmap(task)
         Y = vmap(lambda dt: per_task(theta, dt, b.xq, b.yq, b.query_weight, b.task_weight))(dtheta)
@@ -187,9 +191,9 @@ class BilevelPoint:
     def inner_report(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         norms = [getattr(e, "inner_grad_norm", None) for e in self.engines]
-        norms = [n for n in norms if n is not None]
-        if norms:
-            out["inner_grad_norm"] = max(norms)
+        found = [float(n) for n in norms if n is not None]
+        if found:
+            out["inner_grad_norm"] = max(found)
             out["inner_unconverged_solves"] = sum(e.inner_unconverged for e in self.engines)
         return out
 

@@ -133,7 +133,8 @@ class MetaProblem:
     def adapt(self, meta_params: ParamsLike, task: Task | TasksLike) -> dict[str, Tensor] | list:
         """``θ_i(λ)`` as a parameter dict (a list of dicts for several tasks)."""
         single = isinstance(task, Task)
-        pt = self.point(meta_params, [task] if single else task)
+        tasks: TasksLike = [task] if isinstance(task, Task) else task
+        pt = self.point(meta_params, tasks)
         thetas = [self.unflat(t) for t in pt.adapted()]
         return thetas[0] if single else thetas
 

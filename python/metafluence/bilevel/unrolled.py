@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, vmap
 
+from ._func import jvp, vjp
 from .functional import FunctionalModel
 from .inner import Unrolled
 from .tasks import TaskBatch

@@ -27,7 +27,7 @@ def target_value(problem: MetaProblem, meta_params: ParamsLike, target: TargetLi
     if callable(target) and not isinstance(target, Sequence):
         lam = problem.flat(meta_params)
         return float(target(problem.spec.unflatten(lam)))
-    return float(problem.outer_loss(meta_params, target))  # type: ignore[arg-type]
+    return float(problem.outer_loss(meta_params, target))
 
 
 def item_index(batch: TaskBatch, items: str) -> list[Any]:

@@ -95,7 +95,7 @@ def target_gradient(problem: MetaProblem, lam: Tensor, target: TargetLike | None
             return out.reshape(())
 
         return torch.func.grad(f)(lam).detach()
-    tp = problem.point(lam, target)  # type: ignore[arg-type]
+    tp = problem.point(lam, target)
     return (tp.grad_all()[0] - problem.damping * lam).detach()
 
 
@@ -216,7 +216,7 @@ def removal_effects(
     s = res.x
     _, h_c, h_w, h_v = pt.hvp_all(s)
     c, W, V = pt.batch.weights()
-    all_scores = {
+    all_scores: dict[str, Any] = {
         "task": (c * h_c).detach(),
         "support_point": list((W * h_w).detach().unbind(0)),
         "query_point": list((V * h_v).detach().unbind(0)),

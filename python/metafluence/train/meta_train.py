@@ -88,8 +88,7 @@ def meta_train(
         return pt.objective().detach(), pt.meta_grad().detach()
 
     if optimizer == "newton":
-        lam = newton_refine(problem, lam, full, tol=tol, max_steps=int(steps))
-        lam = problem.flat(lam)
+        lam = problem.flat(newton_refine(problem, lam, full, tol=tol, max_steps=int(steps)))
     elif optimizer == "lbfgs":
         x = lam.clone().requires_grad_(True)
         opt = torch.optim.LBFGS(
@@ -123,7 +122,7 @@ def meta_train(
     else:
         x = lam.clone().requires_grad_(True)
         opt_cls = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
-        opt = opt_cls([x], lr=outer_lr)
+        sgd_opt = opt_cls([x], lr=outer_lr)
         M = full.num_tasks
         for it in range(int(steps)):
             if batch_size is None or batch_size >= M:
@@ -139,9 +138,9 @@ def meta_train(
                 history.append(float(f))
             if batch is full and float(g.norm()) <= tol:
                 break
-            opt.zero_grad(set_to_none=True)
+            sgd_opt.zero_grad(set_to_none=True)
             x.grad = g
-            opt.step()
+            sgd_opt.step()
             if callback is not None:
                 callback(it, x.detach(), float(f))
             if bar is not None:
