@@ -208,9 +208,7 @@ def compute_kfac_factors_batched(
             lam = ((g @ Q_g) ** 2).mT @ ((a @ Q_a) ** 2) / N
         else:
             lam = lam_g[..., :, None] * lam_a[..., None, :]
-        layers.append(
-            KFACLayerFactors(A, G, lam_a, Q_a, lam_g, Q_g, lam, correct_eigenvalues, N)
-        )
+        layers.append(KFACLayerFactors(A, G, lam_a, Q_a, lam_g, Q_g, lam, correct_eigenvalues, N))
     return KFACFactors(layers)
 
 
