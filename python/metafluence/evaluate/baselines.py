@@ -147,7 +147,7 @@ def _capture(problem: MetaProblem, theta: Tensor, x: Tensor, y: Tensor,
 
         hooks.append(mod.register_forward_hook(hook))
     try:
-        params = problem.spec.unflatten(theta.detach())
+        params = problem.spec.unflatten(theta.detach().requires_grad_(True))
         logits = torch.func.functional_call(problem.model, params, (x,))
         loss = problem.fm.loss_fn(logits, y).sum()
         gouts = torch.autograd.grad(loss, [outs[n] for n, _ in mods])
