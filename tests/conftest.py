@@ -12,3 +12,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Test tensors are tiny: intra-op threads only add OpenMP barrier overhead, which explodes when
+# the machine is oversubscribed (measured here: a small HVP 10x slower with 2 threads under
+# load). METAFLUENCE_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("METAFLUENCE_TEST_THREADS", "1")))
