@@ -48,9 +48,9 @@ class RunConfig:
     width: int = 32
     curvature: str = "gauss_newton"
     solver: str = "cg"
-    maxiter: int = 30
+    maxiter: int = 15
     damping: float = 1e-3
-    solve_damping: float = 0.0
+    solve_damping: float = 1.0
     steps: int = 150
     outer_lr: float = 3e-3
     meta_batch: int | None = 32
