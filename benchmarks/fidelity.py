@@ -80,13 +80,18 @@ def load_tasks(args, M: int, n_target: int, n_test: int, seed: int):
             for i in range(n):
                 gg = torch.Generator().manual_seed(s * 100003 + i)
                 cls = torch.randperm(200, generator=gg)[:ways]
+
                 def draw(k):
                     x = protos[cls].repeat_interleave(k, 0)
                     return x + 0.8 * torch.randn(x.shape, generator=gg, dtype=DT)
-                ys, yq = torch.arange(ways).repeat_interleave(shots), torch.arange(
-                    ways).repeat_interleave(queries)
-                out.append(mf.Task(support=(draw(shots), ys), query=(draw(queries), yq),
-                                   id=first + i))
+
+                ys, yq = (
+                    torch.arange(ways).repeat_interleave(shots),
+                    torch.arange(ways).repeat_interleave(queries),
+                )
+                out.append(
+                    mf.Task(support=(draw(shots), ys), query=(draw(queries), yq), id=first + i)
+                )
             return out
 
         raw = make(M, seed, 0), make(n_target, seed + 1, 10**6), make(n_test, seed + 2, 2 * 10**6)
@@ -99,9 +104,15 @@ def load_tasks(args, M: int, n_target: int, n_test: int, seed: int):
         )
 
     def feat(ts):
-        return [mf.Task(support=(_pool(t.support[0], args.side), t.support[1]),
-                        query=(_pool(t.query[0], args.side), t.query[1]), id=t.id, meta=t.meta)
-                for t in ts]
+        return [
+            mf.Task(
+                support=(_pool(t.support[0], args.side), t.support[1]),
+                query=(_pool(t.query[0], args.side), t.query[1]),
+                id=t.id,
+                meta=t.meta,
+            )
+            for t in ts
+        ]
 
     return tuple(feat(r) for r in raw)
 
@@ -135,11 +146,29 @@ def accuracy(prob, lam, tasks) -> float:
     return float((lg.argmax(-1) == b.yq).double().mean())
 
 
-def influence(prob, lam, tasks, target, items="task", curvature="exact", solver="direct",
-              solve_damping=0.0, **kw):
+def influence(
+    prob,
+    lam,
+    tasks,
+    target,
+    items="task",
+    curvature="exact",
+    solver="direct",
+    solve_damping=0.0,
+    **kw,
+):
     t0 = time.perf_counter()
-    res = mf.removal_effects(prob, lam, tasks, target=target, items=items, curvature=curvature,
-                             solver=solver, solve_damping=solve_damping, **kw)
+    res = mf.removal_effects(
+        prob,
+        lam,
+        tasks,
+        target=target,
+        items=items,
+        curvature=curvature,
+        solver=solver,
+        solve_damping=solve_damping,
+        **kw,
+    )
     return res, time.perf_counter() - t0
 
 
@@ -168,15 +197,27 @@ def most_harmful(scores, kind: str, frac: float) -> list[Any]:
 def protocol_removal(args, kind: str, level: str, where: str):
     log(f"protocol ({'a' if kind == 'task' else 'b'}) items={kind} flip={level}/{where}")
     tasks, target, test = load_tasks(args, args.tasks, args.target, args.test, seed=11)
-    tasks, mask = mf.data.flip_labels(tasks, fraction=args.flip, level=level, seed=0,
-                                      where=where, ways=args.ways)
+    tasks, mask = mf.data.flip_labels(
+        tasks, fraction=args.flip, level=level, seed=0, where=where, ways=args.ways
+    )
     model, prob = build(args, args.hidden, "unrolled", args.damping)
     init = prob.init_params()
     lam, t_train = train(prob, model, tasks)
     base_acc = accuracy(prob, lam, test)
-    rec("removal", kind=kind, method="none (trained on all)", acc_edit=base_acc,
-        acc_warm_retrain=base_acc, acc_full_retrain=base_acc, t_score_s=0, t_edit_s=0,
-        t_warm_s=0, t_full_s=t_train, speedup_vs_full=1.0, removed=0)
+    rec(
+        "removal",
+        kind=kind,
+        method="none (trained on all)",
+        acc_edit=base_acc,
+        acc_warm_retrain=base_acc,
+        acc_full_retrain=base_acc,
+        t_score_s=0,
+        t_edit_s=0,
+        t_warm_s=0,
+        t_full_s=t_train,
+        speedup_vs_full=1.0,
+        removed=0,
+    )
     scores = method_scores(prob, lam, tasks, target, kind)
     curves = {}
     for name, (s, t_s) in scores.items():
@@ -203,24 +244,41 @@ def protocol_removal(args, kind: str, level: str, where: str):
             full, t_full = train(prob, model, kept, init=init)
             full_acc = accuracy(prob, full, test)
         truly = sum(bool(mask[e]) if kind == "task" else bool(mask[e[0]][e[1]]) for e in R)
-        rec("removal", kind=kind, method=name, acc_edit=accuracy(prob, edited, test),
-            acc_ascent=accuracy(prob, asc, test), acc_warm_retrain=accuracy(prob, warm, test),
-            acc_full_retrain=full_acc, t_score_s=t_s, t_edit_s=t_edit, t_warm_s=t_warm,
-            t_full_s=t_full, speedup_vs_full=(t_full / (t_s + t_edit)) if t_full == t_full
-            else float("nan"), removed=len(R), removed_flipped=truly)
-        log(f"  {name}: edit acc {accuracy(prob, edited, test):.4f} warm "
-            f"{accuracy(prob, warm, test):.4f} full {full_acc:.4f} (base {base_acc:.4f})")
+        rec(
+            "removal",
+            kind=kind,
+            method=name,
+            acc_edit=accuracy(prob, edited, test),
+            acc_ascent=accuracy(prob, asc, test),
+            acc_warm_retrain=accuracy(prob, warm, test),
+            acc_full_retrain=full_acc,
+            t_score_s=t_s,
+            t_edit_s=t_edit,
+            t_warm_s=t_warm,
+            t_full_s=t_full,
+            speedup_vs_full=(t_full / (t_s + t_edit)) if t_full == t_full else float("nan"),
+            removed=len(R),
+            removed_flipped=truly,
+        )
+        log(
+            f"  {name}: edit acc {accuracy(prob, edited, test):.4f} warm "
+            f"{accuracy(prob, warm, test):.4f} full {full_acc:.4f} (base {base_acc:.4f})"
+        )
     if curves:
-        plots.detection_plot(curves, OUT / f"fidelity_detection_{kind}.png",
-                             title=f"flipped {where} labels: {kind} detection")
+        plots.detection_plot(
+            curves,
+            OUT / f"fidelity_detection_{kind}.png",
+            title=f"flipped {where} labels: {kind} detection",
+        )
 
 
 # --- (d) ----------------------------------------------------------------------------------------
 def protocol_fidelity(args):
     log(f"protocol (d): M={args.tasks} tasks, LOO ground truth")
     tasks, target, test = load_tasks(args, args.tasks, args.target, args.test, seed=21)
-    tasks, mask = mf.data.flip_labels(tasks, fraction=args.flip, level="task", seed=1,
-                                      where="support", ways=args.ways)
+    tasks, mask = mf.data.flip_labels(
+        tasks, fraction=args.flip, level="task", seed=1, where="support", ways=args.ways
+    )
     model, prob = build(args, args.hidden, "unrolled", args.damping)
     lam, t_train = train(prob, model, tasks)
     gn = mf.train.grad_norm(prob, lam, tasks)
@@ -231,8 +289,13 @@ def protocol_fidelity(args):
     t_loo = (time.perf_counter() - t0) / len(idx)
     for dp in (0.01, 0.1):
         truths[f"proximal δ'={dp}"] = mf.evaluate.leave_one_out(
-            prob, lam, tasks, target, indices=idx,
-            retrain=mf.evaluate.newton_retrain(prob, proximal=dp))
+            prob,
+            lam,
+            tasks,
+            target,
+            indices=idx,
+            retrain=mf.evaluate.newton_retrain(prob, proximal=dp),
+        )
     log(f"  LOO done ({t_loo:.2f} s per plain retrain), ‖∇F‖={gn:.2e}")
     res0, _ = influence(prob, lam, tasks, target, lanczos_steps=60)
     diag = res0.diagnostics
@@ -247,17 +310,30 @@ def protocol_fidelity(args):
                     kw["solver_kwargs"] = {"maxiter": 300}
                 elif solver == "arnoldi":
                     kw["solver_kwargs"] = {"rank": 30}
-                res, t = influence(prob, lam, tasks, target, curvature=curv, solver=solver,
-                                   solve_damping=dp, **kw)
-                row = {"curvature": curv, "solver": solver, "solve_damping": dp, "t_s": t,
-                       "converged": bool(res.solve.converged)}
+                res, t = influence(
+                    prob, lam, tasks, target, curvature=curv, solver=solver, solve_damping=dp, **kw
+                )
+                row = {
+                    "curvature": curv,
+                    "solver": solver,
+                    "solve_damping": dp,
+                    "t_s": t,
+                    "converged": bool(res.solve.converged),
+                }
                 for tn, tv in truths.items():
                     c = mf.evaluate.correlation(res.scores, tv)
                     row[f"spearman[{tn}]"] = c["spearman"]
                     row[f"pearson[{tn}]"] = c["pearson"]
                     row[f"relerr[{tn}]"] = c["rel_error"]
-                rec("fidelity_tasks", M=len(tasks), P=prob.spec.size, grad_norm=gn,
-                    lambda_min=diag["lambda_min"], lambda_max=diag["lambda_max"], **row)
+                rec(
+                    "fidelity_tasks",
+                    M=len(tasks),
+                    P=prob.spec.size,
+                    grad_norm=gn,
+                    lambda_min=diag["lambda_min"],
+                    lambda_max=diag["lambda_max"],
+                    **row,
+                )
                 if curv == "exact" and solver == "direct":
                     tn = "plain LOO" if dp == 0 else f"proximal δ'={dp}"
                     scat[f"exact/direct δ'={dp} vs {tn}"] = (res.scores, truths[tn])
@@ -270,80 +346,133 @@ def protocol_fidelity(args):
             row[f"spearman[{tn}]"] = c["spearman"]
             row[f"pearson[{tn}]"] = c["pearson"]
         rec("fidelity_tasks", M=len(tasks), P=prob.spec.size, grad_norm=gn, **row)
-    plots.scatter_pred_vs_actual(scat, OUT / "fidelity_scatter_tasks.png",
-                                 title=f"task removal, M={len(tasks)}, P={prob.spec.size}")
+    plots.scatter_pred_vs_actual(
+        scat,
+        OUT / "fidelity_scatter_tasks.png",
+        title=f"task removal, M={len(tasks)}, P={prob.spec.size}",
+    )
     # Δλ relative error for a few single removals and one 10% group
     for grp in ([0], [1], list(range(0, len(tasks), 10))):
         for dp in (0.0, 0.1):
-            pred = prob.spec.flatten(mf.param_influence(prob, lam, tasks, {"task": grp},
-                                                        solver="direct", solve_damping=dp))
+            pred = prob.spec.flatten(
+                mf.param_influence(
+                    prob, lam, tasks, {"task": grp}, solver="direct", solve_damping=dp
+                )
+            )
             rt = None if dp == 0 else mf.evaluate.newton_retrain(prob, proximal=dp)
-            df, dl = mf.evaluate.leave_group_out(prob, lam, tasks, target, [grp], items="task",
-                                                 retrain=rt, return_params=True)
+            df, dl = mf.evaluate.leave_group_out(
+                prob, lam, tasks, target, [grp], items="task", retrain=rt, return_params=True
+            )
             pf = mf.evaluate.predicted_group_effects(
-                influence(prob, lam, tasks, target, solve_damping=dp, diagnostics=False)[0]
-                .scores, [grp], items="task")
-            rec("relerr", group_size=len(grp), solve_damping=dp,
+                influence(prob, lam, tasks, target, solve_damping=dp, diagnostics=False)[0].scores,
+                [grp],
+                items="task",
+            )
+            rec(
+                "relerr",
+                group_size=len(grp),
+                solve_damping=dp,
                 relerr_dlambda=mf.evaluate.relative_error(pred, dl[0]),
-                relerr_df=mf.evaluate.relative_error(pf, df))
+                relerr_df=mf.evaluate.relative_error(pf, df),
+            )
     # LDS over random half-subsets (removed halves; Σ removed scores; proximal δ'=0.1 truth
     # and plain retraining)
     subsets = mf.evaluate.random_subsets(len(tasks), args.lds_subsets, 0.5, seed=0)
     groups = [r.tolist() for r in subsets]
     for dp in (0.0, 0.1):
         rt = None if dp == 0 else mf.evaluate.newton_retrain(prob, proximal=dp)
-        gt = mf.evaluate.leave_group_out(prob, lam, tasks, target, groups, items="task",
-                                         retrain=rt)
+        gt = mf.evaluate.leave_group_out(prob, lam, tasks, target, groups, items="task", retrain=rt)
         for sdp in (0.0, 0.1):
             s = influence(prob, lam, tasks, target, solve_damping=sdp, diagnostics=False)[0]
-            rec("lds", truth=("plain" if dp == 0 else f"proximal δ'={dp}"), solve_damping=sdp,
-                n_subsets=len(groups), **{"lds": mf.evaluate.lds(s.scores, gt, subsets)["lds"]})
+            rec(
+                "lds",
+                truth=("plain" if dp == 0 else f"proximal δ'={dp}"),
+                solve_damping=sdp,
+                n_subsets=len(groups),
+                **{"lds": mf.evaluate.lds(s.scores, gt, subsets)["lds"]},
+            )
         for name in ("tracin", "direct_if"):
             s = bl.score_all(prob, lam, tasks, target, methods=[name])[name].task
-            rec("lds", truth=("plain" if dp == 0 else f"proximal δ'={dp}"), solve_damping=name,
-                n_subsets=len(groups), lds=mf.evaluate.lds(s, gt, subsets)["lds"])
+            rec(
+                "lds",
+                truth=("plain" if dp == 0 else f"proximal δ'={dp}"),
+                solve_damping=name,
+                n_subsets=len(groups),
+                lds=mf.evaluate.lds(s, gt, subsets)["lds"],
+            )
     log("  LDS done")
     # Neumann depth × damping ablation
     for depth in (5, 20, 80, 320):
         for dp in (0.0, 0.01, 0.1):
-            res, t = influence(prob, lam, tasks, target, solver="neumann", solve_damping=dp,
-                               diagnostics=False,
-                               solver_kwargs={"maxiter": depth, "rtol": 1e-14})
+            res, t = influence(
+                prob,
+                lam,
+                tasks,
+                target,
+                solver="neumann",
+                solve_damping=dp,
+                diagnostics=False,
+                solver_kwargs={"maxiter": depth, "rtol": 1e-14},
+            )
             tn = "plain LOO" if dp == 0 else f"proximal δ'={dp}"
             c = mf.evaluate.correlation(res.scores, truths[tn])
-            rec("neumann", depth=depth, solve_damping=dp, t_s=t, spearman=c["spearman"],
-                rel_error=c["rel_error"], residual=float(res.solve.residual.max()),
-                spearman_plain=mf.evaluate.correlation(res.scores, truths["plain LOO"])[
-                    "spearman"])
+            rec(
+                "neumann",
+                depth=depth,
+                solve_damping=dp,
+                t_s=t,
+                spearman=c["spearman"],
+                rel_error=c["rel_error"],
+                residual=float(res.solve.residual.max()),
+                spearman_plain=mf.evaluate.correlation(res.scores, truths["plain LOO"])["spearman"],
+            )
     rows = [r for r in ROWS["neumann"]]
-    plots.line_plot([4 * 0 + r for r in (5, 20, 80, 320)],
-                    {f"δ'={dp}": [r["spearman"] for r in rows if r["solve_damping"] == dp]
-                     for dp in (0.0, 0.01, 0.1)},
-                    OUT / "fidelity_neumann.png", "Neumann depth", "Spearman vs matching truth",
-                    "Neumann depth × damping", logx=True)
+    plots.line_plot(
+        [4 * 0 + r for r in (5, 20, 80, 320)],
+        {
+            f"δ'={dp}": [r["spearman"] for r in rows if r["solve_damping"] == dp]
+            for dp in (0.0, 0.01, 0.1)
+        },
+        OUT / "fidelity_neumann.png",
+        "Neumann depth",
+        "Spearman vs matching truth",
+        "Neumann depth × damping",
+        logx=True,
+    )
     log("  Neumann ablation done")
     # points: support and query, against plain LOO and proximal δ'=0.1
     for kind in ("support_point", "query_point"):
         b = prob.batch(tasks, prob.flat(lam))
         size = b.n_support if kind == "support_point" else b.n_query
         g = torch.Generator().manual_seed(3)
-        pts = [(int(k), int(j)) for k, j in zip(torch.randint(len(tasks), (args.points,),
-                                                                generator=g).tolist(),
-                                                  torch.randint(size, (args.points,),
-                                                                generator=g).tolist(),
-                                                  strict=True)]
+        pts = [
+            (int(k), int(j))
+            for k, j in zip(
+                torch.randint(len(tasks), (args.points,), generator=g).tolist(),
+                torch.randint(size, (args.points,), generator=g).tolist(),
+                strict=True,
+            )
+        ]
         pts = sorted(set(pts))
         for dp in (0.0, 0.1):
             rt = None if dp == 0 else mf.evaluate.newton_retrain(prob, proximal=dp)
-            tv = mf.evaluate.leave_one_out(prob, lam, tasks, target, items=kind, indices=pts,
-                                           retrain=rt)
-            res = influence(prob, lam, tasks, target, items=kind, solve_damping=dp,
-                            diagnostics=False)[0]
+            tv = mf.evaluate.leave_one_out(
+                prob, lam, tasks, target, items=kind, indices=pts, retrain=rt
+            )
+            res = influence(
+                prob, lam, tasks, target, items=kind, solve_damping=dp, diagnostics=False
+            )[0]
             pred = torch.stack([res.scores[k][j] for k, j in pts])
             c = mf.evaluate.correlation(pred, tv)
-            rec("fidelity_points", kind=kind, n=len(pts), truth="plain" if dp == 0 else
-                f"proximal δ'={dp}", spearman=c["spearman"], pearson=c["pearson"],
-                rel_error=c["rel_error"])
+            rec(
+                "fidelity_points",
+                kind=kind,
+                n=len(pts),
+                truth="plain" if dp == 0 else f"proximal δ'={dp}",
+                spearman=c["spearman"],
+                pearson=c["pearson"],
+                rel_error=c["rel_error"],
+            )
             if dp == 0.1:
                 scat[f"{kind} δ'=0.1"] = (pred, tv)
     log("  point fidelity done")
@@ -367,27 +496,46 @@ def protocol_map(args):
                     idx = list(range(0, M, max(1, M // args.map_items)))[: args.map_items]
                     plain = mf.evaluate.leave_one_out(prob, lam, tasks, target, indices=idx)
                     prox = mf.evaluate.leave_one_out(
-                        prob, lam, tasks, target, indices=idx,
-                        retrain=mf.evaluate.newton_retrain(prob, proximal=0.1))
+                        prob,
+                        lam,
+                        tasks,
+                        target,
+                        indices=idx,
+                        retrain=mf.evaluate.newton_retrain(prob, proximal=0.1),
+                    )
                     r0, t0 = influence(prob, lam, tasks, target, lanczos_steps=40)
-                    r1, _ = influence(prob, lam, tasks, target, solve_damping=0.1,
-                                      diagnostics=False)
+                    r1, _ = influence(
+                        prob, lam, tasks, target, solve_damping=0.1, diagnostics=False
+                    )
                     t1 = time.perf_counter()
                     mf.edit(prob, lam, tasks, remove={"task": idx[:1]}, solver="direct")
                     t_edit = time.perf_counter() - t1
                     s0, s1 = r0.scores[idx], r1.scores[idx]
-                    rec("map", inner=inner, width=width, P=prob.spec.size, M=M, damping=damping,
-                        grad_norm=gn, lambda_min=r0.diagnostics["lambda_min"],
+                    rec(
+                        "map",
+                        inner=inner,
+                        width=width,
+                        P=prob.spec.size,
+                        M=M,
+                        damping=damping,
+                        grad_norm=gn,
+                        lambda_min=r0.diagnostics["lambda_min"],
                         lambda_max=r0.diagnostics["lambda_max"],
                         regime=r0.diagnostics["regime"],
                         spearman_plain=mf.evaluate.correlation(s0, plain)["spearman"],
                         relerr_plain=mf.evaluate.correlation(s0, plain)["rel_error"],
                         spearman_prox01=mf.evaluate.correlation(s1, prox)["spearman"],
-                        t_train_s=t_train, t_influence_s=t0, t_edit_s=t_edit,
-                        speedup=t_train / (t0 + t_edit), n_items=len(idx))
-                    log(f"  {inner} w={width} M={M} δ={damping}: {ROWS['map'][-1]['regime']} "
+                        t_train_s=t_train,
+                        t_influence_s=t0,
+                        t_edit_s=t_edit,
+                        speedup=t_train / (t0 + t_edit),
+                        n_items=len(idx),
+                    )
+                    log(
+                        f"  {inner} w={width} M={M} δ={damping}: {ROWS['map'][-1]['regime']} "
                         f"ρ_plain={ROWS['map'][-1]['spearman_plain']:.3f} "
-                        f"ρ_prox={ROWS['map'][-1]['spearman_prox01']:.3f}")
+                        f"ρ_prox={ROWS['map'][-1]['spearman_prox01']:.3f}"
+                    )
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -409,20 +557,25 @@ def write(args, wall: float) -> None:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
-    lines = ["# Fidelity of influence against retraining (issue 6)", "",
-             f"Generated by `python benchmarks/fidelity.py {' '.join(sys.argv[1:])}` in "
-             f"{wall / 60:.1f} min.", "",
-             "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), "",
-             f"Data: {args.data} pooled to {args.side}×{args.side}; {args.ways}-way "
-             f"{args.shots}-shot, {args.queries} queries/class; MLP width {args.hidden}, "
-             f"one-step second-order MAML (inner lr {args.inner_lr}), damping δ={args.damping}, "
-             "float64. Scores are removal effects Δf (math.md §3: negative = harmful).", ""]
+    lines = [
+        "# Fidelity of influence against retraining (issue 6)",
+        "",
+        f"Generated by `python benchmarks/fidelity.py {' '.join(sys.argv[1:])}` in "
+        f"{wall / 60:.1f} min.",
+        "",
+        "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()),
+        "",
+        f"Data: {args.data} pooled to {args.side}×{args.side}; {args.ways}-way "
+        f"{args.shots}-shot, {args.queries} queries/class; MLP width {args.hidden}, "
+        f"one-step second-order MAML (inner lr {args.inner_lr}), damping δ={args.damping}, "
+        "float64. Scores are removal effects Δf (math.md §3: negative = harmful).",
+        "",
+    ]
     for name, rows in ROWS.items():
         keys: list[str] = []
         for r in rows:
             keys += [k for k in r if k not in keys]
-        lines += [f"## {name}", "", "| " + " | ".join(keys) + " |",
-                  "|" + "---|" * len(keys)]
+        lines += [f"## {name}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
         lines.append("")
     (OUT / "fidelity_tables.md").write_text("\n".join(lines))
@@ -459,11 +612,13 @@ def main() -> None:
     only = set(args.only.split(","))
     t0 = time.perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)
-    steps = [("d", lambda: protocol_fidelity(args)),
-             ("a", lambda: protocol_removal(args, "task", "task", "support")),
-             ("b", lambda: protocol_removal(args, "support_point", "point", "support")),
-             ("b", lambda: protocol_removal(args, "query_point", "point", "query")),
-             ("map", lambda: protocol_map(args))]
+    steps = [
+        ("d", lambda: protocol_fidelity(args)),
+        ("a", lambda: protocol_removal(args, "task", "task", "support")),
+        ("b", lambda: protocol_removal(args, "support_point", "point", "support")),
+        ("b", lambda: protocol_removal(args, "query_point", "point", "query")),
+        ("map", lambda: protocol_map(args)),
+    ]
     for key, fn in steps:
         if key in only or (key == "a" and "c" in only):
             fn()

@@ -68,12 +68,20 @@ def test_influence_and_random_and_tracin_checkpoints(trained):
     prob, lam, tasks, target = trained
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = mf.removal_effects(prob, lam, tasks, target=target, solver="direct",
-                                 curvature="gauss_newton", diagnostics=False)
+        res = mf.removal_effects(
+            prob,
+            lam,
+            tasks,
+            target=target,
+            solver="direct",
+            curvature="gauss_newton",
+            diagnostics=False,
+        )
     assert mf.evaluate.detection_auc(res.scores, _harmful(res.scores)[2]) == 1.0
     r = mf.evaluate.random_scores(prob, lam, tasks)
-    assert r.task.shape == (M,) and torch.equal(r.task, mf.evaluate.random_scores(
-        prob, lam, tasks).task)
+    assert r.task.shape == (M,) and torch.equal(
+        r.task, mf.evaluate.random_scores(prob, lam, tasks).task
+    )
     # TracIn over two checkpoints = the sum of the two single-checkpoint scores
     lam2 = {k: v * 0.9 for k, v in lam.items()}
     t2 = mf.evaluate.tracin(prob, [lam, lam2], tasks, target, lrs=[1.0, 0.5])
@@ -85,6 +93,7 @@ def test_influence_and_random_and_tracin_checkpoints(trained):
 def test_gradient_ascent_unlearning_lowers_target_loss(trained):
     prob, lam, tasks, target = trained
     f0 = mf.evaluate.target_value(prob, lam, target)
-    edited = mf.evaluate.gradient_ascent_unlearn(prob, lam, tasks, BAD, steps=3, lr=0.2,
-                                                 items="task")
+    edited = mf.evaluate.gradient_ascent_unlearn(
+        prob, lam, tasks, BAD, steps=3, lr=0.2, items="task"
+    )
     assert mf.evaluate.target_value(prob, edited, target) < f0

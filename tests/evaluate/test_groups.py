@@ -47,8 +47,9 @@ def test_infinitesimal_group_equals_sum_of_scores(toy):
 def test_whole_group_removal_first_order_and_delta_lambda(toy):
     prob, lam, tasks, target, res = toy
     groups = [[k] for k in range(0, M, 3)] + [[1, 4], [2, 7, 11]]
-    df, dl = mf.evaluate.leave_group_out(prob, lam, tasks, target, groups, items="task",
-                                         return_params=True)
+    df, dl = mf.evaluate.leave_group_out(
+        prob, lam, tasks, target, groups, items="task", return_params=True
+    )
     pred = mf.evaluate.predicted_group_effects(res.scores, groups, items="task")
     st = mf.evaluate.correlation(pred, df)
     assert st["spearman"] > 0.95 and st["rel_error"] < 0.25, st
@@ -57,8 +58,7 @@ def test_whole_group_removal_first_order_and_delta_lambda(toy):
     pred_dl = prob.spec.flatten(dlam)
     assert mf.evaluate.relative_error(pred_dl, dl[-1]) < 0.25
     # the same through a process pool (fork) gives the same numbers
-    df2 = mf.evaluate.leave_group_out(prob, lam, tasks, target, groups[:3], items="task",
-                                      workers=2)
+    df2 = mf.evaluate.leave_group_out(prob, lam, tasks, target, groups[:3], items="task", workers=2)
     assert torch.allclose(df2, df[:3], rtol=1e-9, atol=1e-14)
 
 

@@ -58,16 +58,23 @@ def test_detection_auc_recall_hand_values():
     # larger = more suspicious (e.g. a loss): reversed order
     assert mf.evaluate.detection_auc(-scores, flipped, harmful_first=False) == pytest.approx(0.75)
     # perfect and worst rankings; per-task lists are flattened
-    assert mf.evaluate.detection_auc([torch.tensor([-2.0, 1.0]), torch.tensor([-1.0, 3.0])],
-                                     [torch.tensor([1, 0]), torch.tensor([1, 0])]) == 1.0
-    assert mf.evaluate.detection_auc(-torch.tensor([-2.0, -1.0, 1.0]),
-                                     torch.tensor([1, 1, 0])) == 0.0
+    assert (
+        mf.evaluate.detection_auc(
+            [torch.tensor([-2.0, 1.0]), torch.tensor([-1.0, 3.0])],
+            [torch.tensor([1, 0]), torch.tensor([1, 0])],
+        )
+        == 1.0
+    )
+    assert (
+        mf.evaluate.detection_auc(-torch.tensor([-2.0, -1.0, 1.0]), torch.tensor([1, 1, 0])) == 0.0
+    )
     assert math.isnan(mf.evaluate.recall_at_k(scores, torch.zeros(4, dtype=torch.bool), 2))
 
 
 def test_plots_write_png(tmp_path):
     p = mf.evaluate.plots.scatter_pred_vs_actual(
-        {"a": (torch.randn(5), torch.randn(5))}, tmp_path / "s.png")
+        {"a": (torch.randn(5), torch.randn(5))}, tmp_path / "s.png"
+    )
     c = mf.evaluate.detection_curve(torch.randn(6), torch.tensor([1, 0, 0, 1, 0, 0]))
     q = mf.evaluate.plots.detection_plot({"x": c}, tmp_path / "d.png")
     assert p.stat().st_size > 0 and q.stat().st_size > 0

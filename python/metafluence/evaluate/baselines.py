@@ -120,8 +120,12 @@ def direct_if(
     ds = vmap(point_dots)(theta, b.xs, b.ys)  # [M, n]
     q = c[:, None] * V * dq / b.n_query
     sp = c[:, None] * W * ds / b.n_support
-    return BaselineScores(task.detach(), list(sp.detach().unbind(0)), list(q.detach().unbind(0)),
-                          {"solve_iters": res.iters, "converged": res.converged})
+    return BaselineScores(
+        task.detach(),
+        list(sp.detach().unbind(0)),
+        list(q.detach().unbind(0)),
+        {"solve_iters": res.iters, "converged": res.converged},
+    )
 
 
 # --- EK-FAC -------------------------------------------------------------------------------------
@@ -133,8 +137,9 @@ def _linear_modules(model: nn.Module, names: Sequence[str]) -> list[tuple[str, n
     return out
 
 
-def _capture(problem: MetaProblem, theta: Tensor, x: Tensor, y: Tensor,
-             mods: list[tuple[str, nn.Linear]]) -> tuple[list[Tensor], list[Tensor]]:
+def _capture(
+    problem: MetaProblem, theta: Tensor, x: Tensor, y: Tensor, mods: list[tuple[str, nn.Linear]]
+) -> tuple[list[Tensor], list[Tensor]]:
     """Inputs (with a 1 for the bias) and per-sample output gradients of each Linear layer."""
     acts: dict[str, Tensor] = {}
     outs: dict[str, Tensor] = {}
@@ -194,8 +199,9 @@ def ekfac_if(
     blocks = []
     for name, mod in mods:
         w = views[f"{name}.weight"]
-        blocks.append(torch.cat([w, views[f"{name}.bias"][:, None]], 1)
-                      if mod.bias is not None else w)
+        blocks.append(
+            torch.cat([w, views[f"{name}.bias"][:, None]], 1) if mod.bias is not None else w
+        )
     sol = solve_ekfac(factors, blocks, damping=damp)
     out = {n: views[n] / (mean_eig + damp) for n in names}  # scalar curvature elsewhere
     for (name, mod), x in zip(mods, sol, strict=True):
@@ -228,14 +234,21 @@ def tracin(
         if tot is None:
             tot = cur
         else:
-            tot = [tot[0] + cur[0], [a + x for a, x in zip(tot[1], cur[1], strict=True)],
-                   [a + x for a, x in zip(tot[2], cur[2], strict=True)]]
+            tot = [
+                tot[0] + cur[0],
+                [a + x for a, x in zip(tot[1], cur[1], strict=True)],
+                [a + x for a, x in zip(tot[2], cur[2], strict=True)],
+            ]
     assert tot is not None
     return BaselineScores(tot[0], tot[1], tot[2], {"checkpoints": len(ckpts)})
 
 
-def loss_ranking(problem: MetaProblem, meta_params: ParamsLike, train_tasks: TasksLike,
-                 target: TargetLike | None = None) -> BaselineScores:
+def loss_ranking(
+    problem: MetaProblem,
+    meta_params: ParamsLike,
+    train_tasks: TasksLike,
+    target: TargetLike | None = None,
+) -> BaselineScores:
     """``−loss`` after adaptation (tasks: query loss; points: their own loss)."""
     pt = problem.point(meta_params, train_tasks)
     b = pt.batch
@@ -248,8 +261,13 @@ def loss_ranking(problem: MetaProblem, meta_params: ParamsLike, train_tasks: Tas
     return BaselineScores(task, list((-ls).unbind(0)), list((-lq).unbind(0)))
 
 
-def random_scores(problem: MetaProblem, meta_params: ParamsLike, train_tasks: TasksLike,
-                  target: TargetLike | None = None, seed: int = 0) -> BaselineScores:
+def random_scores(
+    problem: MetaProblem,
+    meta_params: ParamsLike,
+    train_tasks: TasksLike,
+    target: TargetLike | None = None,
+    seed: int = 0,
+) -> BaselineScores:
     """Seeded N(0, 1) scores of every item (the chance level of each metric)."""
     lam = problem.flat(meta_params)
     b = problem.batch(train_tasks, lam)
@@ -261,14 +279,25 @@ def random_scores(problem: MetaProblem, meta_params: ParamsLike, train_tasks: Ta
     return BaselineScores(t, list(sp.unbind(0)), list(q.unbind(0)))
 
 
-def score_all(problem: MetaProblem, meta_params: ParamsLike, train_tasks: TasksLike,
-              target: TargetLike, methods: Sequence[str] = BASELINES,
-              **kwargs: Any) -> dict[str, BaselineScores]:
+def score_all(
+    problem: MetaProblem,
+    meta_params: ParamsLike,
+    train_tasks: TasksLike,
+    target: TargetLike,
+    methods: Sequence[str] = BASELINES,
+    **kwargs: Any,
+) -> dict[str, BaselineScores]:
     """Every baseline in ``methods`` (names of :data:`BASELINES`) → scores."""
-    fns = {"direct_if": direct_if, "ekfac_if": ekfac_if, "tracin": tracin,
-           "loss": loss_ranking, "random": random_scores}
-    return {m: fns[m](problem, meta_params, train_tasks, target, **kwargs.get(m, {}))
-            for m in methods}
+    fns = {
+        "direct_if": direct_if,
+        "ekfac_if": ekfac_if,
+        "tracin": tracin,
+        "loss": loss_ranking,
+        "random": random_scores,
+    }
+    return {
+        m: fns[m](problem, meta_params, train_tasks, target, **kwargs.get(m, {})) for m in methods
+    }
 
 
 # --- editing baseline ---------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def detection_curve(
 
 
 def detection_auc(
-    scores: Tensor | Sequence[Tensor], flipped: Tensor | Sequence[Tensor],
+    scores: Tensor | Sequence[Tensor],
+    flipped: Tensor | Sequence[Tensor],
     harmful_first: bool = True,
 ) -> float:
     """ROC AUC of the ranking (trapezoid rule over the (FPR, TPR) points of k = 0..n)."""
@@ -62,7 +63,9 @@ def detection_auc(
 
 
 def recall_at_k(
-    scores: Tensor | Sequence[Tensor], flipped: Tensor | Sequence[Tensor], k: int | float,
+    scores: Tensor | Sequence[Tensor],
+    flipped: Tensor | Sequence[Tensor],
+    k: int | float,
     harmful_first: bool = True,
 ) -> float:
     """Fraction of flipped items among the first ``k`` inspected (``k < 1``: a fraction of n)."""
@@ -75,7 +78,9 @@ def recall_at_k(
 
 
 def precision_at_k(
-    scores: Tensor | Sequence[Tensor], flipped: Tensor | Sequence[Tensor], k: int,
+    scores: Tensor | Sequence[Tensor],
+    flipped: Tensor | Sequence[Tensor],
+    k: int,
     harmful_first: bool = True,
 ) -> float:
     """Fraction of the first ``k`` inspected that are flipped."""

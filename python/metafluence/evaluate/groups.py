@@ -54,8 +54,9 @@ def normalize_group(group: Group, items: str | None = None) -> dict[str, list[An
     return out
 
 
-def group_reweighted(batch: TaskBatch, group: Group, factor: float = 0.0,
-                     items: str | None = None) -> TaskBatch:
+def group_reweighted(
+    batch: TaskBatch, group: Group, factor: float = 0.0, items: str | None = None
+) -> TaskBatch:
     """``batch`` with every item of ``group`` reweighted by ``factor`` (0 = removal)."""
     g = normalize_group(group, items)
     c, W, V = (t.clone() for t in batch.weights())
@@ -77,7 +78,9 @@ def group_reweighted(batch: TaskBatch, group: Group, factor: float = 0.0,
 
 
 def predicted_group_effects(
-    scores: Tensor | Sequence[Tensor], groups: Sequence[Group], items: str | None = None,
+    scores: Tensor | Sequence[Tensor],
+    groups: Sequence[Group],
+    items: str | None = None,
     all_scores: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """First-order prediction ``Σ_{e∈R} removal_effect(e)`` for each group ``R``.
@@ -196,4 +199,3 @@ def relative_error(pred: Tensor, truth: Tensor) -> float:
     p, t = pred.detach().double().reshape(-1), truth.detach().double().reshape(-1)
     d = float(t.norm())
     return float((p - t).norm()) / d if d > 0 else float("nan")
-

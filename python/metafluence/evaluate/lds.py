@@ -27,8 +27,9 @@ def random_subsets(n: int, num_subsets: int = 100, ratio: float = 0.5, seed: int
     """``[num_subsets, round(ratio·n)]`` sorted index rows, each a seeded random subset."""
     g = torch.Generator().manual_seed(int(seed))
     size = max(1, int(round(ratio * n)))
-    return torch.stack([torch.randperm(n, generator=g)[:size].sort().values
-                        for _ in range(int(num_subsets))])
+    return torch.stack(
+        [torch.randperm(n, generator=g)[:size].sort().values for _ in range(int(num_subsets))]
+    )
 
 
 def subset_masks(indices: Tensor, n: int) -> Tensor:
@@ -55,9 +56,7 @@ def lds_predictions(scores: Tensor, indices: Tensor, subsets: str = "removed") -
     return pred if subsets == "removed" else -pred
 
 
-def lds(
-    scores: Tensor, gt: Tensor, indices: Tensor, subsets: str = "removed"
-) -> dict[str, Any]:
+def lds(scores: Tensor, gt: Tensor, indices: Tensor, subsets: str = "removed") -> dict[str, Any]:
     """LDS: mean over test targets of the Spearman ρ across subsets.
 
     Args:
@@ -80,5 +79,8 @@ def lds(
             rhos.append(float(stats.spearmanr(pred[:, j], t[:, j])[0]))
         else:
             rhos.append(float("nan"))
-    return {"lds": float(np.nanmean(rhos)) if rhos else float("nan"), "per_target": rhos,
-            "n_subsets": int(t.shape[0])}
+    return {
+        "lds": float(np.nanmean(rhos)) if rhos else float("nan"),
+        "per_target": rhos,
+        "n_subsets": int(t.shape[0]),
+    }
