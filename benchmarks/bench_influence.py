@@ -91,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-max", type=int, default=100)
     ap.add_argument("--chunk", type=int, default=100)
     ap.add_argument("--quick", action="store_true", help="M = 20 only")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "influence.csv"))
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     sizes = [20] if args.quick else args.tasks
     info = machine_info("cpu")
     torch.manual_seed(0)
