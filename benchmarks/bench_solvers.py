@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for P in (2000,) if args.quick else (2000, 5000):
         bench_inner(args.tasks, P, 25, 1e-2, info, rows)
+        append_csv(args.out, rows)
+        rows.clear()
     grid = (
         [(1, 10_000), (16, 10_000)]
         if args.quick
@@ -201,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for k, P in grid:
         bench_update(k, P, 20 if k * P >= 1_000_000 else 100, info, rows)
-    append_csv(args.out, rows)
-    print(f"appended {len(rows)} rows to {args.out}")
+        append_csv(args.out, rows)  # row by row: a stopped run keeps what it measured
+        rows.clear()
+    print(f"appended rows to {args.out}")
     return 0
 
 
