@@ -123,12 +123,15 @@ def test_cli_info(capsys):
     assert json.loads(capsys.readouterr().out)["kernels"]["cpu"] is True
 
 
-@pytest.mark.parametrize("cmd", ["run", "bench"])
-def test_cli_stubs(cmd, capsys):
-    from metafluence.cli import main
+def test_cli_bench(monkeypatch, capsys):
+    from metafluence import cli
 
-    assert main([cmd]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # unknown family: argparse error naming the choices
+        cli.main(["bench", "no-such-family"])
+    assert "invalid choice" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_benchmarks_dir", lambda: None)
+    assert cli.main(["bench", "solvers"]) == 2
+    assert "benchmarks/ not found" in capsys.readouterr().err
 
 
 def test_cli_demo(capsys):

@@ -1,8 +1,8 @@
 """The ``metafluence`` command.
 
 Subcommands: ``info`` (build information), ``demo`` (a tiny per-sample-gradient check across
-backends), ``run`` (the main influence job) and ``bench`` -- the last two are placeholders until
-their issues land.
+backends), ``run`` (the main influence job) and ``bench`` (the benchmark scripts of a source
+checkout, by family).
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-
-NOT_IMPLEMENTED_EXIT = 2
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -86,17 +84,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _not_implemented(what: str, issue: str) -> Callable[[argparse.Namespace], int]:
-    def cmd(args: argparse.Namespace) -> int:
-        print(f"metafluence {what}: not implemented yet: see issue {issue}", file=sys.stderr)
-        return NOT_IMPLEMENTED_EXIT
-
-    return cmd
-
-
-# --- run (the main job) ---------------------------------------------------------------------
-
-
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     from .report.job import INNERS, RunConfig
 
@@ -166,6 +153,51 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_FAMILIES = {
+    "per-sample-grads": ["bench_psg_linear.py", "bench_psg.py"],
+    "solvers": ["bench_solvers.py"],
+    "influence": ["bench_influence.py", "bench_hvp.py"],
+}
+
+
+def _benchmarks_dir() -> str | None:
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in (
+        os.path.join(here, "..", "..", "benchmarks"),
+        os.path.join(os.getcwd(), "benchmarks"),
+    ):
+        if os.path.isfile(os.path.join(cand, "harness.py")):
+            return os.path.normpath(cand)
+    return None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    root = _benchmarks_dir()
+    if root is None:
+        print(
+            "metafluence bench: error: benchmarks/ not found; run it from a source checkout "
+            "(the scripts are not part of the wheel)",
+            file=sys.stderr,
+        )
+        return 2
+    families = list(BENCH_FAMILIES) if args.family == "all" else [args.family]
+    rc = 0
+    for fam in families:
+        for script in BENCH_FAMILIES[fam]:
+            path = os.path.join(root, script)
+            if not os.path.isfile(path):
+                print(f"metafluence bench: skipping {script} (not present)", file=sys.stderr)
+                continue
+            print(f"== {fam}: {script} {' '.join(args.extra)}", flush=True)
+            rc = max(rc, subprocess.call([sys.executable, path, *args.extra]))
+    return rc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metafluence",
@@ -187,9 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p_run)
     p_run.set_defaults(func=_cmd_run)
 
-    p_bench = sub.add_parser("bench", help="benchmarks")
-    p_bench.add_argument("family", nargs="?", default="all")
-    p_bench.set_defaults(func=_not_implemented("bench", "'metafluence bench'"))
+    p_bench = sub.add_parser(
+        "bench", help="run benchmark scripts (results appended under benchmarks/results/)"
+    )
+    p_bench.add_argument("family", nargs="?", default="all", choices=[*BENCH_FAMILIES, "all"])
+    p_bench.add_argument("extra", nargs=argparse.REMAINDER, help="arguments for each script")
+    p_bench.set_defaults(func=_cmd_bench)
     return parser
 
 
