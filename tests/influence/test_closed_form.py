@@ -119,3 +119,22 @@ def test_task_removal_tracks_exact_leave_one_out(M, bound):
     print(f"M={M}: rel error {stats['rel_error']:.4f}, spearman {stats['spearman']:.4f}")
     assert stats["rel_error"] <= bound
     assert stats["spearman"] >= 0.99
+
+
+def test_leave_one_out_api_matches_closed_form(setup):
+    tasks, target, cf, cf_t, lam = setup
+    prob = problem(D, REG, DAMP)
+    truth = torch.func.vmap(cf_t.F)(cf.loo_minimisers()) - cf_t.F(lam)
+    idx = [0, 5, 9]
+    # api.md form: retrain(batch) -> params (here: Newton from λ*, exact on a quadratic)
+    got = mf.evaluate.leave_one_out(
+        prob,
+        lam,
+        tasks,
+        target,
+        indices=idx,
+        retrain=lambda batch: mf.train.newton_refine(prob, lam, batch),
+    )
+    assert rel(got, truth[idx]) < 1e-8
+    default = mf.evaluate.leave_one_out(prob, lam, tasks, target, indices=idx)
+    assert rel(default, truth[idx]) < 1e-8

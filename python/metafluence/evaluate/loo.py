@@ -8,6 +8,7 @@ derivation), the meta-parameters are retrained, and the true change of the targe
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,6 +51,24 @@ def reweighted(batch: TaskBatch, items: str, item: Any, factor: float) -> TaskBa
     return batch.with_weights(c, W, V)
 
 
+def _two_arg(retrain: Callable[..., dict[str, Tensor]]) -> Retrain:
+    """Accept ``retrain(batch)`` (api.md) as well as ``retrain(batch, start_params)``."""
+    try:
+        params = [
+            p
+            for p in inspect.signature(retrain).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        ]
+        takes_one = len(params) == 1 and not any(
+            p.kind == p.VAR_POSITIONAL for p in inspect.signature(retrain).parameters.values()
+        )
+    except (TypeError, ValueError):
+        takes_one = False
+    if takes_one:
+        return lambda batch, start: retrain(batch)
+    return retrain
+
+
 def newton_retrain(
     problem: MetaProblem, tol: float = 1e-12, max_steps: int = 30, proximal: float = 0.0
 ) -> Retrain:
@@ -70,14 +89,15 @@ def leave_one_out(
     train_tasks: TasksLike,
     target: TargetLike,
     items: str = "task",
-    retrain: Retrain | None = None,
+    retrain: Retrain | Callable[[TaskBatch], dict[str, Tensor]] | None = None,
     indices: Sequence[Any] | None = None,
     factor: float = 0.0,
     progress: bool = False,
 ) -> Tensor:
     """True ``Δf`` for each item in ``indices`` (default: all items of the kind) ``[len]``.
 
-    ``retrain(batch, start_params) -> params`` retrains on the reweighted batch; the default
+    ``retrain(batch, start_params) -> params`` (or ``retrain(batch)``) retrains on the
+    reweighted batch (a :class:`TaskBatch` whose weights encode the removal); the default
     is :func:`newton_retrain` (warm start at ``λ*``, dense Newton: small ``P`` only). Pass a
     ``retrain`` that ignores ``start_params`` and calls ``mf.train.meta_train`` with the
     original seed for retraining from the same initialisation. ``factor`` scales the item's
@@ -87,7 +107,7 @@ def leave_one_out(
         raise ValueError(f"items={items!r}: expected one of {ITEMS}")
     lam = problem.flat(meta_params)
     batch = problem.batch(train_tasks, lam)
-    retrain = newton_retrain(problem) if retrain is None else retrain
+    retrain = newton_retrain(problem) if retrain is None else _two_arg(retrain)
     idx = item_index(batch, items) if indices is None else list(indices)
     f0 = target_value(problem, lam, target)
     start = problem.unflat(lam)
