@@ -138,3 +138,12 @@ def test_leave_one_out_api_matches_closed_form(setup):
     assert rel(got, truth[idx]) < 1e-8
     default = mf.evaluate.leave_one_out(prob, lam, tasks, target, indices=idx)
     assert rel(default, truth[idx]) < 1e-8
+
+
+def test_newton_corrected_edit_is_exact_retraining_on_quadratic(setup):
+    tasks, _, cf, _, lam = setup
+    prob = problem(D, REG, DAMP)
+    c = cf.c.clone()
+    c[[4, 11]] = 0
+    new = mf.edit(prob, lam, tasks, remove={"task": [4, 11]}, solver="direct", newton_steps=1)
+    assert rel(prob.spec.flatten(new), cf.minimiser(c)) < 1e-8

@@ -141,3 +141,22 @@ def test_sign_of_extreme_tasks(trained):
     true = mf.evaluate.leave_one_out(prob, lam, tasks, target, indices=[hi, lo])
     assert true[0] > 0, "removing the most helpful task should raise the target loss"
     assert true[1] < 0, "removing the most harmful task should lower the target loss"
+
+
+def test_newton_corrected_edit_tracks_plain_retraining(trained):
+    prob, lam, tasks, target, res = trained
+    idx = list(range(0, M_TRAIN, 3))
+    plain = mf.evaluate.leave_one_out(prob, lam, tasks, target, indices=idx)
+    f0 = mf.evaluate.target_value(prob, lam, target)
+    corrected = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in idx:
+            new = mf.edit(prob, lam, tasks, remove={"task": [k]}, solver="direct", newton_steps=3)
+            corrected.append(mf.evaluate.target_value(prob, new, target) - f0)
+    first = mf.evaluate.correlation(res.scores[idx], plain)
+    stats = mf.evaluate.correlation(torch.tensor(corrected, dtype=torch.float64), plain)
+    print(f"\nvs plain LOO: first order {first}, 3 Newton corrections {stats}")
+    # measured: first order Spearman 0.92 / rel error 0.39; corrected 1.0 / 0.09-0.10
+    assert stats["spearman"] >= 0.99
+    assert stats["rel_error"] <= first["rel_error"] / 3
