@@ -1,0 +1,12 @@
+"""Adapters that let other libraries call metafluence as a backend.
+
+* :mod:`metafluence.integrations.dattri`: drop-in ``ihvp_cg`` / ``ihvp_lissa`` /
+  ``ihvp_arnoldi`` with dattri 0.3.0's signatures, plus ``ihvp_dataset_cg`` (one inverse of the
+  whole-dataset Hessian). Does not import dattri itself.
+* :mod:`metafluence.integrations.torchopt`: ``solve(matvec, b)`` linear solvers for
+  ``torchopt.diff.implicit.custom_root(..., solve=...)``.
+
+Submodules are imported on demand (``from metafluence.integrations import dattri``).
+"""
+
+__all__ = ["dattri", "torchopt"]
