@@ -71,6 +71,10 @@ def _pool(x: torch.Tensor, side: int) -> torch.Tensor:
 
 def load_tasks(args, M: int, n_target: int, n_test: int, seed: int):
     ways, shots, queries = args.ways, args.shots, args.queries
+    if args.data == "toy":
+        return tuple(
+            toy_tasks(args, n, seed + j, j * 10**6) for j, n in enumerate((M, n_target, n_test))
+        )
     if args.data == "synthetic":
         g = torch.Generator().manual_seed(1234)
         protos = torch.randn(200, 1, 28, 28, generator=g, dtype=DT)
@@ -117,10 +121,32 @@ def load_tasks(args, M: int, n_target: int, n_test: int, seed: int):
     return tuple(feat(r) for r in raw)
 
 
+def toy_tasks(args, n: int, seed: int, first: int) -> list:
+    """Low-dimensional task family (as in tests/influence/test_retraining.py): task ``k`` labels
+    ``x ∈ R^d`` by ``argmax_c x·w_c`` with ``w = w0 + 0.7·noise``; ``ways·shots`` support and
+    ``ways·queries`` query points, all drawn N(0, I)."""
+    g0 = torch.Generator().manual_seed(4321)
+    w0 = 1.5 * torch.randn(args.ways, args.dim, generator=g0, dtype=DT)
+    if args.ways == 2:
+        w0[1] = -w0[0]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        w = w0 + 0.7 * torch.randn(w0.shape, generator=g, dtype=DT)
+        xs = torch.randn(args.ways * args.shots, args.dim, generator=g, dtype=DT)
+        xq = torch.randn(args.ways * args.queries, args.dim, generator=g, dtype=DT)
+        out.append(
+            mf.Task(
+                support=(xs, (xs @ w.T).argmax(-1)), query=(xq, (xq @ w.T).argmax(-1)), id=first + i
+            )
+        )
+    return out
+
+
 # --- problems -----------------------------------------------------------------------------------
 def build(args, hidden: int, inner: str, damping: float, seed: int = 0):
     torch.manual_seed(seed)
-    d = args.side * args.side
+    d = args.dim if args.data == "toy" else args.side * args.side
     model = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, args.ways)).to(DT)
     if inner == "unrolled":
         im = mf.inner.Unrolled(steps=1, lr=args.inner_lr)
@@ -129,11 +155,28 @@ def build(args, hidden: int, inner: str, damping: float, seed: int = 0):
     return model, mf.MetaProblem(model, inner=im, damping=damping)
 
 
-def train(prob, model, tasks, init=None, adam_steps=100):
-    """The fixed stopping rule: 100 Adam steps, then ≤ 8 dense Newton steps (‖∇F‖ ≤ 1e-10)."""
+TRAIN = {"adam_steps": 300, "adam_lr": 0.05, "lbfgs_steps": 30}
+
+
+def train(prob, model, tasks, init=None):
+    """The fixed stopping rule (as tests/influence/test_retraining.py): Adam (300 steps, lr
+    0.05), then L-BFGS (≤ 30 outer iterations, tol 1e-9), then dense Newton to ‖∇F‖ ≤ 1e-12
+    (≤ 30 steps). A Newton-only finish from an Adam start stalls (fidelity.md, ‖∇F‖ 0.88)."""
     t0 = time.perf_counter()
-    lam = mf.train.meta_train(prob, model, tasks, steps=adam_steps, outer_lr=0.1, init=init)
-    lam = mf.train.newton_refine(prob, lam, tasks, tol=1e-10, max_steps=8)
+    lam = mf.train.meta_train(
+        prob, model, tasks, steps=TRAIN["adam_steps"], outer_lr=TRAIN["adam_lr"], init=init
+    )
+    lam = mf.train.meta_train(
+        prob,
+        None,
+        tasks,
+        steps=TRAIN["lbfgs_steps"],
+        outer_lr=1.0,
+        optimizer="lbfgs",
+        init=lam,
+        tol=1e-9,
+    )
+    lam = mf.train.newton_refine(prob, lam, tasks, tol=1e-12, max_steps=30)
     return lam, time.perf_counter() - t0
 
 
@@ -204,6 +247,7 @@ def protocol_removal(args, kind: str, level: str, where: str):
     init = prob.init_params()
     lam, t_train = train(prob, model, tasks)
     base_acc = accuracy(prob, lam, test)
+    log(f"  trained in {t_train:.1f} s, ‖∇F‖={mf.train.grad_norm(prob, lam, tasks):.2e}")
     rec(
         "removal",
         kind=kind,
@@ -264,6 +308,7 @@ def protocol_removal(args, kind: str, level: str, where: str):
             f"  {name}: edit acc {accuracy(prob, edited, test):.4f} warm "
             f"{accuracy(prob, warm, test):.4f} full {full_acc:.4f} (base {base_acc:.4f})"
         )
+        checkpoint(args)
     if curves:
         plots.detection_plot(
             curves,
@@ -282,6 +327,7 @@ def protocol_fidelity(args):
     model, prob = build(args, args.hidden, "unrolled", args.damping)
     lam, t_train = train(prob, model, tasks)
     gn = mf.train.grad_norm(prob, lam, tasks)
+    log(f"  trained in {t_train:.1f} s, P={prob.spec.size}, ‖∇F‖={gn:.2e}")
     idx = list(range(len(tasks)))
     truths: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
@@ -297,46 +343,70 @@ def protocol_fidelity(args):
             retrain=mf.evaluate.newton_retrain(prob, proximal=dp),
         )
     log(f"  LOO done ({t_loo:.2f} s per plain retrain), ‖∇F‖={gn:.2e}")
-    res0, _ = influence(prob, lam, tasks, target, lanczos_steps=60)
-    diag = res0.diagnostics
+    for k in idx:
+        rec(
+            "truths",
+            task=k,
+            flipped=bool(torch.as_tensor(mask)[k]),
+            **{tn: float(tv[k]) for tn, tv in truths.items()},
+        )
+    rec(
+        "setup",
+        M=len(tasks),
+        P=prob.spec.size,
+        grad_norm=gn,
+        t_train_s=t_train,
+        t_plain_retrain_s=t_loo,
+        n_flipped=int(torch.as_tensor(mask).sum()),
+        acc_test=accuracy(prob, lam, test),
+    )
+    checkpoint(args)
     scat = {}
-    for curv in ("exact", "gauss_newton", "gamma"):
-        for solver in ("cg", "neumann", "direct", "arnoldi"):
+    for curv in args.curvatures.split(","):
+        for solver in args.solvers.split(","):
             for dp in (0.0, 0.01, 0.1):
-                kw: dict[str, Any] = {"diagnostics": False}
+                kw: dict[str, Any] = {"lanczos_steps": 60}
                 if solver == "neumann":
                     kw["solver_kwargs"] = {"maxiter": 200}
                 elif solver == "cg":
                     kw["solver_kwargs"] = {"maxiter": 300}
                 elif solver == "arnoldi":
                     kw["solver_kwargs"] = {"rank": 30}
-                res, t = influence(
-                    prob, lam, tasks, target, curvature=curv, solver=solver, solve_damping=dp, **kw
-                )
+                try:
+                    res, t = influence(
+                        prob,
+                        lam,
+                        tasks,
+                        target,
+                        curvature=curv,
+                        solver=solver,
+                        solve_damping=dp,
+                        **kw,
+                    )
+                except Exception as exc:  # record, keep going
+                    log(f"  {curv}/{solver}/δ'={dp} failed: {exc!r}")
+                    continue
+                dg = res.diagnostics
                 row = {
                     "curvature": curv,
                     "solver": solver,
                     "solve_damping": dp,
                     "t_s": t,
                     "converged": bool(res.solve.converged),
+                    "lambda_min": dg.get("lambda_min", float("nan")),
+                    "lambda_max": dg.get("lambda_max", float("nan")),
+                    "regime": dg.get("regime", ""),
                 }
                 for tn, tv in truths.items():
                     c = mf.evaluate.correlation(res.scores, tv)
                     row[f"spearman[{tn}]"] = c["spearman"]
                     row[f"pearson[{tn}]"] = c["pearson"]
                     row[f"relerr[{tn}]"] = c["rel_error"]
-                rec(
-                    "fidelity_tasks",
-                    M=len(tasks),
-                    P=prob.spec.size,
-                    grad_norm=gn,
-                    lambda_min=diag["lambda_min"],
-                    lambda_max=diag["lambda_max"],
-                    **row,
-                )
+                rec("tasks", M=len(tasks), P=prob.spec.size, grad_norm=gn, **row)
                 if curv == "exact" and solver == "direct":
                     tn = "plain LOO" if dp == 0 else f"proximal δ'={dp}"
                     scat[f"exact/direct δ'={dp} vs {tn}"] = (res.scores, truths[tn])
+            checkpoint(args)
         log(f"  curvature {curv} done")
     for name in ("direct_if", "ekfac_if", "tracin"):
         s = bl.score_all(prob, lam, tasks, target, methods=[name])[name].task
@@ -345,12 +415,15 @@ def protocol_fidelity(args):
             c = mf.evaluate.correlation(s, tv)
             row[f"spearman[{tn}]"] = c["spearman"]
             row[f"pearson[{tn}]"] = c["pearson"]
-        rec("fidelity_tasks", M=len(tasks), P=prob.spec.size, grad_norm=gn, **row)
+        rec("tasks", M=len(tasks), P=prob.spec.size, grad_norm=gn, **row)
     plots.scatter_pred_vs_actual(
         scat,
         OUT / "fidelity_scatter_tasks.png",
         title=f"task removal, M={len(tasks)}, P={prob.spec.size}",
     )
+    checkpoint(args)
+    if args.d_main_only:
+        return
     # Δλ relative error for a few single removals and one 10% group
     for grp in ([0], [1], list(range(0, len(tasks), 10))):
         for dp in (0.0, 0.1):
@@ -465,7 +538,7 @@ def protocol_fidelity(args):
             pred = torch.stack([res.scores[k][j] for k, j in pts])
             c = mf.evaluate.correlation(pred, tv)
             rec(
-                "fidelity_points",
+                "points",
                 kind=kind,
                 n=len(pts),
                 truth="plain" if dp == 0 else f"proximal δ'={dp}",
@@ -481,8 +554,8 @@ def protocol_fidelity(args):
 # --- the map ------------------------------------------------------------------------------------
 def protocol_map(args):
     log("map: inner × damping × width × M")
-    inners = ("unrolled", "implicit") if args.map_full else ("unrolled",)
-    widths = (4, 8, 16) if args.map_full else (4,)
+    inners = ("unrolled", "implicit")
+    widths = (4, 8, 16) if args.map_full else (args.hidden,)
     Ms = (20, 40, 80) if args.map_full else (20, 40)
     dampings = (1e-3, 1e-1)
     for inner in inners:
@@ -536,6 +609,7 @@ def protocol_map(args):
                         f"ρ_plain={ROWS['map'][-1]['spearman_plain']:.3f} "
                         f"ρ_prox={ROWS['map'][-1]['spearman_prox01']:.3f}"
                     )
+                    checkpoint(args)
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -543,6 +617,13 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else (f"{v:.4g}")
     return str(v)
+
+
+START = time.perf_counter()
+
+
+def checkpoint(args) -> None:
+    write(args, time.perf_counter() - START)
 
 
 def write(args, wall: float) -> None:
@@ -565,8 +646,12 @@ def write(args, wall: float) -> None:
         "",
         "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()),
         "",
-        f"Data: {args.data} pooled to {args.side}×{args.side}; {args.ways}-way "
-        f"{args.shots}-shot, {args.queries} queries/class; MLP width {args.hidden}, "
+        (
+            f"Data: toy {args.dim}-d linear-boundary tasks; {args.ways}-way "
+            if args.data == "toy"
+            else f"Data: {args.data} pooled to {args.side}×{args.side}; {args.ways}-way "
+        )
+        + f"{args.shots}-shot, {args.queries} queries/class; MLP width {args.hidden}, "
         f"one-step second-order MAML (inner lr {args.inner_lr}), damping δ={args.damping}, "
         "float64. Scores are removal effects Δf (math.md §3: negative = harmful).",
         "",
@@ -602,9 +687,16 @@ def main() -> None:
     ap.add_argument("--map-full", action="store_true")
     ap.add_argument("--full-retrain", action="store_true", help="full retrain for every method")
     ap.add_argument("--only", default="d,a,c,b,map")
+    ap.add_argument("--dim", type=int, default=2, help="input dimension for --data toy")
+    ap.add_argument("--curvatures", default="exact,gauss_newton,gamma")
+    ap.add_argument("--solvers", default="cg,direct,neumann,arnoldi")
+    ap.add_argument("--d-main-only", action="store_true", help="(d): only curvature × solver")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
     args = ap.parse_args()
+    global OUT
+    OUT = Path(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
