@@ -251,6 +251,7 @@ def protocol_removal(args, kind: str, level: str, where: str):
     rec(
         "removal",
         kind=kind,
+        where=where,
         method="none (trained on all)",
         acc_edit=base_acc,
         acc_warm_retrain=base_acc,
@@ -291,6 +292,7 @@ def protocol_removal(args, kind: str, level: str, where: str):
         rec(
             "removal",
             kind=kind,
+            where=where,
             method=name,
             acc_edit=accuracy(prob, edited, test),
             acc_ascent=accuracy(prob, asc, test),
@@ -312,7 +314,7 @@ def protocol_removal(args, kind: str, level: str, where: str):
     if curves:
         plots.detection_plot(
             curves,
-            OUT / f"fidelity_detection_{kind}.png",
+            OUT / f"fidelity_detection_{kind}_{where}.png",
             title=f"flipped {where} labels: {kind} detection",
         )
 
@@ -551,13 +553,90 @@ def protocol_fidelity(args):
     log("  point fidelity done")
 
 
+# --- Newton-type corrections per removed item ---------------------------------------------------
+def protocol_corrections(args):
+    """Does a per-item correction close the gap to plain LOO? Same setup as (d).
+
+    Predictors of ``Δf_{-k}`` (each against the matching truth, δ' ∈ {0, 0.01, 0.1}):
+    influence (first order); ``f(λ* + Δλ_k) − f(λ*)`` with the influence ``Δλ_k`` (exact ``f``,
+    M target evaluations); 1 and 2 dense Newton steps on the reweighted objective from ``λ*``
+    (the retrainer stopped early: cost ≈ steps / (steps of a full retrain))."""
+    log("corrections: per-item Newton steps vs influence")
+    tasks, target, _ = load_tasks(args, args.tasks, args.target, args.test, seed=21)
+    tasks, _ = mf.data.flip_labels(
+        tasks, fraction=args.flip, level="task", seed=1, where="support", ways=args.ways
+    )
+    model, prob = build(args, args.hidden, "unrolled", args.damping)
+    lam, _ = train(prob, model, tasks)
+    lamf = prob.flat(lam)
+    idx = list(range(len(tasks)))
+    f0 = mf.evaluate.target_value(prob, lamf, target)
+    batch = prob.batch(tasks, lamf)
+    for dp in (0.0, 0.01, 0.1):
+        t0 = time.perf_counter()
+        truth = mf.evaluate.leave_one_out(
+            prob,
+            lam,
+            tasks,
+            target,
+            indices=idx,
+            retrain=mf.evaluate.newton_retrain(prob, proximal=dp),
+        )
+        t_truth = (time.perf_counter() - t0) / len(idx)
+        tn = "plain LOO" if dp == 0 else f"proximal δ'={dp}"
+        preds: dict[str, tuple[torch.Tensor, float]] = {}
+        res, t = influence(
+            prob, lam, tasks, target, solver="direct", solve_damping=dp, diagnostics=False
+        )
+        preds["influence (first order)"] = (res.scores, t / len(idx))
+        t0 = time.perf_counter()
+        out = []
+        for k in idx:
+            dl = prob.spec.flatten(
+                mf.param_influence(
+                    prob, lam, tasks, {"task": [k]}, solver="direct", solve_damping=dp
+                )
+            )
+            out.append(mf.evaluate.target_value(prob, lamf + dl, target) - f0)
+        preds["influence Δλ, exact f"] = (
+            torch.tensor(out, dtype=DT),
+            (time.perf_counter() - t0) / len(idx),
+        )
+        for steps in (1, 2):
+            t0 = time.perf_counter()
+            out = []
+            for k in idx:
+                b = mf.evaluate.reweighted(batch, "task", k, 0.0)
+                prox = (dp, lamf) if dp > 0 else None
+                new = mf.train.newton_refine(prob, lam, b, tol=0.0, max_steps=steps, prox=prox)
+                out.append(mf.evaluate.target_value(prob, new, target) - f0)
+            preds[f"{steps} Newton step(s), H_-k"] = (
+                torch.tensor(out, dtype=DT),
+                (time.perf_counter() - t0) / len(idx),
+            )
+        for name, (pv, tp) in preds.items():
+            c = mf.evaluate.correlation(pv, truth)
+            rec(
+                "corrections",
+                truth=tn,
+                predictor=name,
+                spearman=c["spearman"],
+                pearson=c["pearson"],
+                rel_error=c["rel_error"],
+                t_per_item_s=tp,
+                t_retrain_per_item_s=t_truth,
+            )
+            log(f"  {tn}: {name} ρ={c['spearman']:.3f} rel {c['rel_error']:.3f}")
+        checkpoint(args)
+
+
 # --- the map ------------------------------------------------------------------------------------
 def protocol_map(args):
     log("map: inner × damping × width × M")
     inners = ("unrolled", "implicit")
     widths = (4, 8, 16) if args.map_full else (args.hidden,)
-    Ms = (20, 40, 80) if args.map_full else (20, 40)
-    dampings = (1e-3, 1e-1)
+    Ms = tuple(int(m) for m in args.map_ms.split(","))
+    dampings = tuple(float(d) for d in args.map_dampings.split(","))
     for inner in inners:
         for width in widths:
             for M in Ms:
@@ -619,6 +698,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _num(v: str) -> Any:
+    try:
+        return float(v) if any(ch in v for ch in ".e") else v
+    except ValueError:
+        return v
+
+
 START = time.perf_counter()
 
 
@@ -656,12 +742,21 @@ def write(args, wall: float) -> None:
         "float64. Scores are removal effects Δf (math.md §3: negative = harmful).",
         "",
     ]
-    for name, rows in ROWS.items():
-        keys: list[str] = []
-        for r in rows:
-            keys += [k for k in r if k not in keys]
-        lines += [f"## {name}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    # every table in OUT (also those written by earlier runs with other --only)
+    for path in sorted(OUT.glob("fidelity_*.csv")):
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            continue
+        keys = list(rows[0])
+        fresh = "" if path.stem[len("fidelity_") :] in ROWS else " (earlier run)"
+        lines += [
+            f"## {path.stem[len('fidelity_') :]}{fresh}",
+            "",
+            "| " + " | ".join(keys) + " |",
+            "|" + "---|" * len(keys),
+        ]
+        lines += ["| " + " | ".join(_fmt(_num(r.get(k, ""))) for k in keys) + " |" for r in rows]
         lines.append("")
     (OUT / "fidelity_tables.md").write_text("\n".join(lines))
 
@@ -684,7 +779,9 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=20)
     ap.add_argument("--lds-subsets", type=int, default=10)
     ap.add_argument("--map-items", type=int, default=8)
-    ap.add_argument("--map-full", action="store_true")
+    ap.add_argument("--map-full", action="store_true", help="widths 4, 8, 16")
+    ap.add_argument("--map-ms", default="20,50,100")
+    ap.add_argument("--map-dampings", default="1e-3,1e-2,1e-1")
     ap.add_argument("--full-retrain", action="store_true", help="full retrain for every method")
     ap.add_argument("--only", default="d,a,c,b,map")
     ap.add_argument("--dim", type=int, default=2, help="input dimension for --data toy")
@@ -707,6 +804,8 @@ def main() -> None:
     steps = [
         ("d", lambda: protocol_fidelity(args)),
         ("a", lambda: protocol_removal(args, "task", "task", "support")),
+        ("aq", lambda: protocol_removal(args, "task", "task", "query")),
+        ("corr", lambda: protocol_corrections(args)),
         ("b", lambda: protocol_removal(args, "support_point", "point", "support")),
         ("b", lambda: protocol_removal(args, "query_point", "point", "query")),
         ("map", lambda: protocol_map(args)),
