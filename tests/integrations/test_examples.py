@@ -1,0 +1,48 @@
+"""The scripts in examples/ run at a tiny size (subprocess, one torch thread each)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _run(name: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_task_influence_maml():
+    out = _run("task_influence_maml.py")
+    assert "solve converged: True" in out
+    # the mislabelled task 1 is ranked the most harmful
+    assert "most harmful tasks (removing them lowers the target loss): [(1," in out
+
+
+def test_dattri_backend():
+    out = _run("dattri_backend.py")
+    assert "score matrix (60, 5)" in out
+    diff = float(out.split("vs explicit torch.linalg.solve, max |diff|:")[1].split()[0])
+    assert diff < 1e-8
+
+
+def test_imaml_torchopt():
+    pytest.importorskip("torchopt")
+    out = _run("imaml_torchopt.py")
+    losses = [
+        float(line.split("query loss ")[1].split(",")[0])
+        for line in out.splitlines()
+        if line.startswith("meta step")
+    ]
+    assert len(losses) == 3 and losses[-1] < losses[0]
