@@ -7,7 +7,7 @@ unrolled (MAML) and head-only implicit (proximal, reg γ). Batched: ``problem.po
 (``task_weight = 1/M``), summed. The two are checked to agree before timing; a profile of the
 batched path is printed (top operators).
 
-    python benchmarks/bench_hvp.py [--tasks 1000] [--loop-tasks 1000] [--quick]
+    python benchmarks/bench_hvp.py [--tasks 1000] [--loop-tasks 1000] [--threads 1] [--only unr]
 """
 
 from __future__ import annotations
@@ -26,6 +26,40 @@ from harness import RESULTS_DIR, append_csv, machine_info, time_fn  # noqa: E402
 from metafluence.bilevel import HeadOnly, MetaProblem, Task, Unrolled  # noqa: E402
 
 COPY_GBS, PEAK_GFLOPS = 26.0, 130.0
+
+
+def append_rows(path, rows) -> Path:
+    """``append_csv``, but when ``rows`` bring columns the file's header lacks, the file is
+    rewritten once with the union header (older rows get empty cells) instead of misaligning."""
+    import csv
+
+    path = Path(path)
+    rows = list(rows)
+    if rows and path.exists() and path.stat().st_size:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header, old = list(reader.fieldnames or []), list(reader)
+        extra = [k for r in rows for k in r if k not in header]
+        if extra:
+            fields = header + list(dict.fromkeys(extra))
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(old)
+    return append_csv(path, rows)
+
+
+def load_note(threads: int) -> dict:
+    """Machine-load columns: the 1-minute load average now, and the torch thread count."""
+    import os
+
+    la = os.getloadavg()[0]
+    return {
+        "loadavg_1m": round(la, 2),
+        "note": f"{threads} torch thread(s); 1-min load avg {la:.1f} at the row",
+    }
+
+
 WAYS, SHOTS, QUERIES = 5, 1, 15
 
 
@@ -66,17 +100,15 @@ def run(inner_name, curvature, M, loop_M, chunk, dtype, info, rows, profile):
 
     w1 = torch.full((1,), 1.0 / M, dtype=dtype)
 
-    def loop(n=loop_M):
-        out = torch.zeros_like(D)
-        for t in tasks[:n]:
-            out = out + problem.point(lam, [t], task_weight=w1).hvp(D, curvature)
-        return out
-
-    # correctness first (on the loop subset)
+    # the per-task loop (on the first loop_M tasks), timed once; warm-up: one task
+    problem.point(lam, tasks[:1], task_weight=w1).hvp(D, curvature)
     sub = tasks[:loop_M]
+    t0 = time.perf_counter()
     ref = torch.zeros_like(D)
     for t in sub:
         ref = ref + problem.point(lam, [t], task_weight=w1).hvp(D, curvature)
+    tl = (time.perf_counter() - t0) * (M / loop_M)  # loop time scaled to M tasks
+    # correctness: the batched path on the same subset equals the loop
     got = problem.point(lam, sub, task_weight=torch.full((loop_M,), 1.0 / M, dtype=dtype)).hvp(
         D, curvature
     )
@@ -85,9 +117,6 @@ def run(inner_name, curvature, M, loop_M, chunk, dtype, info, rows, profile):
     assert err <= tol, f"{inner_name} {curvature}: batched vs loop rel err {err:.2e} > {tol}"
 
     tb = time_fn(batched, warmup=1, repeat=3)
-    t0 = time.perf_counter()
-    loop()
-    tl = (time.perf_counter() - t0) * (M / loop_M)  # loop time scaled to M tasks
     speed = tl / tb["median_s"]
     # rough flop count: forward+backward of the MLP on (support+query) per task, ×~4 for
     # the second-order passes (jvp + vjp of the inner map and of the outer loss), per column
@@ -111,7 +140,14 @@ def run(inner_name, curvature, M, loop_M, chunk, dtype, info, rows, profile):
         "rel_err_vs_loop": f"{err:.1e}",
         "gflops_est": round(flops / tb["median_s"] / 1e9, 2),
         "pct_peak_flops": round(100 * flops / tb["median_s"] / 1e9 / PEAK_GFLOPS, 1),
+        **load_note(torch.get_num_threads()),
     }
+    if loop_M < M:
+        row["note"] += (
+            f"; per-task loop timed once on {loop_M} of {M} tasks, scaled x{M / loop_M:g}"
+        )
+    else:
+        row["note"] += "; per-task loop timed once over all tasks"
     rows.append(row)
     print(
         f"{inner_name:<18} {curvature:<13} M={M} P={P} chunk={chunk}: batched "
@@ -136,15 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--only", default="")
+    parser.add_argument("--curvatures", default="exact,gauss_newton")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "hvp.csv"))
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     info = machine_info("cpu")
     rows: list[dict] = []
+    n_rows = 0
     for inner_name in INNERS:
         if args.only and args.only not in inner_name:
             continue
-        for curvature in ("exact", "gauss_newton"):
+        for curvature in args.curvatures.split(","):
             for chunk in (int(c) for c in args.chunks.split(",")):
                 run(
                     inner_name,
@@ -157,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows,
                     args.profile,
                 )
-    append_csv(args.out, rows)
-    print(f"appended {len(rows)} rows to {args.out}")
+                append_rows(args.out, rows)  # row by row: a stopped run keeps what it measured
+                n_rows += len(rows)
+                rows.clear()
+    print(f"appended {n_rows} rows to {args.out}")
     return 0
 
 
