@@ -151,7 +151,7 @@ def build(args, hidden: int, inner: str, damping: float, seed: int = 0):
     if inner == "unrolled":
         im = mf.inner.Unrolled(steps=1, lr=args.inner_lr)
     else:
-        im = mf.inner.Implicit(reg=1.0, solver="direct", steps=50, lr=0.3)
+        im = mf.inner.Implicit(reg=args.implicit_reg, solver="direct", steps=50, lr=0.3)
     return model, mf.MetaProblem(model, inner=im, damping=damping)
 
 
@@ -633,7 +633,7 @@ def protocol_corrections(args):
 # --- the map ------------------------------------------------------------------------------------
 def protocol_map(args):
     log("map: inner × damping × width × M")
-    inners = ("unrolled", "implicit")
+    inners = tuple(args.map_inners.split(","))
     widths = (4, 8, 16) if args.map_full else (args.hidden,)
     Ms = tuple(int(m) for m in args.map_ms.split(","))
     dampings = tuple(float(d) for d in args.map_dampings.split(","))
@@ -642,53 +642,60 @@ def protocol_map(args):
             for M in Ms:
                 tasks, target, _ = load_tasks(args, M, args.target, 2, seed=31)
                 for damping in dampings:
-                    model, prob = build(args, width, inner, damping)
-                    lam, t_train = train(prob, model, tasks)
-                    gn = mf.train.grad_norm(prob, lam, tasks)
-                    idx = list(range(0, M, max(1, M // args.map_items)))[: args.map_items]
-                    plain = mf.evaluate.leave_one_out(prob, lam, tasks, target, indices=idx)
-                    prox = mf.evaluate.leave_one_out(
-                        prob,
-                        lam,
-                        tasks,
-                        target,
-                        indices=idx,
-                        retrain=mf.evaluate.newton_retrain(prob, proximal=0.1),
-                    )
-                    r0, t0 = influence(prob, lam, tasks, target, lanczos_steps=40)
-                    r1, _ = influence(
-                        prob, lam, tasks, target, solve_damping=0.1, diagnostics=False
-                    )
-                    t1 = time.perf_counter()
-                    mf.edit(prob, lam, tasks, remove={"task": idx[:1]}, solver="direct")
-                    t_edit = time.perf_counter() - t1
-                    s0, s1 = r0.scores[idx], r1.scores[idx]
-                    rec(
-                        "map",
-                        inner=inner,
-                        width=width,
-                        P=prob.spec.size,
-                        M=M,
-                        damping=damping,
-                        grad_norm=gn,
-                        lambda_min=r0.diagnostics["lambda_min"],
-                        lambda_max=r0.diagnostics["lambda_max"],
-                        regime=r0.diagnostics["regime"],
-                        spearman_plain=mf.evaluate.correlation(s0, plain)["spearman"],
-                        relerr_plain=mf.evaluate.correlation(s0, plain)["rel_error"],
-                        spearman_prox01=mf.evaluate.correlation(s1, prox)["spearman"],
-                        t_train_s=t_train,
-                        t_influence_s=t0,
-                        t_edit_s=t_edit,
-                        speedup=t_train / (t0 + t_edit),
-                        n_items=len(idx),
-                    )
-                    log(
-                        f"  {inner} w={width} M={M} δ={damping}: {ROWS['map'][-1]['regime']} "
-                        f"ρ_plain={ROWS['map'][-1]['spearman_plain']:.3f} "
-                        f"ρ_prox={ROWS['map'][-1]['spearman_prox01']:.3f}"
-                    )
+                    try:
+                        map_cell(args, inner, width, M, damping, tasks, target)
+                    except Exception as exc:  # e.g. Implicit: inner Hessian not PD
+                        log(f"  {inner} w={width} M={M} δ={damping} failed: {exc!r}")
+                        rec("map", inner=inner, width=width, M=M, damping=damping, regime=repr(exc))
                     checkpoint(args)
+
+
+def map_cell(args, inner, width, M, damping, tasks, target) -> None:
+    """One cell of the map: train, LOO on a subset of tasks, influence, record."""
+    model, prob = build(args, width, inner, damping)
+    lam, t_train = train(prob, model, tasks)
+    gn = mf.train.grad_norm(prob, lam, tasks)
+    idx = list(range(0, M, max(1, M // args.map_items)))[: args.map_items]
+    plain = mf.evaluate.leave_one_out(prob, lam, tasks, target, indices=idx)
+    prox = mf.evaluate.leave_one_out(
+        prob,
+        lam,
+        tasks,
+        target,
+        indices=idx,
+        retrain=mf.evaluate.newton_retrain(prob, proximal=0.1),
+    )
+    r0, t0 = influence(prob, lam, tasks, target, lanczos_steps=40)
+    r1, _ = influence(prob, lam, tasks, target, solve_damping=0.1, diagnostics=False)
+    t1 = time.perf_counter()
+    mf.edit(prob, lam, tasks, remove={"task": idx[:1]}, solver="direct")
+    t_edit = time.perf_counter() - t1
+    s0, s1 = r0.scores[idx], r1.scores[idx]
+    rec(
+        "map",
+        inner=inner,
+        width=width,
+        P=prob.spec.size,
+        M=M,
+        damping=damping,
+        grad_norm=gn,
+        lambda_min=r0.diagnostics["lambda_min"],
+        lambda_max=r0.diagnostics["lambda_max"],
+        regime=r0.diagnostics["regime"],
+        spearman_plain=mf.evaluate.correlation(s0, plain)["spearman"],
+        relerr_plain=mf.evaluate.correlation(s0, plain)["rel_error"],
+        spearman_prox01=mf.evaluate.correlation(s1, prox)["spearman"],
+        t_train_s=t_train,
+        t_influence_s=t0,
+        t_edit_s=t_edit,
+        speedup=t_train / (t0 + t_edit),
+        n_items=len(idx),
+    )
+    log(
+        f"  {inner} w={width} M={M} δ={damping}: {ROWS['map'][-1]['regime']} "
+        f"ρ_plain={ROWS['map'][-1]['spearman_plain']:.3f} "
+        f"ρ_prox={ROWS['map'][-1]['spearman_prox01']:.3f}"
+    )
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -781,6 +788,8 @@ def main() -> None:
     ap.add_argument("--map-items", type=int, default=8)
     ap.add_argument("--map-full", action="store_true", help="widths 4, 8, 16")
     ap.add_argument("--map-ms", default="20,50,100")
+    ap.add_argument("--map-inners", default="unrolled,implicit")
+    ap.add_argument("--implicit-reg", type=float, default=3.0, help="Implicit(reg=γ)")
     ap.add_argument("--map-dampings", default="1e-3,1e-2,1e-1")
     ap.add_argument("--full-retrain", action="store_true", help="full retrain for every method")
     ap.add_argument("--only", default="d,a,c,b,map")
