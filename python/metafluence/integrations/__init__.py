@@ -3,10 +3,12 @@
 * :mod:`metafluence.integrations.dattri`: drop-in ``ihvp_cg`` / ``ihvp_lissa`` /
   ``ihvp_arnoldi`` with dattri 0.3.0's signatures, plus ``ihvp_dataset_cg`` (one inverse of the
   whole-dataset Hessian). Does not import dattri itself.
+* :mod:`metafluence.integrations.dattri_attributor`: ``IFAttributorMetafluence``, a dattri
+  attributor (needs dattri) inverting the whole-training-set Hessian once.
 * :mod:`metafluence.integrations.torchopt`: ``solve(matvec, b)`` linear solvers for
   ``torchopt.diff.implicit.custom_root(..., solve=...)``.
 
 Submodules are imported on demand (``from metafluence.integrations import dattri``).
 """
 
-__all__ = ["dattri", "torchopt"]
+__all__ = ["dattri", "dattri_attributor", "torchopt"]
