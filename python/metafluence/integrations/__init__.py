@@ -5,10 +5,12 @@
   whole-dataset Hessian). Does not import dattri itself.
 * :mod:`metafluence.integrations.dattri_attributor`: ``IFAttributorMetafluence``, a dattri
   attributor (needs dattri) inverting the whole-training-set Hessian once.
+* :mod:`metafluence.integrations.kronfluence`: kronfluence's per-sample-gradient, pairwise and
+  self scores on metafluence kernels; ``use_metafluence_kernels()`` patches ``TrackedLinear``.
 * :mod:`metafluence.integrations.torchopt`: ``solve(matvec, b)`` linear solvers for
   ``torchopt.diff.implicit.custom_root(..., solve=...)``.
 
 Submodules are imported on demand (``from metafluence.integrations import dattri``).
 """
 
-__all__ = ["dattri", "dattri_attributor", "torchopt"]
+__all__ = ["dattri", "dattri_attributor", "kronfluence", "torchopt"]

@@ -1,0 +1,68 @@
+"""metafluence.integrations.kronfluence vs kronfluence's TrackedLinear (installed --no-deps)."""
+
+import pytest
+import torch
+
+pytest.importorskip("kronfluence")
+from kronfluence.module.linear import TrackedLinear  # noqa: E402
+
+from metafluence.integrations import kronfluence as mk  # noqa: E402
+
+
+def _module(bias):
+    torch.manual_seed(0)
+    return TrackedLinear(name="fc", original_module=torch.nn.Linear(5, 4, bias=bias).double())
+
+
+def _inputs(tokens):
+    g = torch.Generator().manual_seed(1)
+    shape = (6, 3) if tokens else (6,)
+    a = torch.randn(*shape, 5, generator=g, dtype=torch.float64)
+    go = torch.randn(*shape, 4, generator=g, dtype=torch.float64)
+    return a, go
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("tokens", [True, False])
+def test_patched_tracked_linear_equals_kronfluence(bias, tokens):
+    m = _module(bias)
+    a, go = _inputs(tokens)
+    n_in = 6 if bias else 5
+    g = torch.Generator().manual_seed(2)
+    pg = torch.randn(7, 4, n_in, generator=g, dtype=torch.float64)
+    low = [
+        torch.randn(7, 4, 2, generator=g, dtype=torch.float64),
+        torch.randn(7, 2, n_in, generator=g, dtype=torch.float64),
+    ]
+    pg_self = torch.randn(6, 4, n_in, generator=g, dtype=torch.float64)
+
+    ref_psg = m.compute_per_sample_gradient(a, go)
+    ref_pair = m.compute_pairwise_score(pg, a, go)
+    m.einsum_path = None
+    ref_low = m.compute_pairwise_score(low, a, go)
+    m.einsum_path = None
+    ref_self = m.compute_self_measurement_score(pg_self, a, go)
+    m.einsum_path = None
+    orig = TrackedLinear.compute_pairwise_score
+    with mk.use_metafluence_kernels():
+        assert TrackedLinear.compute_pairwise_score is not orig
+        psg = m.compute_per_sample_gradient(a, go)
+        pair = m.compute_pairwise_score(pg, a, go)
+        low_s = m.compute_pairwise_score(low, a, go)
+        self_s = m.compute_self_measurement_score(pg_self, a, go)
+    assert TrackedLinear.compute_pairwise_score is orig
+    assert psg.shape == ref_psg.shape == (6, 4, n_in)
+    torch.testing.assert_close(psg, ref_psg, rtol=1e-10, atol=1e-10)
+    assert pair.shape == ref_pair.shape == (7, 6)
+    torch.testing.assert_close(pair, ref_pair, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(low_s, ref_low, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(self_s, ref_self, rtol=1e-10, atol=1e-10)
+
+
+def test_functions_plain_shapes():
+    a, go = _inputs(True)
+    G = torch.einsum("bto,bti->boi", go, a)
+    torch.testing.assert_close(mk.per_sample_gradient(a, go), G)
+    pg = torch.randn(3, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(mk.pairwise_score(pg, a, go), torch.einsum("qoi,boi->qb", pg, G))
+    torch.testing.assert_close(mk.self_score(G, a, go), G.square().sum((1, 2)))
