@@ -55,6 +55,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ),
     ("metafluence.integrations.dattri_attributor", ["IFAttributorMetafluence"]),
     ("metafluence.integrations.torchopt", ["solve_cg", "solve_neumann", "solve_direct"]),
+    ("metafluence.integrations.models", ["unwrap", "inner_from_maml", "FunctionalModel"]),
     (
         "metafluence.integrations.kronfluence",
         ["per_sample_gradient", "pairwise_score", "self_score", "use_metafluence_kernels"],

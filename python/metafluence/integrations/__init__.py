@@ -7,10 +7,12 @@
   attributor (needs dattri) inverting the whole-training-set Hessian once.
 * :mod:`metafluence.integrations.kronfluence`: kronfluence's per-sample-gradient, pairwise and
   self scores on metafluence kernels; ``use_metafluence_kernels()`` patches ``TrackedLinear``.
+* :mod:`metafluence.integrations.models`: learn2learn / DDP / compile wrappers (``unwrap``,
+  ``inner_from_maml``) and higher- or torch.func-style functional models (``FunctionalModel``).
 * :mod:`metafluence.integrations.torchopt`: ``solve(matvec, b)`` linear solvers for
   ``torchopt.diff.implicit.custom_root(..., solve=...)``.
 
 Submodules are imported on demand (``from metafluence.integrations import dattri``).
 """
 
-__all__ = ["dattri", "dattri_attributor", "kronfluence", "torchopt"]
+__all__ = ["dattri", "dattri_attributor", "kronfluence", "models", "torchopt"]
