@@ -28,6 +28,38 @@ from harness import RESULTS_DIR, append_csv, machine_info, max_rel_err, time_fn 
 PEAK_GFLOPS = 130.0
 
 
+def append_rows(path, rows) -> Path:
+    """``append_csv``, but when ``rows`` bring columns the file's header lacks, the file is
+    rewritten once with the union header (older rows get empty cells) instead of misaligning."""
+    import csv
+
+    path = Path(path)
+    rows = list(rows)
+    if rows and path.exists() and path.stat().st_size:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header, old = list(reader.fieldnames or []), list(reader)
+        extra = [k for r in rows for k in r if k not in header]
+        if extra:
+            fields = header + list(dict.fromkeys(extra))
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(old)
+    return append_csv(path, rows)
+
+
+def load_note(threads: int) -> dict:
+    """Machine-load columns: the 1-minute load average now, and the torch thread count."""
+    import os
+
+    la = os.getloadavg()[0]
+    return {
+        "loadavg_1m": round(la, 2),
+        "note": f"{threads} torch thread(s); 1-min load avg {la:.1f} at the row",
+    }
+
+
 def conv4(c_in: int, size: int, classes: int = 5, filters: int = 64) -> nn.Sequential:
     layers: list[nn.Module] = []
     c, s = c_in, size
@@ -144,6 +176,7 @@ def bench_config(
                 "frac_of_peak": round(gflops / PEAK_GFLOPS, 3),
                 "max_rel_err": f"{errs[name]:.2e}",
                 "repeats": repeat,
+                **load_note(torch.get_num_threads()),
             }
         )
     return rows
@@ -152,6 +185,7 @@ def bench_config(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--configs", default="", help="e.g. 1x28x25,3x84x80 (c_in x size x N)")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS_DIR / "psg.csv"))
@@ -166,11 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     configs = [(1, 28, 25), (1, 28, 80), (3, 84, 25), (3, 84, 80)]
     if args.quick:
         configs = [(1, 28, 25)]
-    rows = []
+    if args.configs:
+        configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+    n_rows = 0
     for c_in, size, n in configs:
-        rows += bench_config(c_in, size, n, args.repeat, info, GradSampleModule)
-    path = append_csv(args.out, rows)
-    print(f"appended {len(rows)} rows to {path}")
+        rows = bench_config(c_in, size, n, args.repeat, info, GradSampleModule)
+        append_rows(args.out, rows)  # per config: a stopped run keeps what it measured
+        n_rows += len(rows)
+    print(f"appended {n_rows} rows to {args.out}")
     return 0
 
 

@@ -8,7 +8,7 @@ B. Per-iteration cost of multi-column CG at P = 1e4, 1e5 and k = 1, 16, 256 colu
    diagonal matvec: fused vector updates (``ops.cg_update_`` + ``ops.cg_direction_``) against the
    plain-PyTorch loop, reported as time, GB/s (vs ~26 GB/s copy) and GFLOP/s (vs ~130).
 
-    python benchmarks/bench_solvers.py [--quick] [--tasks M]
+    python benchmarks/bench_solvers.py [--quick] [--tasks M] [--threads 1] [--sizes 2000,5000]
 """
 
 from __future__ import annotations
@@ -25,6 +25,38 @@ from metafluence.ops import solver_update  # noqa: E402
 from metafluence.solvers import solve_cg, solve_woodbury_batched  # noqa: E402
 
 COPY_GBS, PEAK_GFLOPS = 26.0, 130.0
+
+
+def append_rows(path, rows) -> Path:
+    """``append_csv``, but when ``rows`` bring columns the file's header lacks, the file is
+    rewritten once with the union header (older rows get empty cells) instead of misaligning."""
+    import csv
+
+    path = Path(path)
+    rows = list(rows)
+    if rows and path.exists() and path.stat().st_size:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header, old = list(reader.fieldnames or []), list(reader)
+        extra = [k for r in rows for k in r if k not in header]
+        if extra:
+            fields = header + list(dict.fromkeys(extra))
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(old)
+    return append_csv(path, rows)
+
+
+def load_note(threads: int) -> dict:
+    """Machine-load columns: the 1-minute load average now, and the torch thread count."""
+    import os
+
+    la = os.getloadavg()[0]
+    return {
+        "loadavg_1m": round(la, 2),
+        "note": f"{threads} torch thread(s); 1-min load avg {la:.1f} at the row",
+    }
 
 
 def inner_problem(M: int, P: int, r: int, dtype: torch.dtype, seed: int = 0):
@@ -114,6 +146,7 @@ def bench_inner(M: int, P: int, r: int, gamma: float, info: dict, rows: list) ->
             "gbs": round(b / med / 1e9, 2),
             "pct_peak_flops": round(100 * flops[name] / med / 1e9 / PEAK_GFLOPS, 1),
             "pct_copy_bw": round(100 * b / med / 1e9 / COPY_GBS, 1),
+            **load_note(torch.get_num_threads()),
         }
         rows.append(row)
         print(
@@ -175,6 +208,7 @@ def bench_update(k: int, P: int, iters: int, info: dict, rows: list) -> None:
             "backend": solver_update.fused_backend(torch.device("cpu"), dt)
             if name == "fused"
             else "plain",
+            **load_note(torch.get_num_threads()),
         }
         rows.append(row)
         print(
@@ -188,13 +222,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--sizes", default="", help="inner-solve P values, e.g. 2000,5000")
     parser.add_argument("--out", default=str(RESULTS_DIR / "solvers.csv"))
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     info = machine_info("cpu")
     rows: list[dict] = []
-    for P in (2000,) if args.quick else (2000, 5000):
+    sizes = [int(p) for p in args.sizes.split(",")] if args.sizes else None
+    for P in sizes or ((2000,) if args.quick else (2000, 5000)):
         bench_inner(args.tasks, P, 25, 1e-2, info, rows)
-        append_csv(args.out, rows)
+        append_rows(args.out, rows)
         rows.clear()
     grid = (
         [(1, 10_000), (16, 10_000)]
@@ -203,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for k, P in grid:
         bench_update(k, P, 20 if k * P >= 1_000_000 else 100, info, rows)
-        append_csv(args.out, rows)  # row by row: a stopped run keeps what it measured
+        append_rows(args.out, rows)  # row by row: a stopped run keeps what it measured
         rows.clear()
     print(f"appended rows to {args.out}")
     return 0
