@@ -79,13 +79,16 @@ class ParamSpec:
         return torch.cat([params[n].reshape(-1) for n in self.names])
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        """``[P] → dict`` of views (works under ``torch.func`` transforms)."""
-        out: dict[str, Tensor] = {}
-        offset = 0
-        for n, s, k in zip(self.names, self.shapes, self.numels, strict=True):
-            out[n] = flat[offset : offset + k].view(s)
-            offset += k
-        return out
+        """``[P] → dict`` of views (works under ``torch.func`` transforms).
+
+        Uses one ``torch.split`` (whose backward is a single ``cat``) rather than a slice per
+        parameter (whose backward zero-fills a ``[P]`` tensor per parameter).
+        """
+        parts = torch.split(flat, list(self.numels), dim=-1)
+        return {
+            n: t.view(*flat.shape[:-1], *s)
+            for n, s, t in zip(self.names, self.shapes, parts, strict=True)
+        }
 
     def unflatten_split(self, fixed: Tensor, adapted: Tensor) -> dict[str, Tensor]:
         """``([p_fixed], [p_adapt]) → dict``: each parameter is a view of its own block.
@@ -94,16 +97,13 @@ class ParamSpec:
         of ``adapted``, so a derivative with respect to ``adapted`` does not trace through the
         fixed part of the model (e.g. the ANIL body).
         """
-        out: dict[str, Tensor] = {}
-        offset = 0
-        for n, s, k in zip(self.names, self.shapes, self.numels, strict=True):
-            if offset < self.p_fixed:
-                out[n] = fixed[offset : offset + k].view(s)
-            else:
-                o = offset - self.p_fixed
-                out[n] = adapted[o : o + k].view(s)
-            offset += k
-        return out
+        numels = list(self.numels)
+        n_fixed = 0
+        while sum(numels[:n_fixed]) < self.p_fixed:
+            n_fixed += 1
+        parts = list(torch.split(fixed, numels[:n_fixed])) if n_fixed else []
+        parts += list(torch.split(adapted, numels[n_fixed:]))
+        return {n: t.view(s) for n, s, t in zip(self.names, self.shapes, parts, strict=True)}
 
     def split(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """``[..., P] → ([..., p_fixed], [..., p_adapt])``."""
