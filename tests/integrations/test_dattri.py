@@ -99,11 +99,15 @@ def test_arnoldi_matches_explicit_and_dattri(toy):
     torch.testing.assert_close(ours, ref, rtol=1e-7, atol=1e-7)
     # dattri 0.3.0's Arnoldi only runs in fp32 (fp32 start vector and Hessenberg matrix)
     f32 = tuple(t.float() for t in (params, x, y))
+    # (its fp32 Gram-Schmidt error depends on its random start vector: seed it, and compare on
+    # the scale of the solution)
+    torch.manual_seed(0)
     theirs = dh.ihvp_arnoldi(loss, **kw)(f32, v.float())
     ours32 = md.ihvp_arnoldi(loss, **kw)(f32, v.float())
     assert ours32.dtype == torch.float32
-    torch.testing.assert_close(ours32, theirs, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(ours32.double(), ref, rtol=1e-3, atol=1e-3)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(ours32.double(), ref, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(ours32, theirs, rtol=1e-3, atol=1e-3 * scale)
 
 
 def test_dataset_cg_inverts_the_dataset_hessian(toy):

@@ -57,6 +57,9 @@ def test_api_reference_generates():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     text = mod.render()
-    for _, names in mod.SECTIONS:
+    for modname, names in mod.SECTIONS:
+        if f"## `{modname}`\n\n(not importable here" in text:  # optional library missing
+            assert modname.startswith("metafluence.integrations.")
+            continue
         for name in names:
             assert f"### `{name}`" in text
