@@ -72,16 +72,20 @@ def test_native_ops_backward_compile_fullgraph_inductor():
     _check_backward("inductor")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Python entries choose a backend with torch._C._dispatch_has_kernel_for_dispatch_key"
-    " (returns a bool), which Dynamo cannot trace: a graph break under fullgraph=True",
-)
-def test_python_entries_compile_fullgraph():
+@pytest.mark.parametrize("backend", [None, "native"])
+def test_python_entries_compile_fullgraph(backend):
+    """The public entries trace without graph breaks (reference twin, or native if asked)."""
     torch._dynamo.reset()
     a, go, v = _inputs()
 
     def f(a, go, v):
-        return ops.psg_linear(a, go), ops.psg_linear_sqnorm(a, go), ops.psg_linear_dot(a, go, v)
+        return (
+            ops.psg_linear(a, go, backend=backend),
+            ops.psg_linear_sqnorm(a, go, backend=backend),
+            ops.psg_linear_dot(a, go, v, backend=backend),
+        )
 
-    torch.compile(f, fullgraph=True, backend="aot_eager")(a, go, v)
+    with torch.no_grad():
+        out = torch.compile(f, fullgraph=True, backend="aot_eager")(a, go, v)
+    for o, r in zip(out, _reference(a, go, v), strict=True):
+        torch.testing.assert_close(o, r.detach(), rtol=1e-10, atol=1e-12)

@@ -174,8 +174,15 @@ def select_backend(
     """Choose the backend for one call of ``op``.
 
     ``backend`` (else ``METAFLUENCE_BACKEND``) forces one; otherwise ``native`` if a kernel exists
-    for the device, then ``triton`` on CUDA, then ``reference``.
+    for the device, then ``triton`` on CUDA, then ``reference``. Under ``torch.compile`` only
+    ``backend="native"`` or the reference path are used (the checks would break the graph).
     """
+    if torch.compiler.is_compiling():
+        # Under torch.compile the availability checks (dispatcher queries, imports) cannot be
+        # traced: use the explicit argument if it is traceable, else the reference twin, which
+        # the compiler fuses itself.
+        normalized = normalize_backend(backend) if backend is not None else None
+        return normalized if normalized in ("native", "reference") else "reference"
     wanted = requested_backend(backend)
     if wanted is not None:
         why = checks[wanted](device, dtype)
