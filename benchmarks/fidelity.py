@@ -151,7 +151,9 @@ def build(args, hidden: int, inner: str, damping: float, seed: int = 0):
     if inner == "unrolled":
         im = mf.inner.Unrolled(steps=1, lr=args.inner_lr)
     else:
-        im = mf.inner.Implicit(reg=args.implicit_reg, solver="direct", steps=50, lr=0.3)
+        # gradient steps of size 1/(γ + 2): stable for the proximal term (γ·lr < 2)
+        gam = args.implicit_reg
+        im = mf.inner.Implicit(reg=gam, solver="direct", steps=50, lr=1.0 / (gam + 2.0))
     return model, mf.MetaProblem(model, inner=im, damping=damping)
 
 
