@@ -22,43 +22,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS_DIR, append_csv, machine_info, time_fn  # noqa: E402
+from harness import PEAK_GFLOPS, RESULTS_DIR, append_csv, load_note, machine_info, time_fn  # noqa: E402
 from metafluence.bilevel import HeadOnly, MetaProblem, Task, Unrolled  # noqa: E402
-
-COPY_GBS, PEAK_GFLOPS = 26.0, 130.0
-
-
-def append_rows(path, rows) -> Path:
-    """``append_csv``, but when ``rows`` bring columns the file's header lacks, the file is
-    rewritten once with the union header (older rows get empty cells) instead of misaligning."""
-    import csv
-
-    path = Path(path)
-    rows = list(rows)
-    if rows and path.exists() and path.stat().st_size:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            header, old = list(reader.fieldnames or []), list(reader)
-        extra = [k for r in rows for k in r if k not in header]
-        if extra:
-            fields = header + list(dict.fromkeys(extra))
-            with path.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(old)
-    return append_csv(path, rows)
-
-
-def load_note(threads: int) -> dict:
-    """Machine-load columns: the 1-minute load average now, and the torch thread count."""
-    import os
-
-    la = os.getloadavg()[0]
-    return {
-        "loadavg_1m": round(la, 2),
-        "note": f"{threads} torch thread(s); 1-min load avg {la:.1f} at the row",
-    }
-
 
 WAYS, SHOTS, QUERIES = 5, 1, 15
 
@@ -198,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows,
                     args.profile,
                 )
-                append_rows(args.out, rows)  # row by row: a stopped run keeps what it measured
+                append_csv(args.out, rows)  # row by row: a stopped run keeps what it measured
                 n_rows += len(rows)
                 rows.clear()
     print(f"appended {n_rows} rows to {args.out}")

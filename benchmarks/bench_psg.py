@@ -23,41 +23,15 @@ from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metafluence as mf  # noqa: E402
-from harness import RESULTS_DIR, append_csv, machine_info, max_rel_err, time_fn  # noqa: E402
-
-PEAK_GFLOPS = 130.0
-
-
-def append_rows(path, rows) -> Path:
-    """``append_csv``, but when ``rows`` bring columns the file's header lacks, the file is
-    rewritten once with the union header (older rows get empty cells) instead of misaligning."""
-    import csv
-
-    path = Path(path)
-    rows = list(rows)
-    if rows and path.exists() and path.stat().st_size:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            header, old = list(reader.fieldnames or []), list(reader)
-        extra = [k for r in rows for k in r if k not in header]
-        if extra:
-            fields = header + list(dict.fromkeys(extra))
-            with path.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(old)
-    return append_csv(path, rows)
-
-
-def load_note(threads: int) -> dict:
-    """Machine-load columns: the 1-minute load average now, and the torch thread count."""
-    import os
-
-    la = os.getloadavg()[0]
-    return {
-        "loadavg_1m": round(la, 2),
-        "note": f"{threads} torch thread(s); 1-min load avg {la:.1f} at the row",
-    }
+from harness import (  # noqa: E402
+    PEAK_GFLOPS,
+    RESULTS_DIR,
+    append_csv,
+    load_note,
+    machine_info,
+    max_rel_err,
+    time_fn,
+)
 
 
 def conv4(c_in: int, size: int, classes: int = 5, filters: int = 64) -> nn.Sequential:
@@ -205,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     n_rows = 0
     for c_in, size, n in configs:
         rows = bench_config(c_in, size, n, args.repeat, info, GradSampleModule)
-        append_rows(args.out, rows)  # per config: a stopped run keeps what it measured
+        append_csv(args.out, rows)  # per config: a stopped run keeps what it measured
         n_rows += len(rows)
     print(f"appended {n_rows} rows to {args.out}")
     return 0

@@ -20,43 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS_DIR, append_csv, machine_info, time_fn  # noqa: E402
+from harness import COPY_GBS, PEAK_GFLOPS, RESULTS_DIR, append_csv, load_note, machine_info, time_fn  # noqa: E402
 from metafluence.ops import solver_update  # noqa: E402
 from metafluence.solvers import solve_cg, solve_woodbury_batched  # noqa: E402
-
-COPY_GBS, PEAK_GFLOPS = 26.0, 130.0
-
-
-def append_rows(path, rows) -> Path:
-    """``append_csv``, but when ``rows`` bring columns the file's header lacks, the file is
-    rewritten once with the union header (older rows get empty cells) instead of misaligning."""
-    import csv
-
-    path = Path(path)
-    rows = list(rows)
-    if rows and path.exists() and path.stat().st_size:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            header, old = list(reader.fieldnames or []), list(reader)
-        extra = [k for r in rows for k in r if k not in header]
-        if extra:
-            fields = header + list(dict.fromkeys(extra))
-            with path.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(old)
-    return append_csv(path, rows)
-
-
-def load_note(threads: int) -> dict:
-    """Machine-load columns: the 1-minute load average now, and the torch thread count."""
-    import os
-
-    la = os.getloadavg()[0]
-    return {
-        "loadavg_1m": round(la, 2),
-        "note": f"{threads} torch thread(s); 1-min load avg {la:.1f} at the row",
-    }
 
 
 def inner_problem(M: int, P: int, r: int, dtype: torch.dtype, seed: int = 0):
@@ -233,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(p) for p in args.sizes.split(",")] if args.sizes else None
     for P in sizes or ((2000,) if args.quick else (2000, 5000)):
         bench_inner(args.tasks, P, 25, 1e-2, info, rows)
-        append_rows(args.out, rows)
+        append_csv(args.out, rows)
         rows.clear()
     grid = (
         [(1, 10_000), (16, 10_000)]
@@ -242,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for k, P in grid:
         bench_update(k, P, 20 if k * P >= 1_000_000 else 100, info, rows)
-        append_rows(args.out, rows)  # row by row: a stopped run keeps what it measured
+        append_csv(args.out, rows)  # row by row: a stopped run keeps what it measured
         rows.clear()
     print(f"appended rows to {args.out}")
     return 0

@@ -22,6 +22,10 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+# this machine (2 cores): measured fp32 matmul rate and copy bandwidth, for % of peak
+PEAK_GFLOPS, COPY_GBS = 130.0, 26.0
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -103,22 +107,41 @@ def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def append_csv(path: Path | str, rows: Iterable[Mapping[str, Any]]) -> Path:
-    """Append ``rows`` to the CSV at ``path`` (header written when the file is new)."""
+    """Append ``rows`` to the CSV at ``path`` (header written when the file is new).
+
+    When ``rows`` bring columns the existing header lacks, the file is rewritten once with the
+    union header (older rows get empty cells) instead of appending misaligned rows.
+    """
     path = Path(path)
     rows = list(rows)
     if not rows:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(rows[0].keys())
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with path.open(newline="") as f:
-            header = next(csv.reader(f), None)
-        if header:
-            fields = header + [k for k in fields if k not in header]
+            reader = csv.DictReader(f)
+            header, old = list(reader.fieldnames or []), list(reader)
+        extra = [k for k in fields if k not in header]
+        fields = header + extra
+        if extra:
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(old)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def load_note(threads: int) -> dict[str, Any]:
+    """Machine-load columns: the 1-minute load average now, and the torch thread count."""
+    la = os.getloadavg()[0]
+    return {
+        "loadavg_1m": round(la, 2),
+        "note": f"{threads} torch thread(s); 1-min load avg {la:.1f} at the row",
+    }
