@@ -196,8 +196,3 @@ class BilevelPoint:
             out["inner_grad_norm"] = max(found)
             out["inner_unconverged_solves"] = sum(e.inner_unconverged for e in self.engines)
         return out
-
-
-def directional(fn: Callable[[Tensor], Tensor], lam: Tensor, d: Tensor) -> Tensor:
-    """``D fn(λ) · d`` by forward mode."""
-    return jvp(fn, (lam,), (d,))[1]

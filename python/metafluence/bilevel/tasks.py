@@ -10,12 +10,14 @@ weights; removing an item sets its weight to 0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
+
+ITEM_KINDS = ("task", "support_point", "query_point")
 
 
 @dataclass
@@ -90,6 +92,46 @@ class TaskBatch:
             support_weight=self.support_weight if support_weight is None else support_weight,
             query_weight=self.query_weight if query_weight is None else query_weight,
         )
+
+    def item_masks(self, items: Mapping[str, Sequence[Any]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Boolean masks ``(c [M], W [M, n], V [M, m])`` of the items named in ``items``.
+
+        ``items`` maps ``"task"`` to task positions ``[k, ...]`` and ``"support_point"`` /
+        ``"query_point"`` to ``[(k, j), ...]`` pairs; out-of-range items raise ValueError.
+        """
+        c, W, V = self.weights()
+        masks = {
+            "task": torch.zeros_like(c, dtype=torch.bool),
+            "support_point": torch.zeros_like(W, dtype=torch.bool),
+            "query_point": torch.zeros_like(V, dtype=torch.bool),
+        }
+        M = self.num_tasks
+        for kind, idx in items.items():
+            if kind not in ITEM_KINDS:
+                raise ValueError(f"item kind {kind!r}: expected one of {ITEM_KINDS}")
+            mask = masks[kind]
+            for e in idx:
+                if kind == "task":
+                    k = int(e)
+                    if not 0 <= k < M:
+                        raise ValueError(f"remove['task'] index {k} outside [0, {M})")
+                    mask[k] = True
+                else:
+                    k, j = (int(v) for v in e)
+                    if not (0 <= k < M and 0 <= j < mask.shape[1]):
+                        raise ValueError(
+                            f"remove[{kind!r}] item {(k, j)} outside [0,{M})×[0,{mask.shape[1]})"
+                        )
+                    mask[k, j] = True
+        return masks["task"], masks["support_point"], masks["query_point"]
+
+    def reweighted(self, items: Mapping[str, Sequence[Any]], factor: float = 0.0) -> TaskBatch:
+        """A copy with the weights of ``items`` multiplied by ``factor`` (0 = removal)."""
+        masks = self.item_masks(items)
+        c, W, V = (
+            torch.where(m, w * factor, w) for m, w in zip(masks, self.weights(), strict=True)
+        )
+        return self.with_weights(c, W, V)
 
     def slice(self, start: int, stop: int) -> TaskBatch:
         """Tasks ``start:stop`` (weights kept as they are, not renormalised)."""

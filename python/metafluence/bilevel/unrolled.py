@@ -19,7 +19,6 @@ the dependence on the support weights ``W`` stays exact.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
@@ -133,13 +132,3 @@ class UnrolledEngine:
 
         per_task = vmap(one)
         return vmap(lambda y: per_task(b.xs, b.ys, b.support_weight, y).sum(0))(Y)
-
-
-def empty_like_blocks(batch: TaskBatch, lam: Tensor):
-    """Zero directions ``(dλ, dc, dW, dV)`` shaped for ``batch``."""
-    return (
-        torch.zeros_like(lam),
-        torch.zeros_like(batch.task_weight),
-        torch.zeros_like(batch.support_weight),
-        torch.zeros_like(batch.query_weight),
-    )

@@ -58,23 +58,7 @@ def group_reweighted(
     batch: TaskBatch, group: Group, factor: float = 0.0, items: str | None = None
 ) -> TaskBatch:
     """``batch`` with every item of ``group`` reweighted by ``factor`` (0 = removal)."""
-    g = normalize_group(group, items)
-    c, W, V = (t.clone() for t in batch.weights())
-    M = c.shape[0]
-    for kind, idx in g.items():
-        for e in idx:
-            if kind == "task":
-                k = int(e)
-                if not 0 <= k < M:
-                    raise ValueError(f"task index {k} outside [0, {M})")
-                c[k] = c[k] * factor
-            else:
-                k, j = (int(v) for v in e)
-                T = W if kind == "support_point" else V
-                if not (0 <= k < M and 0 <= j < T.shape[1]):
-                    raise ValueError(f"{kind} {(k, j)} outside [0,{M})×[0,{T.shape[1]})")
-                T[k, j] = T[k, j] * factor
-    return batch.with_weights(c, W, V)
+    return batch.reweighted(normalize_group(group, items), factor)
 
 
 def predicted_group_effects(

@@ -41,14 +41,7 @@ def item_index(batch: TaskBatch, items: str) -> list[Any]:
 
 def reweighted(batch: TaskBatch, items: str, item: Any, factor: float) -> TaskBatch:
     """``batch`` with one item's weight multiplied by ``factor`` (0 = removal)."""
-    c, W, V = (t.clone() for t in batch.weights())
-    if items == "task":
-        c[int(item)] *= factor
-    elif items == "support_point":
-        W[int(item[0]), int(item[1])] *= factor
-    else:
-        V[int(item[0]), int(item[1])] *= factor
-    return batch.with_weights(c, W, V)
+    return batch.reweighted({items: [item]}, factor)
 
 
 def _two_arg(retrain: Callable[..., dict[str, Tensor]]) -> Retrain:

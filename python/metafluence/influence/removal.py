@@ -250,26 +250,11 @@ def removal_effects(
 
 def _removal_direction(pt: BilevelPoint, remove: Mapping[str, Sequence[Any]]):
     """``(dc, dW, dV) = (c⊙1_R, W⊙1_R, V⊙1_R)`` for ``remove`` = {kind: indices}."""
-    c, W, V = pt.batch.weights()
-    dc, dW, dV = torch.zeros_like(c), torch.zeros_like(W), torch.zeros_like(V)
-    M = c.shape[0]
-    for kind, idx in remove.items():
-        _check_items(kind)
-        for e in idx:
-            if kind == "task":
-                k = int(e)
-                if not 0 <= k < M:
-                    raise ValueError(f"remove['task'] index {k} outside [0, {M})")
-                dc[k] = c[k]
-            else:
-                k, j = (int(v) for v in e)
-                tgt, src = (dW, W) if kind == "support_point" else (dV, V)
-                if not (0 <= k < M and 0 <= j < src.shape[1]):
-                    raise ValueError(
-                        f"remove[{kind!r}] item {(k, j)} outside [0,{M})×[0,{src.shape[1]})"
-                    )
-                tgt[k, j] = src[k, j]
-    return dc, dW, dV
+    masks = pt.batch.item_masks(remove)
+    return tuple(
+        torch.where(m, w, torch.zeros_like(w))
+        for m, w in zip(masks, pt.batch.weights(), strict=True)
+    )
 
 
 def param_influence(
@@ -296,22 +281,6 @@ def param_influence(
     return (out, res) if return_result else out
 
 
-def removal_batch(problem: MetaProblem, lam: Tensor, train_tasks: TasksLike, remove):
-    """The training batch with the weights of the items in ``remove`` set to 0."""
-    pt_batch = problem.batch(train_tasks, lam)
-    c, W, V = (t.clone() for t in pt_batch.weights())
-    for kind, idx in remove.items():
-        _check_items(kind)
-        for e in idx:
-            if kind == "task":
-                c[int(e)] = 0
-            elif kind == "support_point":
-                W[int(e[0]), int(e[1])] = 0
-            else:
-                V[int(e[0]), int(e[1])] = 0
-    return pt_batch.with_weights(c, W, V)
-
-
 def edit(
     problem: MetaProblem,
     meta_params: ParamsLike,
@@ -332,7 +301,7 @@ def edit(
     assert isinstance(delta, dict)
     new = lam + problem.spec.flatten(delta)
     if int(newton_steps) > 0:
-        batch = removal_batch(problem, lam, train_tasks, remove)
+        batch = problem.batch(train_tasks, lam).reweighted(remove, 0.0)
         curvature = kwargs.get("curvature", "exact")
         solver = kwargs.get("solver", "cg")
         solve_damping = float(kwargs.get("solve_damping", 0.0))

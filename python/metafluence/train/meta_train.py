@@ -35,10 +35,6 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, leave=False)
 
 
-def _full_batch(problem: MetaProblem, tasks: TasksLike, lam: Tensor, task_weight=None) -> TaskBatch:
-    return problem.batch(tasks, lam, task_weight)
-
-
 def meta_train(
     problem: MetaProblem,
     model: torch.nn.Module | None,
@@ -79,7 +75,7 @@ def meta_train(
         src = problem.model if model is None else model
         lam0 = problem.spec.flatten({n: p.detach() for n, p in src.named_parameters()})
     lam = lam0.clone()
-    full = _full_batch(problem, tasks, lam, task_weight)
+    full = problem.batch(tasks, lam, task_weight)
     gen = torch.Generator().manual_seed(int(seed))
     bar = _progress(int(steps), progress, f"meta-train ({optimizer})")
 
