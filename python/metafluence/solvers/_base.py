@@ -86,12 +86,60 @@ def check_positive_int(value: int, name: str, *, minimum: int = 1) -> int:
     return value
 
 
+def check_finite(t: Tensor, name: str) -> Tensor:
+    """Raise ``ValueError`` naming ``name`` if ``t`` holds NaN or Inf (one host sync).
+
+    Skipped for meta tensors and inside ``torch.func`` transforms (no data to read there)."""
+    if t.device.type == "meta" or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return t
+    if t.numel() and not bool(torch.isfinite(t).all().item()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return t
+
+
+def check_float_tensor(t: Any, name: str, *, finite: bool = True) -> Tensor:
+    """``t`` must be a floating torch.Tensor (``TypeError`` otherwise), finite when ``finite``
+    (``ValueError``); messages name ``name``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} has dtype {t.dtype}, expected a floating dtype")
+    return check_finite(t, name) if finite else t
+
+
+def check_same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+    """``ValueError`` if ``t`` and ``ref`` live on different devices."""
+    if t.device != ref.device:
+        raise ValueError(
+            f"{name} is on {t.device} but {ref_name} is on {ref.device}; expected the same device"
+        )
+
+
+def check_device(device: Any, name: str = "device") -> torch.device | None:
+    """Parse a device argument (``None``, a string or a ``torch.device``); a malformed string
+    raises ``ValueError`` naming the argument instead of torch's ``RuntimeError``."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if not isinstance(device, (str, int)):
+        raise TypeError(f"{name} must be a str or torch.device, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{name}={device!r} is not a valid torch device ({e})") from None
+
+
+def check_dtype(dtype: Any, name: str = "dtype") -> torch.dtype:
+    """``dtype`` must be a floating ``torch.dtype`` (``TypeError`` naming the argument)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating torch.dtype, got {dtype!r}")
+    return dtype
+
+
 def as_rows(b: Tensor, name: str = "b") -> tuple[Tensor, bool]:
-    """View ``b`` ([P] or [k, P]) as rows ``[k, P]``; also return whether ``b`` was 1-D."""
-    if not isinstance(b, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(b).__name__}")
-    if not b.is_floating_point():
-        raise TypeError(f"{name} has dtype {b.dtype}, expected a floating dtype")
+    """View ``b`` ([P] or [k, P]) as rows ``[k, P]``; also return whether ``b`` was 1-D.
+
+    ``b`` must be a finite floating tensor (``TypeError`` / ``ValueError`` naming it)."""
+    check_float_tensor(b, name)
     if b.dim() == 1:
         return b.unsqueeze(0), True
     if b.dim() == 2:
@@ -131,6 +179,10 @@ class RowOperator:
             )
         if y.dtype != x.dtype:
             raise ValueError(f"{self.name} returned dtype {y.dtype} for input dtype {x.dtype}")
+        if y.device != x.device:
+            raise ValueError(
+                f"{self.name} returned a tensor on {y.device} for an input on {x.device}"
+            )
         return y
 
     def __call__(self, x: Tensor) -> Tensor:

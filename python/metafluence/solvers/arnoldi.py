@@ -59,7 +59,7 @@ def solve_arnoldi(
     k, P = B.shape
     dt, dev = B.dtype, B.device
     if iters is None:
-        iters = min(P, 2 * rank + 10)
+        iters = max(1, min(P, 2 * rank + 10))
     iters = check_positive_int(iters, "iters")
     if iters < min(rank, P):
         raise ValueError(f"iters={iters} must be >= rank={rank} (or >= P={P})")

@@ -11,6 +11,8 @@ from ._base import (
     SolveResult,
     as_rows,
     check_damping,
+    check_device,
+    check_dtype,
     check_positive_int,
     default_rtol,
     eps,
@@ -54,6 +56,8 @@ def dense_matrix(
     """
     check_positive_int(dim, "dim", minimum=0)
     check_positive_int(chunk, "chunk")
+    check_dtype(dtype)
+    device = check_device(device)
     return _dense(RowOperator(matvec, one_d=not batched), dim, dtype, device, chunk)
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import Matvec, RowOperator, check_positive_int, eps, random_rows, tiny
+from ._base import (
+    Matvec,
+    RowOperator,
+    check_device,
+    check_dtype,
+    check_positive_int,
+    eps,
+    random_rows,
+    tiny,
+)
 
 __all__ = ["estimate_top_eigenvalue", "krylov_basis", "lanczos_extreme_eigenvalues"]
 
@@ -58,6 +67,8 @@ def estimate_top_eigenvalue(
     """
     check_positive_int(dim, "dim")
     check_positive_int(iters, "iters")
+    check_dtype(dtype)
+    device = check_device(device)
     op = RowOperator(matvec, one_d=not batched)
     return power_iteration(op, dim, dtype, device, iters, seed)
 
@@ -136,6 +147,8 @@ def lanczos_extreme_eigenvalues(
     """
     check_positive_int(dim, "dim")
     check_positive_int(steps, "steps")
+    check_dtype(dtype)
+    device = check_device(device)
     op = RowOperator(matvec, one_d=not batched)
     _, T = krylov_basis(op, dim, dtype, device, steps, seed)
     ev = torch.linalg.eigvalsh(T)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._base import check_damping, eps
+from ._base import check_damping, check_float_tensor, check_same_device, eps
 
 __all__ = [
     "KFACFactors",
@@ -88,7 +88,22 @@ class KFACFactors:
         return len(self.layers)
 
 
+def _check_layer(a: Tensor, g: Tensor, idx: int) -> None:
+    """Types, finiteness and devices of one layer's activations / grad_outputs."""
+    check_float_tensor(a, f"layer {idx}: activations")
+    check_float_tensor(g, f"layer {idx}: grad_outputs")
+    check_same_device(g, f"layer {idx}: grad_outputs", a, "activations")
+
+
+def _check_layer_counts(activations: Sequence[Tensor], grad_outputs: Sequence[Tensor]) -> None:
+    if len(activations) != len(grad_outputs):
+        raise ValueError(
+            f"activations has {len(activations)} layers but grad_outputs has {len(grad_outputs)}"
+        )
+
+
 def _layer_factors(a: Tensor, g: Tensor, correct: bool, chunk: int, idx: int) -> KFACLayerFactors:
+    _check_layer(a, g, idx)
     if a.dim() not in (2, 3) or g.dim() != a.dim():
         raise ValueError(
             f"layer {idx}: activations {list(a.shape)} / grad_outputs {list(g.shape)}: expected "
@@ -166,10 +181,7 @@ def compute_kfac_factors(
         grad_outputs: per layer ``[N, out]`` or ``[N, T, out]``.
         correct_eigenvalues: EK-FAC (True) or plain K-FAC eigenvalues (False).
     """
-    if len(activations) != len(grad_outputs):
-        raise ValueError(
-            f"activations has {len(activations)} layers but grad_outputs has {len(grad_outputs)}"
-        )
+    _check_layer_counts(activations, grad_outputs)
     layers = [
         _layer_factors(a, g, correct_eigenvalues, chunk, i)
         for i, (a, g) in enumerate(zip(activations, grad_outputs, strict=True))
@@ -189,8 +201,10 @@ def compute_kfac_factors_batched(
     ``[B, ...]`` tensors, and :func:`solve_ekfac` takes blocks ``[B, out, in]`` or
     ``[k, B, out, in]`` (broadcasting over the batch).
     """
+    _check_layer_counts(activations, grad_outputs)
     layers = []
     for i, (a, g) in enumerate(zip(activations, grad_outputs, strict=True)):
+        _check_layer(a, g, i)
         if a.dim() != 3 or g.dim() != 3 or a.shape[:2] != g.shape[:2]:
             raise ValueError(
                 f"layer {i}: activations {list(a.shape)} / grad_outputs {list(g.shape)}: "
@@ -216,6 +230,8 @@ def _check_blocks(factors: KFACFactors, blocks: Sequence[Tensor], name: str) -> 
     if len(blocks) != len(factors.layers):
         raise ValueError(f"{name} has {len(blocks)} blocks, expected {len(factors.layers)} layers")
     for i, (blk, lf) in enumerate(zip(blocks, factors.layers, strict=True)):
+        check_float_tensor(blk, f"{name}[{i}]")
+        check_same_device(blk, f"{name}[{i}]", lf.eigvals, "the factors")
         batch_dims = lf.eigvals.dim() - 2  # > 0 for compute_kfac_factors_batched
         if blk.dim() - batch_dims not in (2, 3) or tuple(blk.shape[-2:]) != lf.shape:
             raise ValueError(

@@ -5,9 +5,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import SolveResult, check_damping, default_rtol, relative_residual
+from ._base import (
+    SolveResult,
+    check_damping,
+    check_float_tensor,
+    check_same_device,
+    default_rtol,
+    relative_residual,
+)
 
 __all__ = ["solve_woodbury", "solve_woodbury_batched"]
+
+
+def _check_inputs(U: Tensor, v: Tensor, weights: Tensor | None) -> None:
+    """Types, finiteness and devices of ``U``, ``v``, ``weights`` (messages name them)."""
+    check_float_tensor(U, "U")
+    check_float_tensor(v, "v")
+    check_same_device(v, "v", U, "U")
+    if weights is not None:
+        check_float_tensor(weights, "weights")
+        check_same_device(weights, "weights", U, "U")
 
 
 def _check_weights(weights: Tensor | None, r: int, lead: tuple[int, ...]) -> None:
@@ -90,6 +107,7 @@ def solve_woodbury(
         :class:`SolveResult` (``iters=0``); ``residual`` measured from ``γx + UWUᵀx``.
     """
     gamma = check_damping(damping, positive=True)
+    _check_inputs(U, v, weights)
     if U.dim() != 2:
         raise ValueError(f"U has {U.dim()} dims, expected [P, r]")
     P, r = U.shape
@@ -120,6 +138,7 @@ def solve_woodbury_batched(
         of shape ``[M]`` or ``[M, k]``.
     """
     gamma = check_damping(damping, positive=True)
+    _check_inputs(U, v, weights)
     if U.dim() != 3:
         raise ValueError(f"U has {U.dim()} dims, expected [M, P, r]")
     M, P, r = U.shape
