@@ -109,7 +109,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 # --- content hashing -------------------------------------------------------------------------
 def _tensor_bytes(t: Tensor) -> memoryview:
     flat = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
 def _content_sha256(tensors: Mapping[str, Tensor], meta_json: str) -> str:

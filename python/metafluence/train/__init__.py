@@ -1,5 +1,5 @@
 """Meta-training loops."""
 
-from .meta_train import OPTIMIZERS, grad_norm, meta_train, newton_refine
+from .meta_train import OPTIMIZERS, TrainState, grad_norm, meta_train, newton_refine
 
-__all__ = ["OPTIMIZERS", "grad_norm", "meta_train", "newton_refine"]
+__all__ = ["OPTIMIZERS", "TrainState", "grad_norm", "meta_train", "newton_refine"]

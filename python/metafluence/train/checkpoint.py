@@ -1,15 +1,20 @@
 """Checkpoints of meta-parameters and resumable meta-training.
 
-Files are safetensors when the ``safetensors`` package is installed (suffix ``.safetensors``),
-else ``torch.save`` files loaded with ``weights_only=True`` (no code runs on load). Writes are
-atomic (temporary file + ``os.replace``), so an interrupted run never leaves a torn checkpoint.
+Files are safetensors when the path ends in ``.safetensors`` (readable by any safetensors tool),
+else ``torch.save`` payloads loaded with ``weights_only=True``: no code runs on load. Every file
+carries a SHA-256 checksum of its content (:mod:`metafluence._progress`); a truncated or
+corrupted checkpoint raises :class:`~metafluence._progress.CheckpointCorruptError` and is never
+used. Writes are atomic and durable (temp file, ``fsync``, ``os.replace``, ``fsync`` of the
+directory), so a killed run leaves the previous checkpoint or the new one, never a torn file.
+
+A checkpoint of :func:`meta_train_resumable` also holds the optimizer state (Adam moments and
+step count, SGD momentum, L-BFGS history) and the mini-batch generator state, under the reserved
+tensor prefix ``__mf_state__/``; :func:`load_checkpoint` returns only the meta-parameters.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,8 +22,28 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._progress import (
+    CheckpointCorruptError,
+    config_diff,
+    digest,
+    load_tensors,
+    save_tensors,
+)
 from ..bilevel.problem import MetaProblem, TasksLike
-from .meta_train import meta_train
+from ..bilevel.tasks import Task, TaskBatch
+from .meta_train import TrainState, meta_train
+
+__all__ = [
+    "CheckpointCorruptError",
+    "default_checkpoint_path",
+    "load_checkpoint",
+    "load_train_state",
+    "meta_train_resumable",
+    "save_checkpoint",
+]
+
+_STATE = "__mf_state__/"
+_INTERNAL = "__mf_"
 
 
 def _has_safetensors() -> bool:
@@ -34,45 +59,80 @@ def save_checkpoint(
     meta_params: Mapping[str, Tensor],
     meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Atomically write ``meta_params`` (+ a JSON-able ``meta`` dict, e.g. the step)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in meta_params.items()}
-    info = {k: json.dumps(v) for k, v in dict(meta or {}).items()}
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(tensors, tmp, metadata=info)
-        else:
-            torch.save({"meta_params": tensors, "meta": info}, tmp)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return p
+    """Atomically write ``meta_params`` (+ a JSON-able ``meta`` dict, e.g. the step) with a
+    checksum."""
+    return save_tensors(path, meta_params, meta)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """``(meta_params, meta)`` from :func:`save_checkpoint` (safe: no pickled code runs)."""
-    p = Path(path)
-    if p.suffix == ".safetensors":
-        from safetensors import safe_open
+    """``(meta_params, meta)`` from :func:`save_checkpoint` or :func:`meta_train_resumable`.
 
-        with safe_open(str(p), framework="pt") as fh:
-            params = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-            raw = fh.metadata() or {}
-    else:
-        blob = torch.load(p, map_location="cpu", weights_only=True)
-        params, raw = blob["meta_params"], blob.get("meta", {})
-    return params, {k: json.loads(v) for k, v in raw.items()}
+    Verified against its checksum (raises ``CheckpointCorruptError``); no pickled code runs.
+    """
+    tensors, meta = load_tensors(path)
+    params = {k: v for k, v in tensors.items() if not k.startswith(_STATE)}
+    return params, {k: v for k, v in meta.items() if not k.startswith(_INTERNAL)}
+
+
+def load_train_state(problem: MetaProblem, path: str | os.PathLike) -> TrainState | None:
+    """The :class:`TrainState` stored by :func:`meta_train_resumable` (None if it holds none)."""
+    return _state_from(problem, *load_tensors(path))
+
+
+def _state_from(
+    problem: MetaProblem, tensors: dict[str, Tensor], meta: dict[str, Any]
+) -> TrainState | None:
+    info = meta.get(_INTERNAL + "state")
+    if info is None:
+        return None
+    params = {k: v for k, v in tensors.items() if not k.startswith(_STATE)}
+    return TrainState(
+        step=int(meta["step"]),
+        lam=problem.flat(params).clone(),
+        optimizer=str(info["optimizer"]),
+        f=float(meta.get("F", float("nan"))),
+        tensors={k[len(_STATE) :]: v for k, v in tensors.items() if k.startswith(_STATE)},
+        meta=dict(info["meta"]),
+    )
+
+
+def _save_state(path: Path, problem: MetaProblem, st: TrainState, config: dict[str, Any]) -> None:
+    tensors = dict(problem.unflat(st.lam))
+    tensors.update({_STATE + k: v for k, v in st.tensors.items()})
+    meta = {
+        "step": st.step,
+        "F": st.f,
+        _INTERNAL + "state": {"optimizer": st.optimizer, "meta": st.meta},
+        _INTERNAL + "config": config,
+    }
+    save_tensors(path, tensors, meta)
 
 
 def default_checkpoint_path(directory: str | os.PathLike, name: str = "meta_params") -> Path:
     suffix = ".safetensors" if _has_safetensors() else ".pt"
     return Path(directory) / f"{name}{suffix}"
+
+
+def _run_config(
+    problem: MetaProblem, model: torch.nn.Module | None, tasks: TasksLike, kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What determines the trajectory (``steps``/``every`` excluded: a run may be extended)."""
+    init = kwargs.get("init")
+    if init is None:
+        src = problem.model if model is None else model
+        init = problem.spec.flatten({n: p.detach() for n, p in src.named_parameters()})
+    data = tasks if isinstance(tasks, (list, tuple, Task, TaskBatch)) else None
+    tw = kwargs.get("task_weight")
+    return {
+        "optimizer": str(kwargs.get("optimizer", "adam")),
+        "outer_lr": float(kwargs.get("outer_lr", 1e-3)),
+        "seed": int(kwargs.get("seed", 0)),
+        "batch_size": None if kwargs.get("batch_size") is None else int(kwargs["batch_size"]),
+        "tol": float(kwargs.get("tol", 0.0)),
+        "init": digest(problem.flat(init)),
+        "tasks": None if data is None else digest(data),
+        "task_weight": None if tw is None else digest(tw),
+    }
 
 
 def meta_train_resumable(
@@ -86,31 +146,63 @@ def meta_train_resumable(
 ) -> dict[str, Tensor]:
     """:func:`meta_train` that saves every ``every`` steps and resumes from ``checkpoint``.
 
-    On resume the remaining ``steps - done`` steps run from the saved parameters (optimizer
-    state restarts; mini-batch order continues from the seed offset by the steps done, so a
-    resumed run is close to, not bit-identical with, an uninterrupted one unless it is full
-    batch with SGD). A finished checkpoint (``done == steps``) is returned as is.
+    Each checkpoint holds λ, the optimizer state and the mini-batch generator state, so a run
+    killed at any point (even SIGKILL mid-write) and rerun with the same arguments continues
+    from the last checkpoint and returns exactly (bit for bit, on CPU) what an uninterrupted
+    run returns; only the steps after the last checkpoint are recomputed. ``steps`` may be
+    raised between runs to extend training. A checkpoint written with different
+    hyperparameters, initialisation or tasks raises ``ValueError`` naming the differing keys;
+    a damaged one raises :class:`CheckpointCorruptError`. A finished checkpoint
+    (``step >= steps``) is returned as is. ``"newton"`` saves only at the end.
+
+    ``callback(it, λ, F)`` gets the global step index ``it`` (counted from the first run).
+    A user ``callback`` passes through ``**kwargs`` to :func:`meta_train`.
     """
     ckpt = Path(checkpoint)
-    done, init = 0, kwargs.pop("init", None)
+    config = _run_config(problem, model, tasks, kwargs)
+    state = None
     if ckpt.is_file():
-        params, meta = load_checkpoint(ckpt)
+        tensors, meta = load_tensors(ckpt)
+        saved = meta.get(_INTERNAL + "config")
+        if saved is not None and saved != config:
+            raise ValueError(
+                f"checkpoint {str(ckpt)!r} belongs to a different run (differing: "
+                f"{', '.join(config_diff(saved, config))}); delete it or use another path"
+            )
         done = int(meta.get("step", 0))
-        init = params
         if done >= steps:
-            return params
-    seed = int(kwargs.pop("seed", 0)) + done
-    user_cb = kwargs.pop("callback", None)
+            return {k: v for k, v in tensors.items() if not k.startswith(_STATE)}
+        state = _state_from(problem, tensors, meta)
+        if state is None:
+            raise ValueError(
+                f"checkpoint {str(ckpt)!r} holds parameters but no training state (written by "
+                f"save_checkpoint?); pass them as init= with a fresh checkpoint path"
+            )
+    every = int(every)
 
-    def callback(it: int, lam: Tensor, f: float) -> None:
-        step = done + it + 1
-        if every and step % int(every) == 0 and step < steps:
-            save_checkpoint(ckpt, problem.unflat(lam), {"step": step, "F": f})
-        if user_cb is not None:
-            user_cb(it, lam, f)
+    def on_step(k: int, snapshot: Any) -> None:
+        if every and k % every == 0 and k < steps:
+            _save_state(ckpt, problem, snapshot(), config)
+
+    final: list[TrainState] = []
+
+    def on_step_last(k: int, snapshot: Any) -> None:
+        on_step(k, snapshot)
+        if k == steps:
+            final[:] = [snapshot()]
 
     out = meta_train(
-        problem, model, tasks, steps=steps - done, init=init, seed=seed, callback=callback, **kwargs
+        problem,
+        model,
+        tasks,
+        steps=steps,
+        state=state,
+        on_step=on_step_last,
+        **kwargs,
     )
-    save_checkpoint(ckpt, out, {"step": steps})
+    if final:
+        _save_state(ckpt, problem, final[0], config)
+    else:  # early stop (tol) or newton: the state is λ alone (a rerun stops/continues alike)
+        opt = str(kwargs.get("optimizer", "adam"))
+        _save_state(ckpt, problem, TrainState(int(steps), problem.flat(out), opt), config)
     return out

@@ -9,12 +9,21 @@ parameters (the shared initialisation, so that retraining is honest) with one of
 - ``"newton"``: full batch, dense exact total Hessian (small ``P`` only).
 
 Stopping rule: after ``steps`` iterations, or as soon as ``‖∇F‖ ≤ tol`` (full batch only).
+
+Resuming: ``on_step(done, snapshot)`` is called after every step; ``snapshot()`` returns a
+:class:`TrainState` (λ, the optimizer's full state — Adam moments and step count, SGD momentum,
+L-BFGS history — and the mini-batch generator's state). ``meta_train(..., state=that)``
+continues from it and is bit-identical to the uninterrupted run (CPU);
+:func:`metafluence.train.checkpoint.meta_train_resumable` stores the snapshots atomically.
 ``newton_refine`` polishes a stationary point to ``‖∇F‖ ≤ 1e-12`` (ground-truth retraining).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,6 +32,92 @@ from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
 from ..bilevel.tasks import TaskBatch
 
 OPTIMIZERS = ("adam", "sgd", "lbfgs", "newton")
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue :func:`meta_train` exactly where it stopped.
+
+    ``step``: optimizer steps done; ``lam`` ``[P]``; ``f``: ``F`` reported at the last step;
+    ``tensors`` / ``meta``: the optimizer state and the generator state, already split into a
+    tensor dict and a JSON-able dict (the form :func:`metafluence._progress.save_tensors` takes).
+    """
+
+    step: int
+    lam: Tensor
+    optimizer: str
+    f: float = float("nan")
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _pack_state(state: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """One parameter's optimizer state → ``(tensors, meta)`` (tensors, lists of tensors/None,
+    numbers). Floats survive JSON exactly (``repr`` round-trips)."""
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, Any] = {}
+    for k, v in state.items():
+        if isinstance(v, Tensor):
+            tensors[f"opt.{k}"] = v.detach().clone()
+        elif isinstance(v, (list, tuple)):
+            kinds: list[Any] = []
+            for i, e in enumerate(v):
+                if isinstance(e, Tensor):
+                    tensors[f"opt.{k}.{i}"] = e.detach().clone()
+                    kinds.append("T")
+                elif e is None or isinstance(e, (bool, int, float)):
+                    kinds.append(["V", e])
+                else:
+                    raise TypeError(f"optimizer state {k!r}[{i}]: cannot store {type(e).__name__}")
+            meta[k] = {"list": kinds}
+        elif v is None or isinstance(v, (bool, int, float)):
+            meta[k] = {"value": v}
+        else:
+            raise TypeError(f"optimizer state {k!r}: cannot store {type(v).__name__}")
+    return tensors, meta
+
+
+def _unpack_state(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`_pack_state`."""
+    out: dict[str, Any] = {}
+    for name, t in tensors.items():
+        parts = name.split(".")
+        if parts[0] == "opt" and len(parts) == 2:
+            out[parts[1]] = t
+    for k, m in meta.items():
+        if "value" in m:
+            out[k] = m["value"]
+        else:
+            out[k] = [
+                tensors[f"opt.{k}.{i}"] if e == "T" else e[1] for i, e in enumerate(m["list"])
+            ]
+    return out
+
+
+def _snapshot(
+    step: int, x: Tensor, optimizer: str, opt: torch.optim.Optimizer, gen: torch.Generator, f: float
+) -> TrainState:
+    st = opt.state_dict()["state"]
+    tensors, meta = _pack_state(st.get(0, {}))
+    tensors["generator"] = gen.get_state()
+    return TrainState(int(step), x.detach().clone(), optimizer, float(f), tensors, {"opt": meta})
+
+
+def _restore(
+    state: TrainState, optimizer: str, opt: torch.optim.Optimizer, gen: torch.Generator
+) -> None:
+    if state.optimizer != optimizer:
+        raise ValueError(
+            f"state was saved by optimizer={state.optimizer!r}, not optimizer={optimizer!r}"
+        )
+    if "generator" in state.tensors:
+        gen.set_state(state.tensors["generator"].clone())
+    opt_tensors = {k: v for k, v in state.tensors.items() if k.startswith("opt.")}
+    packed = _unpack_state(opt_tensors, state.meta.get("opt", {}))
+    if packed:
+        sd = opt.state_dict()
+        sd["state"] = {0: packed}
+        opt.load_state_dict(sd)
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -50,6 +145,8 @@ def meta_train(
     progress: bool = False,
     callback: Callable[[int, Tensor, float], None] | None = None,
     history: list[float] | None = None,
+    state: TrainState | None = None,
+    on_step: Callable[[int, Callable[[], TrainState]], None] | None = None,
 ) -> dict[str, Tensor]:
     """Train meta-parameters; returns them as a dict (model parameter order).
 
@@ -64,12 +161,21 @@ def meta_train(
         batch_size: tasks per step for Adam/SGD (None = all).
         tol: stop when ``‖∇F‖ ≤ tol`` (full batch).
         history: if given, ``F`` after each step is appended to it.
+        callback: ``callback(it, λ [P], F)`` after step ``it`` (0-based, counted from the start
+            of the run even when resuming).
+        state: a :class:`TrainState` to continue from (overrides ``init``/``model``); the
+            remaining ``steps - state.step`` steps run, bit-identical to an uninterrupted run.
+        on_step: ``on_step(done, snapshot)`` after each step (``done`` steps finished);
+            ``snapshot()`` builds the :class:`TrainState` (call it only when saving: it copies
+            the optimizer state). Not called for ``"newton"``.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
     if int(steps) < 0:
         raise ValueError(f"steps={steps}: expected >= 0")
-    if init is not None:
+    if state is not None:
+        lam0 = problem.flat(state.lam)
+    elif init is not None:
         lam0 = problem.flat(init)
     else:
         src = problem.model if model is None else model
@@ -77,14 +183,18 @@ def meta_train(
     lam = lam0.clone()
     full = problem.batch(tasks, lam, task_weight)
     gen = torch.Generator().manual_seed(int(seed))
+    start = 0 if state is None else int(state.step)
     bar = _progress(int(steps), progress, f"meta-train ({optimizer})")
+    if bar is not None and start:
+        bar.update(min(start, int(steps)))
 
     def value_and_grad(x: Tensor, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         pt = problem.point(x, batch)
         return pt.objective().detach(), pt.meta_grad().detach()
 
     if optimizer == "newton":
-        lam = problem.flat(newton_refine(problem, lam, full, tol=tol, max_steps=int(steps)))
+        left = max(int(steps) - start, 0)
+        lam = problem.flat(newton_refine(problem, lam, full, tol=tol, max_steps=left))
     elif optimizer == "lbfgs":
         x = lam.clone().requires_grad_(True)
         opt = torch.optim.LBFGS(
@@ -102,13 +212,17 @@ def meta_train(
             x.grad = g
             return f
 
-        for it in range(int(steps)):
+        if state is not None:
+            _restore(state, optimizer, opt, gen)
+        for it in range(start, int(steps)):
             opt.step(closure)
             f, g = value_and_grad(x.detach(), full)
             if history is not None:
                 history.append(float(f))
             if callback is not None:
                 callback(it, x.detach(), float(f))
+            if on_step is not None:
+                on_step(it + 1, partial(_snapshot, it + 1, x, optimizer, opt, gen, float(f)))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(F=float(f), grad=float(g.norm()))
@@ -120,7 +234,9 @@ def meta_train(
         opt_cls = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
         sgd_opt = opt_cls([x], lr=outer_lr)
         M = full.num_tasks
-        for it in range(int(steps)):
+        if state is not None:
+            _restore(state, optimizer, sgd_opt, gen)
+        for it in range(start, int(steps)):
             if batch_size is None or batch_size >= M:
                 batch = full
             else:
@@ -139,6 +255,8 @@ def meta_train(
             sgd_opt.step()
             if callback is not None:
                 callback(it, x.detach(), float(f))
+            if on_step is not None:
+                on_step(it + 1, partial(_snapshot, it + 1, x, optimizer, sgd_opt, gen, float(f)))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(F=float(f))
