@@ -25,6 +25,13 @@ class DatasetLayoutError(ValueError):
     """A dataset path does not hold the expected layout (the message names the layout)."""
 
 
+def one_line(e: BaseException) -> str:
+    """``Type: message`` on one line (for error messages that wrap a library's exception)."""
+    text = " ".join(str(e).split())
+    name = type(e).__name__
+    return f"{name}: {text}" if text else name
+
+
 class LazyImages:
     """Images decoded on demand: ``sources[i]`` is a path or encoded bytes.
 
@@ -40,12 +47,21 @@ class LazyImages:
 
     def __getitem__(self, idx: Any) -> np.ndarray:
         index = np.atleast_1d(np.asarray(idx, dtype=np.int64))
-        out = np.stack([self.decode(self.sources[int(i)]) for i in index])
+        out = np.stack([self._decode(int(i)) for i in index])
         return out if np.ndim(idx) else out[0]
+
+    def _decode(self, i: int) -> np.ndarray:
+        try:
+            return self.decode(self.sources[i])
+        except Exception as e:  # a corrupt source: name its index (its path is in the message)
+            why = str(e) if isinstance(e, DatasetLayoutError) else one_line(e)
+            raise DatasetLayoutError(f"image {i} of {len(self)}: {why}") from None
 
     @property
     def shape(self) -> tuple[int, ...]:
-        first = self.decode(self.sources[0])
+        if not self.sources:
+            raise DatasetLayoutError("LazyImages: no images (shape of an empty source list)")
+        first = self._decode(0)
         return (len(self.sources), *first.shape)
 
 

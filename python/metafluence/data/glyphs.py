@@ -17,6 +17,7 @@ multiple of 1/9) and cached as an ``.npz`` under ``$METAFLUENCE_CACHE`` (default
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -134,7 +135,14 @@ class Glyph:
 
 def scan_kanjivg(max_strokes: int = 10, min_strokes: int = 2) -> list[tuple[str, str, int]]:
     """``(code, radical, n_strokes)`` of every base CJK kanji with a marked radical."""
-    root = kanjivg_dir()
+    return list(_scan_kanjivg(str(kanjivg_dir()), int(max_strokes), int(min_strokes)))
+
+
+@functools.lru_cache(maxsize=8)
+def _scan_kanjivg(
+    folder: str, max_strokes: int, min_strokes: int
+) -> tuple[tuple[str, str, int], ...]:
+    root = Path(folder)
     out = []
     for f in sorted(root.glob("0[4-9]*.svg")):
         code = f.stem
@@ -148,7 +156,7 @@ def scan_kanjivg(max_strokes: int = 10, min_strokes: int = 2) -> list[tuple[str,
         if m is None:
             continue
         out.append((code, m.group(1), n))
-    return out
+    return tuple(out)
 
 
 def read_glyph(code: str) -> Glyph:
@@ -256,11 +264,17 @@ def render_glyph(
 
 
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to ``path`` atomically: a temporary file in the same folder, flushed and
+    fsynced, then renamed over ``path``. A crash leaves either no file or the complete one
+    (every member of the zip carries a CRC-32, checked on read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez_compressed(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -295,11 +309,9 @@ def load_glyphs(
     tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_root() / f"glyphs-{num_classes}x{samples}-{size}px-s{seed}-{tag}.npz"
     if cache and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return _dataset(z["images"], list(z["codes"]), list(z["radicals"]), key, path)
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache file is rebuilt
+        cached = _read_cache(path, key)
+        if cached is not None:
+            return _dataset(*cached, key, path)
     chosen = select_classes(int(num_classes), int(max_strokes), int(seed))
     images = np.zeros((len(chosen), int(samples), int(size), int(size)), dtype=np.uint8)
     bar = None
@@ -319,6 +331,36 @@ def load_glyphs(
     if cache:
         _atomic_save_npz(path, images=images, codes=np.array(codes), radicals=np.array(radicals))
     return _dataset(images, codes, radicals, key, path if cache else None)
+
+
+def _read_cache(path: Path, key: dict) -> tuple[np.ndarray, list, list] | None:
+    """``(images, codes, radicals)`` from a cache file, or ``None`` (with a warning naming the
+    file) when it is truncated, corrupt (zip CRC) or does not hold what ``key`` describes; the
+    caller then rebuilds it."""
+    want = (key["classes"], key["samples"], key["size"], key["size"])
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images = np.asarray(z["images"])  # reads (and CRC-checks) every member
+            codes, radicals = list(z["codes"]), list(z["radicals"])
+        problem = None
+        if images.dtype != np.uint8 or images.shape != want:
+            problem = f"images {images.dtype} {list(images.shape)}, expected uint8 {list(want)}"
+        elif len(codes) != want[0] or len(radicals) != want[0]:
+            problem = f"{len(codes)} codes / {len(radicals)} radicals for {want[0]} classes"
+        elif not all(re.fullmatch(r"[0-9a-f]{5}", str(c)) for c in codes):
+            problem = "malformed kanji codes"
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, OSError, KeyError, ValueError
+        problem = " ".join(f"{type(e).__name__}: {e}".split())
+    if problem is None:
+        return images, codes, radicals
+    import warnings
+
+    warnings.warn(
+        f"glyphs: damaged cache file {path} ({problem}); rebuilding it",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 def _dataset(images: np.ndarray, codes: list, radicals: list, key: dict, path: Path | None):

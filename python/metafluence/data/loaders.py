@@ -11,21 +11,30 @@ strings and numbers: a pickle that asks for anything else is rejected, not execu
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
 import pickle
 import re
+import shutil
 import struct
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import splits as S
-from .dataset import DatasetLayoutError, FewShotDataset, LazyImages, class_split, random_class_split
+from .dataset import (
+    DatasetLayoutError,
+    FewShotDataset,
+    LazyImages,
+    class_split,
+    random_class_split,
+)
+from .dataset import one_line as _one_line
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".webp")
 
@@ -56,18 +65,33 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def safe_unpickle(path: str | os.PathLike, encoding: str = "latin1") -> Any:
-    """``pickle.load`` restricted to numpy arrays and plain containers."""
-    with open(path, "rb") as fh:
-        try:
+    """``pickle.load`` restricted to numpy arrays and plain containers.
+
+    Any failure -- a refused class, a truncated or corrupt file, a missing file -- raises
+    :class:`DatasetLayoutError` whose one-line message names ``path``."""
+    try:
+        with open(path, "rb") as fh:
             return _SafeUnpickler(fh, encoding=encoding).load()
-        except (pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise DatasetLayoutError(f"{path}: cannot read pickle safely: {e}") from None
+    except Exception as e:  # corrupt pickles raise many types (EOFError, IndexError, ...)
+        raise DatasetLayoutError(f"{path}: cannot read pickle safely: {_one_line(e)}") from None
 
 
 # ---- helpers --------------------------------------------------------------------------------
 
 
-def _err(name: str, path: Path | str, problem: str, expected: str) -> DatasetLayoutError:
+@contextlib.contextmanager
+def _reading(name: str, path: Path | str | None, expected: str) -> Iterator[None]:
+    """Turn any failure while reading ``path`` (truncated / corrupt file, unexpected contents)
+    into a one-line :class:`DatasetLayoutError` naming the file and the expected layout."""
+    try:
+        yield
+    except DatasetLayoutError:
+        raise
+    except Exception as e:
+        raise _err(name, path, f"unreadable file ({_one_line(e)})", expected) from None
+
+
+def _err(name: str, path: Path | str | None, problem: str, expected: str) -> DatasetLayoutError:
     return DatasetLayoutError(f"{name}: {problem} at {path}; expected layout: {expected}")
 
 
@@ -84,12 +108,17 @@ def _decoder(size: int | None, mode: str) -> Callable[[Any], np.ndarray]:
 
     def decode(src: Any) -> np.ndarray:
         image_mod = _pil()
-        fh = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, np.ndarray)) else src
-        with image_mod.open(fh) as im:
-            im = im.convert(mode)
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), image_mod.Resampling.LANCZOS)
-            return np.asarray(im, dtype=np.uint8)
+        encoded = isinstance(src, (bytes, bytearray, np.ndarray))
+        fh = io.BytesIO(bytes(src)) if encoded else src
+        try:
+            with image_mod.open(fh) as im:
+                im = im.convert(mode)  # decodes everything: a truncated file fails here
+                if size is not None and im.size != (size, size):
+                    im = im.resize((size, size), image_mod.Resampling.LANCZOS)
+                return np.asarray(im, dtype=np.uint8)
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+            where = f"{len(bytes(src))} encoded bytes" if encoded else str(src)
+            raise DatasetLayoutError(f"cannot decode image {where}: {_one_line(e)}") from None
 
     return decode
 
@@ -115,6 +144,20 @@ OMNIGLOT_LAYOUT = (
 )
 
 
+def _extract_zip(z: Path, part: str, out: Path) -> None:
+    """Extract ``z`` into a temporary folder next to ``out`` and rename it into place, so a
+    failed or interrupted extraction never leaves an ``out`` that looks complete."""
+    tmp = out.parent / f".{part}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with _reading("omniglot", z, OMNIGLOT_LAYOUT), zipfile.ZipFile(z) as zf:
+            zf.extractall(tmp)
+        inner = tmp / part if (tmp / part).is_dir() else tmp
+        os.replace(inner, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _omniglot_trees(root: Path, extract_to: Path) -> list[tuple[str, Path]]:
     for cand in (root, root / "omniglot-py", root / "omniglot"):
         found = []
@@ -125,11 +168,7 @@ def _omniglot_trees(root: Path, extract_to: Path) -> list[tuple[str, Path]]:
             elif z.is_file():
                 out = extract_to / part
                 if not out.is_dir():
-                    tmp = extract_to / f".{part}.tmp{os.getpid()}"
-                    with zipfile.ZipFile(z) as zf:
-                        zf.extractall(tmp)
-                    inner = tmp / part if (tmp / part).is_dir() else tmp
-                    os.replace(inner, out)
+                    _extract_zip(z, part, out)
                 found.append((part, out))
         if found:
             return found
@@ -293,11 +332,12 @@ def load_mini_imagenet(
             d = safe_unpickle(p)  # type: ignore[arg-type]
             if not isinstance(d, dict) or "image_data" not in d or "class_dict" not in d:
                 raise _err("mini-imagenet", p, "pickle lacks image_data/class_dict", MINI_LAYOUT)
-            data = np.asarray(d["image_data"], dtype=np.uint8)
-            wnids = list(d["class_dict"])
-            lab = np.full(len(data), -1, dtype=np.int64)
-            for i, w in enumerate(wnids):
-                lab[np.asarray(d["class_dict"][w], dtype=np.int64)] = i
+            with _reading("mini-imagenet", p, MINI_LAYOUT):
+                data = np.asarray(d["image_data"], dtype=np.uint8)
+                wnids = list(d["class_dict"])
+                lab = np.full(len(data), -1, dtype=np.int64)
+                for i, w in enumerate(wnids):
+                    lab[np.asarray(d["class_dict"][w], dtype=np.int64)] = i
             if (lab < 0).any():
                 raise _err("mini-imagenet", p, "rows not covered by class_dict", MINI_LAYOUT)
             per_split[s] = (data, wnids, lab)
@@ -314,6 +354,14 @@ def load_mini_imagenet(
                     "mini-imagenet", root / f"{s}.csv", "missing header filename,label", MINI_LAYOUT
                 )
             pairs = [r.split(",") for r in rows[1:]]
+            bad = [i for i, pr in enumerate(pairs) if len(pr) != 2 or not all(pr)]
+            if bad:
+                raise _err(
+                    "mini-imagenet",
+                    root / f"{s}.csv",
+                    f"line {bad[0] + 2} is not 'filename,label'",
+                    MINI_LAYOUT,
+                )
             wnids = sorted({lab for _, lab in pairs})
             lab = np.array([wnids.index(lab_) for _, lab_ in pairs], dtype=np.int64)
             files = [root / "images" / f for f, _ in pairs]
@@ -430,15 +478,19 @@ def load_tiered_imagenet(
             raise _err(
                 "tiered-imagenet", lab_p, "labels pickle lacks label_specific", TIERED_LAYOUT
             )
-        lab = np.asarray(meta["label_specific"], dtype=np.int64)
+        with _reading("tiered-imagenet", lab_p, TIERED_LAYOUT):
+            lab = np.asarray(meta["label_specific"], dtype=np.int64).reshape(-1)
+        if len(lab) == 0:
+            raise _err("tiered-imagenet", lab_p, "no labels", TIERED_LAYOUT)
         uniq = np.unique(lab)
         names = list(meta.get("label_specific_str", [str(u) for u in uniq]))
         if len(names) < int(uniq.max()) + 1:
             names = [str(u) for u in range(int(uniq.max()) + 1)]
         if npz_p is not None:
-            with np.load(npz_p, allow_pickle=False) as z:
-                key = "images" if "images" in z.files else z.files[0]
-                data: Any = np.asarray(z[key], dtype=np.uint8)
+            with _reading("tiered-imagenet", npz_p, TIERED_LAYOUT):
+                with np.load(npz_p, allow_pickle=False) as z:
+                    key = "images" if "images" in z.files else z.files[0]
+                    data: Any = np.asarray(z[key], dtype=np.uint8)
         else:
             raw = safe_unpickle(png_p, encoding="bytes")  # type: ignore[arg-type]
             data = LazyImages(list(raw), _decoder(size, "RGB"))
@@ -491,10 +543,12 @@ def load_cifar_fewshot(
     ):
         per: dict[str, tuple[Any, list[str], np.ndarray]] = {}
         for s in ("train", "val", "test"):
-            d = safe_unpickle(root / f"FC100_{s}.pickle")
-            lab = np.asarray(_get(d, "labels"), dtype=np.int64)
-            uniq, inv = np.unique(lab, return_inverse=True)
-            per[s] = (np.asarray(_get(d, "data"), np.uint8), [f"fine{u}" for u in uniq], inv)
+            f = root / f"FC100_{s}.pickle"
+            d = safe_unpickle(f)
+            with _reading(kind, f, CIFAR_LAYOUT):
+                lab = np.asarray(_get(d, "labels"), dtype=np.int64).reshape(-1)
+                uniq, inv = np.unique(lab, return_inverse=True)
+                per[s] = (np.asarray(_get(d, "data"), np.uint8), [f"fine{u}" for u in uniq], inv)
         return _concat_splits("fc100", per, {"path": str(root), "layout": "FC100 pickles"})
     files = {n: root / n for n in ("train", "test", "meta")}
     if not all(f.is_file() for f in files.values()):
@@ -509,6 +563,10 @@ def load_cifar_fewshot(
         coarse = np.concatenate([np.asarray(_get(p, "coarse_labels"), np.int64) for p in parts])
     except KeyError as e:
         raise _err(kind, root, f"pickle lacks key {e}", CIFAR_LAYOUT) from None
+    except (TypeError, ValueError) as e:
+        raise _err(
+            kind, root, f"unreadable pickle contents ({_one_line(e)})", CIFAR_LAYOUT
+        ) from None
     if data.ndim != 2 or data.shape[1] != 3072:
         raise _err(kind, root, f"data has shape {data.shape}, not [N, 3072]", CIFAR_LAYOUT)
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
@@ -606,13 +664,15 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """One IDX file (optionally gzipped): big-endian magic, dims, then uint8 data."""
     p = Path(path)
     opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rb") as fh:  # type: ignore[operator]
+    with _reading("idx", p, IDX_LAYOUT), opener(p, "rb") as fh:
         raw = fh.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DatasetLayoutError(
             f"idx: {p} is not an unsigned-byte IDX file (bad magic); expected layout: {IDX_LAYOUT}"
         )
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise _err("idx", p, f"truncated header ({len(raw)} bytes for {ndim} dims)", IDX_LAYOUT)
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -695,6 +755,14 @@ def load_idx(path: str | os.PathLike, seed: int = 0, strict: bool = True) -> Few
     return _xy_dataset("idx", parts, {"path": str(root), "emnist_transposed": emnist}, seed)
 
 
+def _npz_first(path: Path) -> np.ndarray:
+    """The first array of an ``.npz`` (``arr_0``), read fully; errors name the file."""
+    with _reading("npz", path, NPZ_LAYOUT), np.load(path, allow_pickle=False) as z:
+        if not z.files:
+            raise _err("npz", path, "no arrays", NPZ_LAYOUT)
+        return np.asarray(z[z.files[0]])
+
+
 def load_npz(path: str | os.PathLike, seed: int = 0, strict: bool = True) -> FewShotDataset:
     """Arrays from ``.npz`` files (KMNIST/K49 pairs, MedMNIST, or x/y, images/labels)."""
     p = Path(path).expanduser()
@@ -704,11 +772,7 @@ def load_npz(path: str | os.PathLike, seed: int = 0, strict: bool = True) -> Few
             xs = sorted(p.glob(f"*-{part}-imgs.npz"))
             ys = sorted(p.glob(f"*-{part}-labels.npz"))
             if xs and ys:
-                with (
-                    np.load(xs[0], allow_pickle=False) as zx,
-                    np.load(ys[0], allow_pickle=False) as zy,
-                ):
-                    parts[part] = (zx[zx.files[0]], zy[zy.files[0]])
+                parts[part] = (_npz_first(xs[0]), _npz_first(ys[0]))
         if not parts:
             single = sorted(p.glob("*.npz"))
             if len(single) == 1:
@@ -735,8 +799,8 @@ def load_npz(path: str | os.PathLike, seed: int = 0, strict: bool = True) -> Few
                             if xk == "x_train" and {"x_test", "y_test"} <= files:
                                 parts["test"] = (z["x_test"], z["y_test"])
                             break
-        except (OSError, ValueError) as e:
-            raise _err("npz", p, f"unreadable ({e})", NPZ_LAYOUT) from None
+        except Exception as e:  # BadZipFile, zlib.error, EOFError, OSError, ValueError...
+            raise _err("npz", p, f"unreadable file ({_one_line(e)})", NPZ_LAYOUT) from None
     if not parts:
         raise _err("npz", p, "no image/label arrays", NPZ_LAYOUT)
     for k, (x, y) in parts.items():
@@ -784,7 +848,7 @@ def load_image_folder(
     if len(names) < 2:
         raise _err("folder", root, f"{len(names)} class folders with images", FOLDER_LAYOUT)
     image_mod = _pil()
-    with image_mod.open(files[0]) as im:
+    with _reading("folder", files[0], FOLDER_LAYOUT), image_mod.open(files[0]) as im:
         first_mode, first_size = im.mode, im.size
     if mode == "auto":
         mode = "L" if first_mode in ("1", "L", "LA", "I", "I;16") else "RGB"
