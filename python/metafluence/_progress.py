@@ -23,6 +23,7 @@ dict (``sha256`` over a canonical serialisation), so it is independent of the co
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -48,6 +49,7 @@ __all__ = [
     "digest",
     "load_tensors",
     "map_chunks",
+    "remove_stray_temps",
     "save_tensors",
 ]
 
@@ -106,6 +108,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return p
 
 
+def remove_stray_temps(path: str | os.PathLike) -> None:
+    """Delete temp files that a killed :func:`atomic_write_bytes` left for ``path``.
+
+    Only for a path with a single writer (a second live writer's temp file would go too).
+    """
+    p = Path(path)
+    if p.parent.is_dir():
+        for f in p.parent.glob(f".{glob.escape(p.name)}.*{_TMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+
 # --- content hashing -------------------------------------------------------------------------
 def _tensor_bytes(t: Tensor) -> memoryview:
     flat = t.detach().cpu().contiguous().reshape(-1)
@@ -131,13 +145,26 @@ def _content_sha256(tensors: Mapping[str, Tensor], meta_json: str) -> str:
     return h.hexdigest()
 
 
-def digest(obj: Any) -> str:
+_PLAIN = (str, int, float, bool, bytes, type(None), torch.dtype, torch.device)
+
+
+def digest(obj: Any, strict: bool = True) -> str | None:
     """SHA-256 hex digest of nested tensors / mappings / sequences / dataclasses / scalars.
 
     For config fingerprints (``ProgressStore(config={"data": digest(tasks), ...})``): equal
     inputs give equal digests across processes; tensors are hashed by dtype, shape and bytes.
-    Other objects are hashed by ``repr`` (so give them a stable one).
+    Any other object raises ``TypeError`` (its ``repr`` may not be stable across processes),
+    or, with ``strict=False``, makes the result ``None`` ("cannot fingerprint").
     """
+    try:
+        return _digest(obj)
+    except TypeError:
+        if strict:
+            raise
+        return None
+
+
+def _digest(obj: Any) -> str:
     h = hashlib.sha256()
 
     def walk(x: Any) -> None:
@@ -158,8 +185,10 @@ def digest(obj: Any) -> str:
             for f in fields(x):
                 walk(f.name)
                 walk(getattr(x, f.name))
-        else:
+        elif isinstance(x, _PLAIN):
             h.update(f"S{type(x).__name__}:{x!r};".encode())
+        else:
+            raise TypeError(f"digest: cannot fingerprint a {type(x).__qualname__}")
 
     walk(obj)
     return h.hexdigest()
@@ -282,9 +311,16 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
+def _json_default(x: Any) -> Any:
+    if hasattr(x, "tolist"):  # tensors and numpy scalars / arrays
+        return x.tolist()
+    raise TypeError(f"{type(x).__qualname__} is not JSON-serialisable")
+
+
 def _canonical(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` through JSON (tuples → lists, tensors → lists), keys sorted."""
     try:
-        return json.loads(json.dumps(dict(config), sort_keys=True))
+        return json.loads(json.dumps(dict(config), sort_keys=True, default=_json_default))
     except TypeError as e:
         raise TypeError(
             f"config must be JSON-serialisable (use digest() for tensors): {e}"

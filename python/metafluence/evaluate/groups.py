@@ -25,17 +25,19 @@ retrainer are inherited, not pickled; each worker uses one torch thread).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._progress import ProgressStore, map_chunks
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
 from ..bilevel.tasks import TaskBatch
 from ..influence.removal import ITEMS, TargetLike
 from ..train.meta_train import meta_train
-from .loo import Retrain, newton_retrain, target_value
+from .loo import Retrain, newton_retrain, progress_bar, stage_fingerprint, target_value
 
 Group = Mapping[str, Sequence[Any]] | Sequence[Any]
 
@@ -109,6 +111,16 @@ def _one(i: int) -> tuple[float, Tensor]:
     return target_value(st["problem"], new, st["target"]) - st["f0"], (new - st["lam"])
 
 
+def _chunk(r: tuple[int, int]) -> dict[str, Tensor]:
+    """Groups ``r[0]:r[1]`` → ``{"df": [n] float64, "dl": [n, P]}``."""
+    res = [_one(i) for i in range(*r)]
+    lam = _STATE["lam"]
+    return {
+        "df": torch.tensor([x[0] for x in res], dtype=torch.float64),
+        "dl": torch.stack([x[1] for x in res]) if res else lam.new_zeros(0, lam.numel()),
+    }
+
+
 def _init_worker() -> None:
     torch.set_num_threads(1)
 
@@ -125,6 +137,8 @@ def leave_group_out(
     workers: int = 1,
     return_params: bool = False,
     progress: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    chunk_size: int = 1,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """True ``Δf_{-R}`` for each group ``R`` in ``groups`` → ``[len(groups)]`` (float64).
 
@@ -134,6 +148,9 @@ def leave_group_out(
         factor: weight multiplier of the group's items (0 = removal, ``1 ± ε`` infinitesimal).
         workers: processes (fork); 1 = in this process.
         return_params: also return ``Δλ_{-R}`` ``[len(groups), P]``.
+        checkpoint_dir: save every ``chunk_size`` finished groups atomically there and, on a
+            rerun, load them instead of retraining (identical result; see
+            :func:`~metafluence.evaluate.leave_one_out`).
     """
     lam = problem.flat(meta_params)
     batch = problem.batch(train_tasks, lam)
@@ -151,31 +168,42 @@ def leave_group_out(
         lam=lam,
     )
     n = len(groups)
+    store = None
+    if checkpoint_dir is not None:
+        config = {
+            "stage": "leave_group_out",
+            "groups": _STATE["groups"],
+            "factor": float(factor),
+            "chunk_size": int(chunk_size),
+            **stage_fingerprint(lam, train_tasks, target, _STATE["f0"], retrain or newton_retrain),
+        }
+        store = ProgressStore(checkpoint_dir, config)
+    bar = progress_bar(n, "leave-group-out", progress)
     try:
         if workers > 1 and n > 1 and "fork" in mp.get_all_start_methods():
             ctx = mp.get_context("fork")
-            with ctx.Pool(min(int(workers), n), initializer=_init_worker) as pool:
-                res = pool.map(_one, range(n), chunksize=1)
+            n_chunks = -(-n // max(int(chunk_size), 1))
+            with ctx.Pool(min(int(workers), n_chunks), initializer=_init_worker) as pool:
+                chunks = map_chunks(
+                    _chunk,
+                    n,
+                    chunk_size,
+                    store,
+                    imap=lambda f, rs: pool.imap(f, rs, chunksize=1),
+                    progress=bar,
+                )
         else:
-            res = []
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=n, desc="leave-group-out", leave=False)
-            for i in range(n):
-                res.append(_one(i))
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
+            chunks = map_chunks(_chunk, n, chunk_size, store, progress=bar)
     finally:
         _STATE.clear()
-    df = torch.tensor([r[0] for r in res], dtype=torch.float64)
+        if bar is not None:
+            bar.close()
+    df = torch.cat([c["df"] for c in chunks]) if chunks else torch.zeros(0, dtype=torch.float64)
     if not return_params:
         return df
-    dl = torch.stack([r[1] for r in res]) if res else lam.new_zeros(0, lam.numel())
-    return df, dl
+    if not chunks:
+        return df, lam.new_zeros(0, lam.numel())
+    return df, torch.cat([c["dl"] for c in chunks]).to(device=lam.device, dtype=lam.dtype)
 
 
 def relative_error(pred: Tensor, truth: Tensor) -> float:

@@ -9,14 +9,16 @@ derivation), the meta-parameters are retrained, and the true change of the targe
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._progress import ProgressStore, digest, map_chunks
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
-from ..bilevel.tasks import TaskBatch
+from ..bilevel.tasks import Task, TaskBatch
 from ..influence.removal import ITEMS, TargetLike
 from ..train.meta_train import newton_refine
 
@@ -86,6 +88,8 @@ def leave_one_out(
     indices: Sequence[Any] | None = None,
     factor: float = 0.0,
     progress: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    chunk_size: int = 1,
 ) -> Tensor:
     """True ``Δf`` for each item in ``indices`` (default: all items of the kind) ``[len]``.
 
@@ -95,26 +99,89 @@ def leave_one_out(
     ``retrain`` that ignores ``start_params`` and calls ``mf.train.meta_train`` with the
     original seed for retraining from the same initialisation. ``factor`` scales the item's
     weight instead of zeroing it (``1 ± ε`` for infinitesimal checks).
+
+    ``checkpoint_dir``: a :class:`~metafluence._progress.ProgressStore` directory; every
+    ``chunk_size`` finished retrains are saved atomically, and a rerun (e.g. after the process
+    was killed) loads them instead of retraining, giving the identical result. The store is
+    bound to ``items``, ``factor``, ``indices``, ``f(λ*)`` and fingerprints of λ*, the tasks and
+    the target tasks; a different configuration raises ``ValueError``. The retrainer cannot be
+    fingerprinted (only its name is recorded): use a new directory when changing it.
     """
     if items not in ITEMS:
         raise ValueError(f"items={items!r}: expected one of {ITEMS}")
     lam = problem.flat(meta_params)
     batch = problem.batch(train_tasks, lam)
+    named = retrain if retrain is not None else newton_retrain
     retrain = newton_retrain(problem) if retrain is None else _two_arg(retrain)
     idx = item_index(batch, items) if indices is None else list(indices)
     f0 = target_value(problem, lam, target)
     start = problem.unflat(lam)
-    out = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    store = None
+    if checkpoint_dir is not None:
+        config = {
+            "stage": "leave_one_out",
+            "items": items,
+            "factor": float(factor),
+            "indices": idx,
+            "chunk_size": int(chunk_size),
+            **stage_fingerprint(lam, train_tasks, target, f0, named),
+        }
+        store = ProgressStore(checkpoint_dir, config)
 
-        bar = tqdm(total=len(idx), desc=f"leave-one-out ({items})", leave=False)
-    for item in idx:
-        new = retrain(reweighted(batch, items, item, factor), start)
-        out.append(target_value(problem, new, target) - f0)
+    def compute(r: tuple[int, int]) -> dict[str, Tensor]:
+        df = []
+        for item in idx[r[0] : r[1]]:
+            new = retrain(reweighted(batch, items, item, factor), start)
+            df.append(target_value(problem, new, target) - f0)
+        return {"df": torch.tensor(df, dtype=torch.float64)}
+
+    bar = progress_bar(len(idx), f"leave-one-out ({items})", progress)
+    try:
+        chunks = map_chunks(compute, len(idx), chunk_size, store, progress=bar)
+    finally:
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return torch.tensor(out, dtype=lam.dtype)
+            bar.close()
+    if not chunks:
+        return torch.zeros(0, dtype=lam.dtype)
+    return torch.cat([c["df"] for c in chunks]).to(lam.dtype)
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar (or None when disabled / tqdm missing)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def stage_fingerprint(
+    lam: Tensor,
+    train_tasks: TasksLike,
+    target: TargetLike,
+    f0: float,
+    retrain: Callable[..., Any],
+) -> dict[str, Any]:
+    """Config entries that bind a retraining stage's progress store to its inputs.
+
+    λ*, the tasks and list-like targets are hashed (:func:`~metafluence._progress.digest`;
+    ``None`` where an input cannot be fingerprinted, e.g. a one-pass iterator); a callable
+    target is recorded by name and, through ``f0 = f(λ*)`` (exact ``repr``), by its value.
+    """
+    fn = target if callable(target) and not isinstance(target, Sequence) else None
+    return {
+        "meta_params": digest(lam),
+        "train_tasks": digest(train_tasks, strict=False) if _listlike(train_tasks) else None,
+        "target": getattr(fn, "__qualname__", repr(type(fn)))
+        if fn is not None
+        else digest(target, strict=False),
+        "f0": repr(float(f0)),
+        "retrain": getattr(retrain, "__qualname__", type(retrain).__qualname__),
+        "P": int(lam.numel()),
+    }
+
+
+def _listlike(x: Any) -> bool:
+    return isinstance(x, (list, tuple, Task, TaskBatch))

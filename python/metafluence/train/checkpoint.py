@@ -27,6 +27,7 @@ from .._progress import (
     config_diff,
     digest,
     load_tensors,
+    remove_stray_temps,
     save_tensors,
 )
 from ..bilevel.problem import MetaProblem, TasksLike
@@ -121,7 +122,7 @@ def _run_config(
     if init is None:
         src = problem.model if model is None else model
         init = problem.spec.flatten({n: p.detach() for n, p in src.named_parameters()})
-    data = tasks if isinstance(tasks, (list, tuple, Task, TaskBatch)) else None
+    data = tasks if isinstance(tasks, (list, tuple, Task, TaskBatch)) else None  # not iterators
     tw = kwargs.get("task_weight")
     return {
         "optimizer": str(kwargs.get("optimizer", "adam")),
@@ -130,7 +131,7 @@ def _run_config(
         "batch_size": None if kwargs.get("batch_size") is None else int(kwargs["batch_size"]),
         "tol": float(kwargs.get("tol", 0.0)),
         "init": digest(problem.flat(init)),
-        "tasks": None if data is None else digest(data),
+        "tasks": None if data is None else digest(data, strict=False),
         "task_weight": None if tw is None else digest(tw),
     }
 
@@ -160,6 +161,7 @@ def meta_train_resumable(
     """
     ckpt = Path(checkpoint)
     config = _run_config(problem, model, tasks, kwargs)
+    remove_stray_temps(ckpt)
     state = None
     if ckpt.is_file():
         tensors, meta = load_tensors(ckpt)
