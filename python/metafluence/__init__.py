@@ -10,6 +10,7 @@ from . import psg as psg  # noqa: E402
 from . import solvers as solvers  # noqa: E402
 from . import train as train  # noqa: E402
 from ._build import build_info as build_info
+from ._determinism import set_deterministic as set_deterministic
 from ._version import __version__ as __version__
 from .bilevel import MetaProblem as MetaProblem  # noqa: E402
 from .bilevel import Task as Task  # noqa: E402

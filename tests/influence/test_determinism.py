@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -51,3 +52,109 @@ def test_same_seed_identical_scores():
     for a, b in zip(r1.all_scores["support_point"], r2.all_scores["support_point"], strict=True):
         assert torch.equal(a, b)
     assert r1.diagnostics["lambda_min"] == r2.diagnostics["lambda_min"]
+
+
+# ---- across processes, in deterministic mode ---------------------------------------------------
+
+_WORKER = """
+import hashlib, sys, torch
+import metafluence as mf
+mf.set_deterministic(True)
+torch.set_num_threads(1)
+from tests.influence.test_determinism import run_once
+lam, res = run_once()
+h = hashlib.sha256()
+for k in sorted(lam):
+    h.update(lam[k].detach().double().numpy().tobytes())
+h.update(res.scores.detach().double().numpy().tobytes())
+for s in res.all_scores["support_point"]:
+    h.update(s.detach().double().numpy().tobytes())
+print("DIGEST", h.hexdigest(), repr(float(res.scores.sum())))
+"""
+
+
+def test_same_seed_bit_identical_across_processes():
+    """Two fresh interpreters (different hash seeds, so no dict/set-order luck) in
+    deterministic mode give bit-identical meta-parameters and scores."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    procs = []
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed, OMP_NUM_THREADS="1")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER],
+                cwd=root,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    digests = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        line = next(ln for ln in out.splitlines() if ln.startswith("DIGEST"))
+        digests.append(line.split()[1])
+    assert digests[0] == digests[1], digests
+    # and equal to this process (not in deterministic mode: on the CPU it changes nothing)
+    import hashlib
+
+    lam, res = run_once()
+    h = hashlib.sha256()
+    for k in sorted(lam):
+        h.update(lam[k].detach().double().numpy().tobytes())
+    h.update(res.scores.detach().double().numpy().tobytes())
+    for s in res.all_scores["support_point"]:
+        h.update(s.detach().double().numpy().tobytes())
+    if torch.get_num_threads() == 1:
+        assert h.hexdigest() == digests[0]
+
+
+def test_set_deterministic_switches_and_restores(monkeypatch):
+    import os
+
+    from metafluence import _determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
+    torch.backends.cudnn.benchmark = True
+    try:
+        state = mf.set_deterministic(True)
+        assert state["enabled"] and torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert _determinism.is_deterministic()
+        with _determinism.deterministic(False):
+            assert not _determinism.is_deterministic()
+            assert torch.backends.cudnn.benchmark
+        assert _determinism.is_deterministic() and not torch.backends.cudnn.benchmark
+        mf.set_deterministic(False)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark, "previous cudnn.benchmark not restored"
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        with pytest.raises(TypeError, match="enabled must be a bool"):
+            mf.set_deterministic("yes")
+    finally:
+        mf.set_deterministic(False)
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1:]
+
+
+def test_deterministic_mode_scores_equal_default_on_cpu():
+    """On the CPU the mode changes no bits: same scores with and without it."""
+    from metafluence import _determinism
+
+    _, r1 = run_once()
+    with _determinism.deterministic(True):
+        _, r2 = run_once()
+    assert torch.equal(r1.scores, r2.scores)

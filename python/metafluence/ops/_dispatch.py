@@ -13,6 +13,10 @@ The backend is forced with the ``backend=`` argument of an op or the environment
 ``auto`` or empty means automatic). A forced backend that cannot run raises
 :class:`BackendUnavailableError`, whose message lists every backend and why it was accepted or
 rejected.
+
+In deterministic mode (:func:`metafluence.set_deterministic`) a backend registered as
+nondeterministic (``register_op(..., nondeterministic={name: why})``) is rejected like an
+unavailable one.
 """
 
 from __future__ import annotations
@@ -122,13 +126,47 @@ def reference_check(device: torch.device, dtype: torch.dtype) -> str | None:
 REGISTRY: dict[str, Mapping[str, Check]] = {}
 
 
-def register_op(op: str, checks: Mapping[str, Check]) -> Mapping[str, Check]:
-    """Record the backend checks of ``op`` (one entry per name in :data:`BACKENDS`)."""
+def register_op(
+    op: str, checks: Mapping[str, Check], nondeterministic: Mapping[str, str] | None = None
+) -> Mapping[str, Check]:
+    """Record the backend checks of ``op`` (one entry per name in :data:`BACKENDS`).
+
+    ``nondeterministic`` maps a backend whose results can change between runs (float atomics,
+    autotuned reduction orders) to the reason; in deterministic mode
+    (:func:`metafluence.set_deterministic`) those backends are rejected with that reason, so
+    ``auto`` routes around them and forcing one raises :class:`BackendUnavailableError`. Every
+    backend of the ops shipped today reduces in a fixed order (none is listed).
+    """
     missing = set(BACKENDS) - set(checks)
     if missing:
         raise ValueError(f"{op}: no check for backends {sorted(missing)}")
+    unknown = set(nondeterministic or {}) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"{op}: nondeterministic names unknown backends {sorted(unknown)}")
+    if nondeterministic:
+        checks = {
+            name: (
+                _deterministic_only(check, nondeterministic[name])
+                if name in nondeterministic
+                else check
+            )
+            for name, check in checks.items()
+        }
     REGISTRY[op] = checks
     return checks
+
+
+def _deterministic_only(check: Check, why: str) -> Check:
+    """Wrap ``check`` so that it rejects the backend while deterministic mode is on."""
+
+    def wrapped(device: torch.device, dtype: torch.dtype) -> str | None:
+        from .._determinism import is_deterministic
+
+        if is_deterministic():
+            return f"nondeterministic ({why}) and deterministic mode is on"
+        return check(device, dtype)
+
+    return wrapped
 
 
 def backend_report(
