@@ -89,6 +89,13 @@ def test_leave_group_out_resumes(tmp_path):
     )
     assert len(calls) == 1  # only group 3 (the second chunk) was retrained
     assert torch.equal(df2, ref_df) and torch.equal(dl2, ref_dl)
+    # the process-pool path saves and resumes the same way
+    (d / f"{store.keys()[0]}.safetensors").unlink()
+    kw = dict(items="task", retrain=retrain, return_params=True, checkpoint_dir=d, chunk_size=1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        leave_group_out(*args, workers=2, **kw)
+    df3, dl3 = leave_group_out(*args, workers=2, **dict(kw, chunk_size=3))
+    assert torch.equal(df3, ref_df) and torch.equal(dl3, ref_dl)
 
 
 def _chunk_keys(d):
