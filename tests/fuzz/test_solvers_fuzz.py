@@ -233,13 +233,13 @@ def test_cg_bad_options():
     b = torch.ones(3, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"x0 has shape \[2\]"):
         solvers.solve_cg(_mv(A3), b, x0=torch.zeros(2, dtype=torch.float64))
-    with pytest.raises(ValueError, match="maxiter must be >= 0"):
+    with pytest.raises(ValueError, match="maxiter=-1: expected >= 0"):
         solvers.solve_cg(_mv(A3), b, maxiter=-1)
     with pytest.raises(TypeError, match="maxiter must be an int"):
         solvers.solve_cg(_mv(A3), b, maxiter=2.5)
     with pytest.raises(ValueError, match="rtol and atol"):
         solvers.solve_cg(_mv(A3), b, rtol=-1.0)
-    with pytest.raises(ValueError, match="check_every must be >= 1"):
+    with pytest.raises(ValueError, match="check_every=0: expected >= 1"):
         solvers.solve_cg(_mv(A3), b, check_every=0)
     with pytest.raises(TypeError, match="precond must be callable"):
         solvers.solve_cg(_mv(A3), b, precond=3)

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._checks import check_float, check_int
+
 INNER_SOLVERS = ("cg", "direct", "woodbury", "ekfac")
 
 
@@ -33,10 +35,8 @@ class Unrolled:
     adapt: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
-        if int(self.steps) < 0:
-            raise ValueError(f"Unrolled(steps={self.steps}): expected steps >= 0")
-        if not float(self.lr) > 0:
-            raise ValueError(f"Unrolled(lr={self.lr}): expected lr > 0")
+        check_int(self.steps, "Unrolled(steps)", minimum=0)
+        check_float(self.lr, "Unrolled(lr)", positive=True)
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,15 @@ class Implicit:
     adapt: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
-        if not float(self.reg) > 0:
-            raise ValueError(f"Implicit(reg={self.reg}): expected reg > 0")
+        check_float(self.reg, "Implicit(reg)", positive=True)
         if self.solver not in INNER_SOLVERS:
             raise ValueError(f"Implicit(solver={self.solver!r}): expected one of {INNER_SOLVERS}")
-        if int(self.steps) < 0 or int(self.newton_steps) < 0:
-            raise ValueError("Implicit: steps and newton_steps must be >= 0")
+        check_int(self.steps, "Implicit(steps)", minimum=0)
+        check_int(self.newton_steps, "Implicit(newton_steps)", minimum=0)
+        check_int(self.maxiter, "Implicit(maxiter)", minimum=1)
+        check_float(self.lr, "Implicit(lr)", positive=True)
+        check_float(self.tol, "Implicit(tol)", minimum=0.0)
+        check_float(self.rtol, "Implicit(rtol)", minimum=0.0)
 
 
 def HeadOnly(  # noqa: N802 - a factory that reads like a class, as in the public API

@@ -29,10 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import check_int
 from .dataset import FewShotDataset, class_split
 
 VIEW = 109.0  # KanjiVG viewBox size
 GLYPHS_VERSION = 1
+MIN_SIZE = 4  # the widest pen disk (9 supersampled px) must fit the 3x grid
 LICENCE = "KanjiVG (c) Ulrich Apel, CC BY-SA 3.0, https://kanjivg.tagaini.net"
 
 
@@ -296,8 +298,11 @@ def load_glyphs(
     ``num_classes`` kanji (≤ ``max_strokes`` strokes) × ``samples`` renditions at
     ``size``×``size``; split by radical group ≈ 60/20/20 of the classes. Deterministic by seed.
     """
-    if num_classes < 3 or samples < 1:
-        raise ValueError(f"glyphs: num_classes={num_classes}, samples={samples}: expected ≥ 3, ≥ 1")
+    num_classes = check_int(num_classes, "glyphs: num_classes", minimum=3)
+    samples = check_int(samples, "glyphs: samples", minimum=1)
+    size = check_int(size, "glyphs: size", minimum=MIN_SIZE)
+    max_strokes = check_int(max_strokes, "glyphs: max_strokes", minimum=2)
+    seed = check_int(seed, "glyphs: seed", minimum=0)
     key = dict(
         v=GLYPHS_VERSION,
         classes=int(num_classes),

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import check_float, check_int
 from ..bilevel.tasks import Task
 from .dataset import FewShotDataset
 
@@ -44,12 +45,14 @@ def sample_tasks(
     Task ids are ``first_id + i``; ``task.meta`` records the split, the class indices and names,
     and the sample indices.
     """
-    ways, shots, queries, num_tasks = int(ways), int(shots), int(queries), int(num_tasks)
-    if ways < 2 or shots < 1 or queries < 1 or num_tasks < 1:
-        raise ValueError(
-            f"ways={ways}, shots={shots}, queries={queries}, num_tasks={num_tasks}: expected "
-            "ways >= 2 and shots, queries, num_tasks >= 1"
-        )
+    ways = check_int(ways, "ways", minimum=2)
+    shots = check_int(shots, "shots", minimum=1)
+    queries = check_int(queries, "queries", minimum=1)
+    num_tasks = check_int(num_tasks, "num_tasks", minimum=1)
+    seed = check_int(seed, "seed", minimum=0)
+    first_id = check_int(first_id, "first_id", minimum=0)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     pools = dataset.by_class(split)
     need = shots + queries
     eligible = np.array(sorted(c for c, idx in pools.items() if len(idx) >= need), dtype=np.int64)
@@ -115,8 +118,8 @@ def flip_labels(
         raise ValueError(f"level={level!r}: expected one of {LEVELS}")
     if where not in WHERE:
         raise ValueError(f"where={where!r}: expected one of {WHERE}")
-    if not 0.0 <= float(fraction) <= 1.0:
-        raise ValueError(f"fraction={fraction}: expected a value in [0, 1]")
+    check_float(fraction, "fraction", minimum=0.0, maximum=1.0)
+    seed = check_int(seed, "seed", minimum=0)
     tasks = list(tasks)
     M = len(tasks)
     rng = _rng(seed, 0x5EED, LEVELS.index(level))

@@ -23,10 +23,21 @@ def correlation(pred: Any, truth: Any) -> dict[str, float]:
     """``{"pearson", "spearman", "n", "rel_error"}`` between predictions and ground truth.
 
     ``rel_error = ‖pred − truth‖ / ‖truth‖``. Lists of per-task tensors are concatenated.
+    Pearson / Spearman are NaN when ``n < 2`` or either side is constant. Empty or non-finite
+    inputs raise ``ValueError`` naming ``pred`` / ``truth``.
     """
     p, t = _flat(pred), _flat(truth)
     if p.shape != t.shape:
         raise ValueError(f"pred has {p.size} values but truth has {t.size}")
+    if p.size == 0:
+        raise ValueError("pred and truth are empty: nothing to correlate")
+    for name, v in (("pred", p), ("truth", t)):
+        bad = ~np.isfinite(v)
+        if bad.any():
+            raise ValueError(
+                f"{name} has {int(bad.sum())} NaN/Inf values (first at index "
+                f"{int(np.flatnonzero(bad)[0])})"
+            )
     n = int(p.size)
     out: dict[str, float] = {"n": n}
     if n >= 2 and np.std(p) > 0 and np.std(t) > 0:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import check_int
+
 __all__ = ["Matvec", "SolveResult"]
 
 Matvec = Callable[[Tensor], Tensor]
@@ -79,11 +81,7 @@ def check_damping(damping: float, *, positive: bool = False) -> float:
 
 def check_positive_int(value: int, name: str, *, minimum: int = 1) -> int:
     """Validate an integer argument ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return check_int(value, name, minimum=minimum)
 
 
 def check_finite(t: Tensor, name: str) -> Tensor:
