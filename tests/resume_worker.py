@@ -16,25 +16,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+if __name__ == "__main__":  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import metafluence as mf
 from metafluence.evaluate import leave_one_out
 from metafluence.evaluate.loo import newton_retrain
 from metafluence.train.checkpoint import default_checkpoint_path, meta_train_resumable
+from tests.influence.test_determinism import tasks
 
 STEPS, EVERY = 24, 3
 TRAIN_KW = dict(outer_lr=0.05, seed=3, batch_size=4, optimizer="adam")
-
-
-def tasks(M: int, seed: int) -> list[mf.Task]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        mf.Task(
-            support=(torch.randn(4, 3, generator=g), torch.randint(0, 2, (4,), generator=g)),
-            query=(torch.randn(6, 3, generator=g), torch.randint(0, 2, (6,), generator=g)),
-            id=i,
-        )
-        for i in range(M)
-    ]
 
 
 def problem() -> tuple[nn.Module, mf.MetaProblem]:

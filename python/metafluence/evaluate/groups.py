@@ -36,8 +36,8 @@ from .._progress import ProgressStore, map_chunks
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
 from ..bilevel.tasks import TaskBatch
 from ..influence.removal import ITEMS, TargetLike
-from ..train.meta_train import meta_train
-from .loo import Retrain, newton_retrain, progress_bar, stage_fingerprint, target_value
+from ..train.meta_train import meta_train, progress_bar
+from .loo import Retrain, newton_retrain, stage_fingerprint, target_value
 
 Group = Mapping[str, Sequence[Any]] | Sequence[Any]
 
@@ -178,7 +178,7 @@ def leave_group_out(
             **stage_fingerprint(lam, train_tasks, target, _STATE["f0"], retrain or newton_retrain),
         }
         store = ProgressStore(checkpoint_dir, config)
-    bar = progress_bar(n, "leave-group-out", progress)
+    bar = progress_bar(n, progress, "leave-group-out")
     try:
         if workers > 1 and n > 1 and "fork" in mp.get_all_start_methods():
             ctx = mp.get_context("fork")

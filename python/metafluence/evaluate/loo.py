@@ -20,7 +20,7 @@ from .._progress import ProgressStore, digest, map_chunks
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
 from ..bilevel.tasks import Task, TaskBatch
 from ..influence.removal import ITEMS, TargetLike
-from ..train.meta_train import newton_refine
+from ..train.meta_train import newton_refine, progress_bar
 
 Retrain = Callable[[TaskBatch, dict[str, Tensor]], dict[str, Tensor]]
 
@@ -135,7 +135,7 @@ def leave_one_out(
             df.append(target_value(problem, new, target) - f0)
         return {"df": torch.tensor(df, dtype=torch.float64)}
 
-    bar = progress_bar(len(idx), f"leave-one-out ({items})", progress)
+    bar = progress_bar(len(idx), progress, f"leave-one-out ({items})")
     try:
         chunks = map_chunks(compute, len(idx), chunk_size, store, progress=bar)
     finally:
@@ -144,17 +144,6 @@ def leave_one_out(
     if not chunks:
         return torch.zeros(0, dtype=lam.dtype)
     return torch.cat([c["df"] for c in chunks]).to(lam.dtype)
-
-
-def progress_bar(total: int, desc: str, enabled: bool) -> Any:
-    """A tqdm bar (or None when disabled / tqdm missing)."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, leave=False)
 
 
 def stage_fingerprint(

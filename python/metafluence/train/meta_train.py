@@ -120,7 +120,8 @@ def _restore(
         opt.load_state_dict(sd)
 
 
-def _progress(total: int, enabled: bool, desc: str):
+def progress_bar(total: int, enabled: bool, desc: str) -> Any:
+    """A tqdm bar of ``total`` units (None when disabled or tqdm is missing)."""
     if not enabled:
         return None
     try:
@@ -184,7 +185,7 @@ def meta_train(
     full = problem.batch(tasks, lam, task_weight)
     gen = torch.Generator().manual_seed(int(seed))
     start = 0 if state is None else int(state.step)
-    bar = _progress(int(steps), progress, f"meta-train ({optimizer})")
+    bar = progress_bar(int(steps), progress, f"meta-train ({optimizer})")
     if bar is not None and start:
         bar.update(min(start, int(steps)))
 
