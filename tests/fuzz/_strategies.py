@@ -6,6 +6,7 @@ so a failing example is reproduced exactly by its printed arguments.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -58,3 +59,13 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     scale = float(ref.abs().max().clamp_min(1.0))
     err = float((out - ref).abs().max())
     assert err <= RTOL[dtype] * scale, f"{what}: max err {err:.3e} (scale {scale:.3e})"
+
+
+def require_kanjivg() -> None:
+    """Skip the calling test when the KanjiVG stroke data (the glyph dataset) is missing."""
+    from metafluence.data.glyphs import kanjivg_dir
+
+    try:
+        kanjivg_dir()
+    except ImportError as e:
+        pytest.skip(str(e))

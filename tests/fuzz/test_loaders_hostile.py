@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import metafluence as mf
 from metafluence.data import DatasetLayoutError, safe_unpickle
 
-from ._strategies import FAST
+from ._strategies import FAST, require_kanjivg
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -346,10 +346,7 @@ def test_truncated_idx(tmp_path, gz, cut):
 
 @pytest.fixture(scope="module")
 def glyph_cache(tmp_path_factory):
-    try:
-        mf.data.glyphs.kanjivg_dir()
-    except ImportError as e:
-        pytest.skip(str(e))
+    require_kanjivg()
     root = tmp_path_factory.mktemp("glyph-cache")
     old = os.environ.get("METAFLUENCE_CACHE")
     os.environ["METAFLUENCE_CACHE"] = str(root)

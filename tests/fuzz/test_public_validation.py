@@ -18,29 +18,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import metafluence as mf
+from tests.bilevel.test_validation import mk
+
+from ._strategies import require_kanjivg
 
 # the meta device stands in for "another device" on a CPU-only machine: tensors there have
 # shapes and dtypes but no data, exactly like CUDA tensors seen from CPU code
 OTHER = "cuda" if torch.cuda.is_available() else "meta"
-
-
-def mk(i, n=4, m=5, d=3, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed + i)
-    return mf.Task(
-        support=(torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)),
-        query=(torch.randn(m, d, generator=g), torch.randint(0, classes, (m,), generator=g)),
-        id=f"t{i}",
-    )
-
-
-@pytest.fixture
-def prob():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
-    return mf.MetaProblem(model, inner=mf.inner.Unrolled(steps=1, lr=0.1))
 
 
 @pytest.fixture
@@ -332,10 +318,7 @@ def test_psg_bad_x_y_and_devices(prob):
 
 @pytest.fixture(scope="module")
 def glyphs(tmp_path_factory):
-    try:
-        mf.data.glyphs.kanjivg_dir()
-    except ImportError as e:
-        pytest.skip(str(e))
+    require_kanjivg()
     mp = pytest.MonkeyPatch()
     mp.setenv("METAFLUENCE_CACHE", str(tmp_path_factory.mktemp("glyphs")))
     try:

@@ -202,8 +202,13 @@ A3 = torch.eye(3, dtype=torch.float64)
             ValueError,
             "b contains NaN or Inf",
         ),
-        (torch.ones(3, dtype=torch.float64), -1.0, ValueError, "damping must be >= 0"),
-        (torch.ones(3, dtype=torch.float64), float("nan"), ValueError, "damping must be finite"),
+        (torch.ones(3, dtype=torch.float64), -1.0, ValueError, "damping=-1.0: expected >= 0"),
+        (
+            torch.ones(3, dtype=torch.float64),
+            float("nan"),
+            ValueError,
+            "damping=nan: expected a finite number",
+        ),
         (torch.ones(3, dtype=torch.float64), "big", TypeError, "damping must be a float"),
         (torch.ones(3, dtype=torch.float64), torch.ones(2), ValueError, "damping must be a float"),
     ],
@@ -275,7 +280,7 @@ def test_woodbury_bad_inputs():
     cases = [
         (dict(U=U[0]), ValueError, "U has 1 dims"),
         (dict(v=torch.ones(5, dtype=torch.float64)), ValueError, "v has shape [5]"),
-        (dict(damping=0.0), ValueError, "damping must be > 0"),
+        (dict(damping=0.0), ValueError, "damping=0.0: expected > 0"),
         (dict(weights=torch.ones(3, dtype=torch.float64)), ValueError, "weights has shape [3]"),
         (dict(U=U.long()), TypeError, "U has dtype torch.int64"),
         (dict(U=[[1.0]]), TypeError, "U must be a torch.Tensor"),
@@ -316,7 +321,7 @@ def test_ekfac_bad_inputs():
         solvers.solve_ekfac(f, [torch.ones(2, 3)] * 2, damping=0.1)
     with pytest.raises(ValueError, match=r"b_blocks\[0\] has shape \[3, 2\]"):
         solvers.solve_ekfac(f, [torch.ones(3, 2)], damping=0.1)
-    with pytest.raises(ValueError, match="damping must be >= 0"):
+    with pytest.raises(ValueError, match="damping=-0.1: expected >= 0"):
         solvers.solve_ekfac(f, [torch.ones(2, 3)], damping=-0.1)
 
 

@@ -56,20 +56,25 @@ def test_same_seed_identical_scores():
 
 # ---- across processes, in deterministic mode ---------------------------------------------------
 
+
+def digest(lam, res):
+    """sha256 of the meta-parameters and every score tensor (bit-exact fingerprint)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    tensors = [lam[k] for k in sorted(lam)] + [res.scores, *res.all_scores["support_point"]]
+    for t in tensors:
+        h.update(t.detach().double().numpy().tobytes())
+    return h.hexdigest()
+
+
 _WORKER = """
-import hashlib, sys, torch
+import torch
 import metafluence as mf
 mf.set_deterministic(True)
 torch.set_num_threads(1)
-from tests.influence.test_determinism import run_once
-lam, res = run_once()
-h = hashlib.sha256()
-for k in sorted(lam):
-    h.update(lam[k].detach().double().numpy().tobytes())
-h.update(res.scores.detach().double().numpy().tobytes())
-for s in res.all_scores["support_point"]:
-    h.update(s.detach().double().numpy().tobytes())
-print("DIGEST", h.hexdigest(), repr(float(res.scores.sum())))
+from tests.influence.test_determinism import digest, run_once
+print("DIGEST", digest(*run_once()))
 """
 
 
@@ -103,17 +108,8 @@ def test_same_seed_bit_identical_across_processes():
         digests.append(line.split()[1])
     assert digests[0] == digests[1], digests
     # and equal to this process (not in deterministic mode: on the CPU it changes nothing)
-    import hashlib
-
-    lam, res = run_once()
-    h = hashlib.sha256()
-    for k in sorted(lam):
-        h.update(lam[k].detach().double().numpy().tobytes())
-    h.update(res.scores.detach().double().numpy().tobytes())
-    for s in res.all_scores["support_point"]:
-        h.update(s.detach().double().numpy().tobytes())
     if torch.get_num_threads() == 1:
-        assert h.hexdigest() == digests[0]
+        assert digest(*run_once()) == digests[0]
 
 
 def test_set_deterministic_switches_and_restores(monkeypatch):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import check_int
+from .._checks import check_float, check_int
 
 __all__ = ["Matvec", "SolveResult"]
 
@@ -66,17 +66,7 @@ def check_damping(damping: float, *, positive: bool = False) -> float:
                 f"damping must be a float, got a tensor of shape {list(damping.shape)}"
             )
         damping = float(damping.item())
-    try:
-        value = float(damping)
-    except (TypeError, ValueError):
-        raise TypeError(f"damping must be a float, got {type(damping).__name__}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"damping must be finite, got {value}")
-    if positive and value <= 0.0:
-        raise ValueError(f"damping must be > 0, got {value}")
-    if value < 0.0:
-        raise ValueError(f"damping must be >= 0, got {value}")
-    return value
+    return check_float(damping, "damping", minimum=0.0, positive=positive)
 
 
 def check_positive_int(value: int, name: str, *, minimum: int = 1) -> int:
