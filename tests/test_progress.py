@@ -101,11 +101,14 @@ def test_store_chunks_keys_and_completion(tmp_path):
 
 
 def test_store_config_mismatch_names_keys(tmp_path):
-    ProgressStore(tmp_path, {"items": "task", "factor": 0.0, "opt": {"lr": 0.1, "seed": 1}})
+    first = ProgressStore(tmp_path, {"items": "task", "factor": 0.0, "opt": {"lr": 0.1, "seed": 1}})
+    first.save("c", {"x": torch.ones(1)})
     with pytest.raises(ValueError, match=r"factor, opt\.lr") as e:
         ProgressStore(tmp_path, {"items": "task", "factor": 1.0, "opt": {"lr": 0.2, "seed": 1}})
     assert str(tmp_path) in str(e.value)
+    (tmp_path / "user_notes.txt").write_text("keep")  # not the store's: survives overwrite
     s = ProgressStore(tmp_path, {"items": "point"}, overwrite=True)
+    assert (tmp_path / "user_notes.txt").read_text() == "keep"
     assert s.keys() == [] and json.loads((tmp_path / "manifest.json").read_text())["config"] == {
         "items": "point"
     }

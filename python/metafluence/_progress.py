@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import struct
 import tempfile
 import warnings
@@ -487,11 +486,13 @@ class ProgressStore:
         return bool(self._manifest.get("complete", False))
 
     def clear(self) -> None:
-        """Delete every chunk and the manifest (the directory itself stays)."""
-        for f in self.directory.iterdir():
-            if f.is_dir():
-                shutil.rmtree(f)
-            else:
+        """Delete the store's own files (manifest, chunks, ``*.corrupt``, temp files) only."""
+        own = [self.directory / self.MANIFEST]
+        own += [self._path(k) for k in self.keys() if _KEY_RE.match(k)]
+        own += list(self.directory.glob(f"*{self._suffix}.corrupt"))
+        own += list(self.directory.glob(f".*{_TMP_SUFFIX}"))
+        for f in own:
+            with contextlib.suppress(FileNotFoundError):
                 f.unlink()
 
     def __repr__(self) -> str:
