@@ -11,6 +11,7 @@ Statistics are gathered with forward hooks inside ``vmap`` over tasks (one batch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,12 +82,23 @@ class EKFACLayout:
         return X
 
     def statistics(
-        self, lam: Tensor, theta: Tensor, batch: Any
+        self,
+        lam: Tensor,
+        theta: Tensor,
+        batch: Any,
+        logits_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+        inputs: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """Per layer ``a' [M, N', in+1]`` and ``g' [M, N', out]`` at adapted blocks ``theta``."""
+        """Per layer ``a' [M, N', in+1]`` and ``g' [M, N', out]`` at adapted blocks ``theta``.
+
+        ``logits_fn(fixed, adapted, x)`` on ``inputs [M, n, ...]`` (default: the whole model on
+        the support inputs; a head-only engine passes its head and the cached body features).
+        """
         fm, spec = self.fm, self.fm.spec
         fixed, _ = spec.split(lam)
         mods = [m for m, _, _ in self.layers]
+        logits_of = fm.logits_split if logits_fn is None else logits_fn
+        xs_all = batch.xs if inputs is None else inputs
 
         def one(th: Tensor, xs: Tensor, ys: Tensor, w: Tensor):
             n = xs.shape[0]
@@ -103,7 +115,7 @@ class EKFACLayout:
 
                     handles.append(mod.register_forward_hook(hook))
                 try:
-                    return fm.logits_split(fixed, th, xs)
+                    return logits_of(fixed, th, xs)
                 finally:
                     for h in handles:
                         h.remove()
@@ -126,6 +138,6 @@ class EKFACLayout:
                 g_out.append(gi.reshape(C * n, -1))
             return tuple(a_out), tuple(g_out)
 
-        acts, gouts = vmap(one)(theta, batch.xs, batch.ys, batch.support_weight)
+        acts, gouts = vmap(one)(theta, xs_all, batch.ys, batch.support_weight)
         self.samples = int(acts[0].shape[1])
         return list(acts), list(gouts)

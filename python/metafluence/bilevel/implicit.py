@@ -31,6 +31,13 @@ Inner solves (``Implicit.solver``) are batched over tasks and right-hand sides:
 Jacobians scaled by the loss Hessian: exact when the model is linear in ``θ``), ``"ekfac"``
 (the paper's choice: EK-FAC of that Gauss-Newton part, per adapted ``nn.Linear`` layer, plus
 ``γI``; an approximation unless the model is one linear layer).
+
+Head-only maps with a verified body/head split (:meth:`FunctionalModel.split`): ``∇_θ G``,
+``A_k`` and the outer loss depend on ``λ_f`` only through the body features, so the engine caches
+the features of every support and query set at ``λ`` once, runs the forward solve (gradient and
+Newton steps, backtracking), every inner operator and solve on them, and evaluates the body
+inside a ``λ``-derivative only once per set (``*_one`` functions on raw inputs compute the
+features first and call the ``*_feat`` twins). ``cache_body=False`` is the reference path.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import warnings
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad, jacrev, vmap
 
 from ..solvers import compute_kfac_factors_batched, solve_cg, solve_ekfac
@@ -47,7 +54,7 @@ from ._func import jvp
 from .ekfac_inner import EKFACLayout
 from .functional import FunctionalModel
 from .inner import Implicit
-from .losses import logit_hessian_sqrt
+from .losses import cross_entropy, logit_hessian_sqrt, logit_hessian_vp, mse
 from .tasks import TaskBatch
 
 
@@ -64,21 +71,42 @@ class ImplicitEngine:
         self._ekfac_layout = EKFACLayout(fm, inner) if inner.solver == "ekfac" else None
         self.inner_solves = 0
         self.inner_unconverged = 0
+        self.split = fm.split(lam, batch.xs[0] if batch.num_tasks else None)
+        self._fs, self._fq = self._features(lam)
         self.theta = self._forward_solve()
         self.adjoint = self.solve_A(self._outer_grad_theta())
 
     # ---- per-task pure functions ---------------------------------------------------------
-    def G_one(self, theta: Tensor, lam: Tensor, xs: Tensor, ys: Tensor, w: Tensor) -> Tensor:
+    def _features(self, lam: Tensor) -> tuple[Tensor, Tensor]:
+        """Body features of the chunk's support and query sets at ``λ`` (the inputs: no split)."""
+        b = self.batch
+        if not self.split.cached:
+            return b.xs, b.xq
+        fixed, _ = self.spec.split(lam.detach())
+        feats = vmap(self.split.features, in_dims=(None, 0))
+        with torch.no_grad():
+            return feats(fixed, b.xs), feats(fixed, b.xq)
+
+    def G_feat(self, theta: Tensor, lam: Tensor, fs: Tensor, ys: Tensor, w: Tensor) -> Tensor:
+        """``G(θ; λ, w)`` on support features ``fs``."""
         fixed, lam_a = self.spec.split(lam)
         prox = 0.5 * self.reg * ((theta - lam_a) ** 2).sum()
-        return self.fm.set_loss_split(fixed, theta, xs, ys, w) + prox
+        return self.split.set_loss(fixed, theta, fs, ys, w) + prox
+
+    def gradG_feat(self, theta, lam, fs, ys, w) -> Tensor:
+        return grad(self.G_feat)(theta, lam, fs, ys, w)
 
     def gradG_one(self, theta, lam, xs, ys, w) -> Tensor:
-        return grad(self.G_one)(theta, lam, xs, ys, w)
+        fixed, _ = self.spec.split(lam)
+        return self.gradG_feat(theta, lam, self.split.features(fixed, xs), ys, w)
+
+    def outer_feat(self, theta, lam, fq, yq, v) -> Tensor:
+        fixed, _ = self.spec.split(lam)
+        return self.split.set_loss(fixed, theta, fq, yq, v)
 
     def outer_one(self, theta, lam, xq, yq, v) -> Tensor:
         fixed, _ = self.spec.split(lam)
-        return self.fm.set_loss_split(fixed, theta, xq, yq, v)
+        return self.outer_feat(theta, lam, self.split.features(fixed, xq), yq, v)
 
     def lag_one(self, theta, lam, xs, ys, xq, yq, w, v, a) -> Tensor:
         return (
@@ -96,8 +124,8 @@ class ImplicitEngine:
     # ---- inner operator and solves -------------------------------------------------------
     def _gradG(self, theta: Tensor) -> Tensor:
         b = self.batch
-        return vmap(self.gradG_one, in_dims=(0, None, 0, 0, 0))(
-            theta, self.lam, b.xs, b.ys, b.support_weight
+        return vmap(self.gradG_feat, in_dims=(0, None, 0, 0, 0))(
+            theta, self.lam, self._fs, b.ys, b.support_weight
         )
 
     def A_mv(self, X: Tensor, theta: Tensor | None = None) -> Tensor:
@@ -105,22 +133,17 @@ class ImplicitEngine:
         th = self.theta if theta is None else theta
         b = self.batch
 
-        def one(t, xs, ys, w, x):
-            return jvp(lambda tt: self.gradG_one(tt, self.lam, xs, ys, w), (t,), (x,))[1]
+        def one(t, fs, ys, w, x):
+            return jvp(lambda tt: self.gradG_feat(tt, self.lam, fs, ys, w), (t,), (x,))[1]
 
         per_task = vmap(one, in_dims=(0, 0, 0, 0, 0))
-        return vmap(lambda x: per_task(th, b.xs, b.ys, b.support_weight, x))(X)
+        return vmap(lambda x: per_task(th, self._fs, b.ys, b.support_weight, x))(X)
 
     def _build(self, theta: Tensor) -> None:
         method = self.inner.solver
         b = self.batch
         if method == "direct":
-
-            def hess(t, xs, ys, w):
-                return jacrev(lambda tt: self.gradG_one(tt, self.lam, xs, ys, w))(t)
-
-            A = vmap(hess)(theta, b.xs, b.ys, b.support_weight)
-            A = 0.5 * (A + A.transpose(1, 2))
+            A = self._dense_A(theta)
             chol, info = torch.linalg.cholesky_ex(A)
             if bool((info != 0).any()):
                 bad = [b.ids[i] for i in torch.nonzero(info).flatten().tolist()]
@@ -133,8 +156,55 @@ class ImplicitEngine:
             self._wood = self._woodbury_factors(theta)
         elif method == "ekfac":
             assert self._ekfac_layout is not None
-            acts, gouts = self._ekfac_layout.statistics(self.lam, theta, self.batch)
+            acts, gouts = self._ekfac_layout.statistics(
+                self.lam, theta, self.batch, self.split.logits, self._fs
+            )
             self._ekfac = compute_kfac_factors_batched(acts, gouts)
+
+    def _dense_A(self, theta: Tensor) -> Tensor:
+        """``A_k = ∇²_θ L_I + γI`` stacked ``[M, p_a, p_a]`` (lower triangle used).
+
+        A head that is one ``nn.Linear`` under a sample-separable loss (cross-entropy, mse) has
+        logits linear in ``θ``, so its Hessian is the Gauss-Newton form
+        ``Σ_j (w_j/n) J_jᵀ ∇²ℓ_j J_j`` exactly: ``C`` backward passes for the logit Jacobians
+        ``J_j [C, p_a]`` and one batched product, instead of ``p_a`` backward passes (``jacrev``
+        of ``∇_θ G``, the general path and reference).
+        """
+        b = self.batch
+        head = getattr(self.split, "head", None)
+        if isinstance(head, nn.Linear) and self.fm.loss_fn in (cross_entropy, mse):
+            return self._gauss_newton_A(theta)
+
+        def hess(t, fs, ys, w):
+            return jacrev(lambda tt: self.gradG_feat(tt, self.lam, fs, ys, w))(t)
+
+        A = vmap(hess)(theta, self._fs, b.ys, b.support_weight)
+        return 0.5 * (A + A.transpose(1, 2))
+
+    def _gauss_newton_A(self, theta: Tensor) -> Tensor:
+        """``γI + Σ_j (w_j/n) J_jᵀ ∇²ℓ_j J_j`` from the cached features ``[M, p_a, p_a]``."""
+        b = self.batch
+        fixed, _ = self.spec.split(self.lam)
+        n = b.n_support
+
+        def one(t, fs, ys):
+            def logits_of(tt):
+                return self.split.logits(fixed, tt, fs)
+
+            z = logits_of(t)
+            C = z.shape[-1]
+            eye = torch.eye(C, dtype=z.dtype, device=z.device)
+            J = jacrev(logits_of)(t)  # [n, C, p_a]
+            cols = vmap(lambda e: logit_hessian_vp(self.fm.loss_fn, z, ys, e.expand(n, C)))(eye)
+            return J, cols.permute(1, 2, 0)  # [n, C, C]: column e of ∇²ℓ_j is cols[e, j]
+
+        with torch.no_grad():
+            J, H = vmap(one)(theta, self._fs, b.ys)  # [M, n, C, p], [M, n, C, C]
+            HJ = torch.einsum("mnce,mnep,mn->mncp", H, J, b.support_weight / n)
+            M, p = J.shape[0], J.shape[-1]
+            A = J.reshape(M, -1, p).transpose(1, 2) @ HJ.reshape(M, -1, p)
+            A.diagonal(dim1=1, dim2=2).add_(self.reg)
+        return A
 
     def _woodbury_factors(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """``U [M, p_a, n·C]`` with ``U Uᵀ = Σ_j (w_j/n) J_jᵀ ∇²ℓ_j J_j``; ``chol(γI + UᵀU)``."""
@@ -142,9 +212,9 @@ class ImplicitEngine:
         fixed, _ = self.spec.split(self.lam)
         loss_fn = self.fm.loss_fn
 
-        def one(t, xs, ys, w):
+        def one(t, fs, ys, w):
             def logits_of(tt):
-                return self.fm.logits_split(fixed, tt, xs)
+                return self.split.logits(fixed, tt, fs)
 
             logits = logits_of(t)
             J = jacrev(logits_of)(t)  # [n, C, p_a]
@@ -154,7 +224,7 @@ class ImplicitEngine:
             U = torch.einsum("ncp,ncr,n->pnr", J.reshape(n, -1, t.shape[0]), L, scale)
             return U.reshape(t.shape[0], -1)
 
-        U = vmap(one)(theta, b.xs, b.ys, b.support_weight)
+        U = vmap(one)(theta, self._fs, b.ys, b.support_weight)
         r = U.shape[-1]
         small = self.reg * torch.eye(r, dtype=U.dtype, device=U.device) + U.transpose(1, 2) @ U
         return U, torch.linalg.cholesky(small)
@@ -219,6 +289,9 @@ class ImplicitEngine:
             grad = self._gradG(theta)
             norms = grad.norm(dim=-1)  # [M]
             frozen = norms <= self.inner.tol  # solved, or stalled at the precision floor
+            # rounding floor of ‖∇_θ G‖: a Newton step there no longer halves the norm (float32
+            # never reaches the default tol; without this every task would run newton_steps)
+            floor = 1e3 * torch.finfo(theta.dtype).eps * norms.clamp_min(1.0)
             for _ in range(int(self.inner.newton_steps)):
                 if bool(frozen.all()):
                     break
@@ -235,8 +308,10 @@ class ImplicitEngine:
                 frozen = frozen | ~ok  # no decrease even with a tiny step: stalled
                 theta = torch.where(ok.unsqueeze(-1), cand, theta)
                 grad = torch.where(ok.unsqueeze(-1), cgrad, grad)
-                norms = torch.where(ok, cnorms, norms)
-                frozen = frozen | (norms <= self.inner.tol)
+                prev, norms = norms, torch.where(ok, cnorms, norms)
+                frozen = (
+                    frozen | (norms <= self.inner.tol) | ((prev <= floor) & (norms > 0.5 * prev))
+                )
             gnorm = float(norms.max())
             self.inner_grad_norm = gnorm
             if self.inner.solver != "cg":
@@ -252,8 +327,8 @@ class ImplicitEngine:
 
     def _outer_grad_theta(self) -> Tensor:
         b = self.batch
-        return vmap(grad(self.outer_one), in_dims=(0, None, 0, 0, 0))(
-            self.theta, self.lam, b.xq, b.yq, b.query_weight
+        return vmap(grad(self.outer_feat), in_dims=(0, None, 0, 0, 0))(
+            self.theta, self.lam, self._fq, b.yq, b.query_weight
         )
 
     # ---- public blocks -------------------------------------------------------------------
@@ -263,8 +338,8 @@ class ImplicitEngine:
 
     def task_losses(self) -> Tensor:
         b = self.batch
-        return vmap(self.outer_one, in_dims=(0, None, 0, 0, 0))(
-            self.theta, self.lam, b.xq, b.yq, b.query_weight
+        return vmap(self.outer_feat, in_dims=(0, None, 0, 0, 0))(
+            self.theta, self.lam, self._fq, b.yq, b.query_weight
         )
 
     def grad_all(self):

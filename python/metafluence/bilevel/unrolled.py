@@ -15,6 +15,10 @@ with ``θ_k`` the ``T``-step unrolled inner map. All blocks come from ``torch.fu
 
 ``first_order=True`` uses ``θ = λ + stopgrad_λ(θ(stopgrad(λ), W) − λ)``: ``dθ/dλ = I`` while
 the dependence on the support weights ``W`` stays exact.
+
+Head-only maps with a verified body/head split (:meth:`FunctionalModel.split`) evaluate the body
+once per set and task (vmapped over the chunk) and run the inner steps on the features; the
+derivatives in ``λ_f`` then pass through the body once (``cache_body=False``: the reference).
 """
 
 from __future__ import annotations
@@ -36,14 +40,16 @@ class UnrolledEngine:
     def __init__(self, fm: FunctionalModel, inner: Unrolled, batch: TaskBatch, lam: Tensor):
         self.fm, self.inner, self.batch, self.lam = fm, inner, batch, lam
         self.spec = fm.spec
+        self.split = fm.split(lam, batch.xs[0] if batch.num_tasks else None)
 
     # ---- per-task pure functions ---------------------------------------------------------
     def _unroll(self, lam: Tensor, xs: Tensor, ys: Tensor, w: Tensor) -> Tensor:
         fixed, theta = self.spec.split(lam)
         join = self.spec.join
+        fs = self.split.features(fixed, xs)  # the body once, outside the inner steps
 
         def inner_loss(th: Tensor) -> Tensor:
-            return self.fm.set_loss_split(fixed, th, xs, ys, w)
+            return self.split.set_loss(fixed, th, fs, ys, w)
 
         for _ in range(int(self.inner.steps)):
             theta = theta - self.inner.lr * grad(inner_loss)(theta)
@@ -58,7 +64,7 @@ class UnrolledEngine:
 
     def task_objective(self, lam, xs, ys, xq, yq, w, v) -> Tensor:
         """``F_k(λ, w, v) = L_O(Θ(λ, w); Q, v)``."""
-        return self.fm.set_loss(self.adapt_one(lam, xs, ys, w), xq, yq, v)
+        return self.split.outer_loss(self.adapt_one(lam, xs, ys, w), xq, yq, v)
 
     def phi(self, lam: Tensor, c: Tensor, W: Tensor, V: Tensor) -> Tensor:
         b = self.batch
