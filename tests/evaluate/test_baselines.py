@@ -97,3 +97,25 @@ def test_gradient_ascent_unlearning_lowers_target_loss(trained):
         prob, lam, tasks, BAD, steps=3, lr=0.2, items="task"
     )
     assert mf.evaluate.target_value(prob, edited, target) < f0
+
+
+@pytest.mark.parametrize("method", ["psg", "jvp"])
+def test_tracin_equals_materialised_gradient_dots(trained, method):
+    """TracIn by fused dots = the same dots from materialised per-sample gradients ``[m, P]``."""
+    prob, lam, tasks, target = trained
+    out = mf.evaluate.tracin(prob, lam, tasks, target, method=method)
+    pt = prob.point(lam, tasks)
+    gf = mf.influence.target_gradient(prob, pt.lam, target)
+    b = pt.batch
+    c, W, V = b.weights()
+    theta, dtheta = pt.engines[0].theta_jvp(gf.unsqueeze(0))
+    fm = prob.fm
+    G = torch.func.vmap(torch.func.jacrev(fm.per_sample_loss))(theta, b.xq, b.yq)  # [M, m, P]
+    q_ref = V * (c / N_Q)[:, None] * torch.einsum("kmp,kp->km", G, dtheta[0])
+    assert torch.allclose(torch.stack(out.query_point), q_ref, rtol=1e-10, atol=1e-14)
+    task_ref = c * (pt.task_grads() @ gf)
+    assert torch.allclose(out.task, task_ref, rtol=1e-10, atol=1e-14)
+    _, h_c, h_w, _ = pt.hvp_all(gf)
+    assert torch.allclose(torch.stack(out.support_point), W * h_w, rtol=1e-10, atol=1e-14)
+    lean = mf.evaluate.tracin(prob, lam, tasks, target, support_points=False, method=method)
+    assert lean.support_point is None and torch.allclose(lean.task, out.task)

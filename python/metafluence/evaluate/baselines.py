@@ -16,8 +16,12 @@ group add up.
   curvature of the query losses at the adapted parameters (``Linear`` layers; other parameters
   get a scalar curvature), damped by ``0.1 · mean eigenvalue`` unless ``damping`` is given.
 - :func:`tracin` — TracIn-style gradient dots ``η Σ_t c_k g_k(λ_t)ᵀ∇f(λ_t)`` over checkpoints
-  (default: the final ``λ*`` only, ``η = 1``): influence with ``H = I``. Points by the same
-  mixed product as ``removal_effects`` with ``s = ∇f``.
+  (default: the final ``λ*`` only, ``η = 1``): influence with ``H = I``. Query points by
+  fused per-sample gradient dots at the adapted parameters,
+  ``v_kq (c_k/m) ⟨Θ_λ,k ∇f, ∇_Θ ℓ(z_q; Θ_k)⟩``
+  (:func:`metafluence.influence.query.query_point_scores`), tasks as their sums
+  (``g_k = Σ_q (v_kq/m) D_λ ℓ_q``); support points (which need the second-order ``∂_w Θ_λ``)
+  by the mixed product of ``removal_effects`` with ``s = ∇f``.
 - :func:`loss_ranking` — ``−loss``: high-loss items are ranked harmful (query loss after
   adaptation for tasks and query points; support loss after adaptation for support points).
 - :func:`random_scores` — seeded standard normal scores.
@@ -36,6 +40,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
+from ..influence.query import query_point_scores
 from ..influence.removal import TargetLike, target_gradient
 from ..solvers import compute_kfac_factors, get_solver, solve_ekfac
 from .groups import Group, group_reweighted
@@ -221,26 +226,35 @@ def tracin(
     train_tasks: TasksLike,
     target: TargetLike,
     lrs: Sequence[float] | None = None,
+    support_points: bool = True,
+    method: str = "psg",
 ) -> BaselineScores:
-    """``Σ_t η_t c_k g_k(λ_t)ᵀ∇f(λ_t)``; ``meta_params`` may be a list of checkpoints."""
+    """``Σ_t η_t c_k g_k(λ_t)ᵀ∇f(λ_t)``; ``meta_params`` may be a list of checkpoints.
+
+    Task and query-point scores come from per-sample gradient dots (``method`` = ``"psg"`` or
+    ``"jvp"``, see :func:`metafluence.influence.query.query_point_scores`); ``support_points=False``
+    skips the mixed product that the support-point scores need (``support_point`` is then None).
+    """
     ckpts = list(meta_params) if isinstance(meta_params, (list, tuple)) else [meta_params]
     lrs = [1.0] * len(ckpts) if lrs is None else list(lrs)
-    tot: list[Any] | None = None
+    q_tot: Tensor | None = None
+    sp_tot: Tensor | None = None
     for lam, eta in zip(ckpts, lrs, strict=True):
         pt = problem.point(lam, train_tasks)
         gf = target_gradient(problem, pt.lam, target)
-        t, sp, q = _mixed_scores(pt, gf)
-        cur = [eta * t, [eta * x for x in sp], [eta * x for x in q]]
-        if tot is None:
-            tot = cur
-        else:
-            tot = [
-                tot[0] + cur[0],
-                [a + x for a, x in zip(tot[1], cur[1], strict=True)],
-                [a + x for a, x in zip(tot[2], cur[2], strict=True)],
-            ]
-    assert tot is not None
-    return BaselineScores(tot[0], tot[1], tot[2], {"checkpoints": len(ckpts)})
+        q = torch.cat([query_point_scores(problem, e, gf, method) for e in pt.engines])
+        q_tot = eta * q if q_tot is None else q_tot + eta * q
+        if support_points:
+            h_w = pt.hvp_all(gf)[2]
+            sp = eta * (pt.batch.support_weight * h_w).detach()
+            sp_tot = sp if sp_tot is None else sp_tot + sp
+    assert q_tot is not None
+    return BaselineScores(
+        q_tot.sum(1),
+        None if sp_tot is None else list(sp_tot.unbind(0)),
+        list(q_tot.unbind(0)),
+        {"checkpoints": len(ckpts), "method": method},
+    )
 
 
 def loss_ranking(
