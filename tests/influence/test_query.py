@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ INNERS = {
     "unrolled-fo": lambda h: mf.inner.Unrolled(steps=2, lr=0.5, first_order=True),
     "implicit": lambda h: mf.inner.Implicit(reg=4.0, solver="direct"),
     "headonly-unrolled": lambda h: mf.inner.HeadOnly(head=h, steps=3, lr=0.5),
-    "headonly-implicit": lambda h: mf.inner.HeadOnly(head=h, reg=1.0, solver="cg"),
+    "headonly-implicit": lambda h: mf.inner.HeadOnly(head=h, reg=1.0, solver="direct"),
 }
 MODELS = {"mlp": (mlp, (4,), "2"), "conv": (conv, (1, 6, 6), "head")}
 CASES = [("mlp", i) for i in INNERS] + [("conv", "unrolled"), ("conv", "headonly-implicit")]
@@ -36,9 +38,18 @@ def test_query_point_scores_equal_mixed_product(model_name, inner_name, method):
     g = torch.Generator().manual_seed(4)
     for t in tasks:
         t.query_weight = torch.rand(t.query[0].shape[0], generator=g, dtype=torch.float64) + 0.5
-    res = mf.removal_effects(
-        prob, lam, tasks, target=target, items="query_point", solver="direct", diagnostics=False
-    )
+    with warnings.catch_warnings():  # any s will do: 3 CG iterations, unconverged
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = mf.removal_effects(
+            prob,
+            lam,
+            tasks,
+            target=target,
+            items="query_point",
+            solver="cg",
+            solver_kwargs={"maxiter": 3},
+            diagnostics=False,
+        )
     want = torch.stack(res.all_scores["query_point"])
     pt = prob.point(lam, tasks)
     got = torch.cat([query_point_scores(prob, e, res.solve.x, method) for e in pt.engines])
