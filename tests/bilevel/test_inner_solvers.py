@@ -15,10 +15,14 @@ def tasks(M=5, d=4, classes=3):
     g = torch.Generator().manual_seed(0)
     return [
         mf.Task(
-            support=(torch.randn(6, d, generator=g, dtype=torch.float64),
-                     torch.randint(0, classes, (6,), generator=g)),
-            query=(torch.randn(9, d, generator=g, dtype=torch.float64),
-                   torch.randint(0, classes, (9,), generator=g)),
+            support=(
+                torch.randn(6, d, generator=g, dtype=torch.float64),
+                torch.randint(0, classes, (6,), generator=g),
+            ),
+            query=(
+                torch.randn(9, d, generator=g, dtype=torch.float64),
+                torch.randint(0, classes, (9,), generator=g),
+            ),
             id=i,
         )
         for i in range(M)
@@ -70,14 +74,18 @@ def test_ekfac_needs_linear_layers():
 def test_removal_effects_with_ekfac_head_only():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    prob = mf.MetaProblem(model, inner=mf.inner.HeadOnly(head="2", reg=1.0, solver="ekfac"),
-                          damping=0.01)
-    ref = mf.MetaProblem(model, inner=mf.inner.HeadOnly(head="2", reg=1.0, solver="direct"),
-                         damping=0.01)
+    prob = mf.MetaProblem(
+        model, inner=mf.inner.HeadOnly(head="2", reg=1.0, solver="ekfac"), damping=0.01
+    )
+    ref = mf.MetaProblem(
+        model, inner=mf.inner.HeadOnly(head="2", reg=1.0, solver="direct"), damping=0.01
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        a = mf.removal_effects(prob, prob.init_params(), tasks(), target=tasks(3),
-                               solver="direct", diagnostics=False)
-        b = mf.removal_effects(ref, ref.init_params(), tasks(), target=tasks(3),
-                               solver="direct", diagnostics=False)
+        a = mf.removal_effects(
+            prob, prob.init_params(), tasks(), target=tasks(3), solver="direct", diagnostics=False
+        )
+        b = mf.removal_effects(
+            ref, ref.init_params(), tasks(), target=tasks(3), solver="direct", diagnostics=False
+        )
     assert mf.evaluate.correlation(a.scores, b.scores)["pearson"] > 0.95

@@ -137,8 +137,13 @@ def test_unconverged_solve_is_reported_and_warned(prob):
     tasks, target = [mk(i) for i in range(4)], [mk(9)]
     with pytest.warns(RuntimeWarning, match="did not converge"):
         res = mf.removal_effects(
-            prob, prob.init_params(), tasks, target=target, solve_damping=0.1,
-            solver_kwargs={"maxiter": 1, "rtol": 1e-12}, diagnostics=False,
+            prob,
+            prob.init_params(),
+            tasks,
+            target=target,
+            solve_damping=0.1,
+            solver_kwargs={"maxiter": 1, "rtol": 1e-12},
+            diagnostics=False,
         )
     assert res.solve.converged is False
     assert res.diagnostics["solve_converged"] is False
@@ -148,10 +153,12 @@ def test_diagnostics_regimes(prob):
     tasks, target = [mk(i) for i in range(4)], [mk(9)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = mf.removal_effects(prob, prob.init_params(), tasks, target=target,
-                                 solver="direct", solve_damping=0.5)
+        res = mf.removal_effects(
+            prob, prob.init_params(), tasks, target=target, solver="direct", solve_damping=0.5
+        )
     assert res.diagnostics["regime"] in ("proximal", "indefinite")
     assert res.diagnostics["lambda_max"] >= res.diagnostics["lambda_min"]
     with pytest.warns(UserWarning):
-        mf.removal_effects(prob, prob.init_params(), tasks, target=target, solver="direct",
-                           solve_damping=0.5)
+        mf.removal_effects(
+            prob, prob.init_params(), tasks, target=target, solver="direct", solve_damping=0.5
+        )

@@ -94,24 +94,12 @@ def test_target_callable_must_return_a_scalar(prob, tasks):
         _removal(prob, lam, tasks, target=lambda p: p["0.weight"].sum(0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="influence/removal.py (lead): a target whose gradient is NaN/Inf is reported by the "
-    "solver as 'b contains NaN or Inf'; check the target gradient in removal_effects and raise "
-    "ValueError('target gradient contains NaN or Inf') before the solve",
-)
 def test_target_callable_non_finite_names_target(prob, tasks):
     lam = prob.init_params()
     with pytest.raises(ValueError, match="target"):
         _removal(prob, lam, tasks, target=lambda p: p["0.weight"].sum() * float("nan"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="influence/removal.py (lead): solve_damping=inf passes the >= 0 check and is caught "
-    "by the solver as 'damping must be finite' (the user passed solve_damping): check "
-    "math.isfinite(solve_damping) next to the >= 0 check",
-)
 def test_solve_damping_inf_names_solve_damping(prob, tasks):
     with pytest.raises(ValueError, match="solve_damping"):
         _removal(prob, prob.init_params(), tasks, target=[mk(5)], solve_damping=float("inf"))
@@ -147,14 +135,12 @@ _GAP_DEVICE = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=_GAP_DEVICE)
 def test_meta_params_on_another_device(prob, tasks):
     lam = {k: v.to(OTHER) for k, v in prob.init_params().items()}
     with pytest.raises(ValueError, match=r"meta_params\['0.weight'\] is on"):
         prob.outer_loss(lam, tasks)
 
 
-@pytest.mark.xfail(strict=True, reason=_GAP_DEVICE)
 def test_task_on_another_device(prob, tasks):
     t = mk(3)
     other = mf.Task(support=(t.support[0].to(OTHER), t.support[1].to(OTHER)), query=t.query, id="d")
@@ -162,26 +148,12 @@ def test_task_on_another_device(prob, tasks):
         prob.outer_loss(prob.init_params(), [*tasks, other])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bilevel/problem.py (lead): integer meta_params reach the model and fail with "
-    "'mat1 and mat2 must have the same dtype'; require floating meta_params in the meta_params "
-    "validation: TypeError(\"meta_params['0.weight'] has dtype torch.int64, expected a floating "
-    'dtype")',
-)
 def test_meta_params_integer_dtype(prob, tasks):
     lam = {k: v.long() for k, v in prob.init_params().items()}
     with pytest.raises(TypeError, match=r"meta_params\['0.weight'\] has dtype torch.int64"):
         prob.outer_loss(lam, tasks)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bilevel/tasks.py (lead): with loss='cross_entropy' a [n, 1] label tensor reaches "
-    "F.cross_entropy (AssertionError '0D or 1D target tensor expected'); reject y.dim() != 1 "
-    "for class labels: ValueError(\"task 'y2': support y has shape (4, 1), expected [n] class "
-    'indices")',
-)
 def test_class_labels_must_be_1d(prob):
     t = mk(0)
     bad = mf.Task(support=(t.support[0], t.support[1][:, None]), query=t.query, id="y2")
@@ -189,24 +161,12 @@ def test_class_labels_must_be_1d(prob):
         prob.outer_loss(prob.init_params(), [bad])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bilevel/tasks.py (lead): an unhashable task id fails in the duplicate check with "
-    "a bare TypeError('unhashable type: list'); say which task: TypeError('task 0: id [1] is "
-    "not hashable')",
-)
 def test_unhashable_task_id(prob):
     t = mk(0)
     with pytest.raises(TypeError, match="task 0: id"):
         prob.outer_loss(prob.init_params(), [mf.Task(support=t.support, query=t.query, id=[1])])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bilevel/tasks.py (lead): a list holding something else than mf.Task fails with "
-    "AttributeError(\"'int' object has no attribute 'id'\"); check each element: "
-    "TypeError('tasks[0] is int, expected mf.Task')",
-)
 def test_tasks_list_with_non_task(prob):
     with pytest.raises(TypeError, match=r"tasks\[0\] is int"):
         prob.outer_loss(prob.init_params(), [1, 2])
@@ -236,19 +196,16 @@ _GAP_REMOVE = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=_GAP_REMOVE)
 def test_remove_task_by_id_string(prob, tasks):
     with pytest.raises(TypeError, match=r"remove\['task'\].*'t0'"):
         mf.param_influence(prob, prob.init_params(), tasks, remove={"task": ["t0"]})
 
 
-@pytest.mark.xfail(strict=True, reason=_GAP_REMOVE)
 def test_remove_float_position(prob, tasks):
     with pytest.raises(TypeError, match=r"remove\['task'\]"):
         mf.param_influence(prob, prob.init_params(), tasks, remove={"task": [1.7]})
 
 
-@pytest.mark.xfail(strict=True, reason=_GAP_REMOVE)
 def test_remove_duplicate_position(prob, tasks):
     with pytest.raises(ValueError, match=r"remove\['task'\] lists position 0 twice"):
         mf.edit(prob, prob.init_params(), tasks, remove={"task": [0, 0]})
@@ -267,12 +224,6 @@ def test_meta_train_arguments(prob, tasks):
         mf.train.meta_train(prob, model, [mk(0), mk(0)], steps=2, outer_lr=0.1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train/meta_train.py (checkpoint owner): batch_size=0 raises ZeroDivisionError and "
-    "outer_lr=nan is reported by torch.optim as 'Invalid learning rate: nan' (names neither); "
-    "validate batch_size >= 1 (int) and outer_lr finite > 0 up front, naming the argument",
-)
 def test_meta_train_batch_size_and_lr(prob, tasks):
     with pytest.raises(ValueError, match="batch_size"):
         mf.train.meta_train(prob, prob.model, tasks, steps=2, outer_lr=0.1, batch_size=0)

@@ -14,7 +14,7 @@ Curvatures of the total Hessian ``H`` (math.md §2), all ``x ↦ Hx`` operators 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -22,8 +22,10 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from ._func import jvp, vjp
+from .inner import Implicit
 from .losses import logit_hessian_vp
-from .tasks import TaskBatch
+from .source import TaskSource, _localise
+from .tasks import TaskBatch, item_masks
 
 CURVATURES = ("exact", "gauss_newton", "gamma")
 
@@ -34,61 +36,192 @@ def check_curvature(curvature: str) -> str:
     return curvature
 
 
+class LocalReduce:
+    """Reductions across processes for a single process: identities (see ``distributed/``).
+
+    ``sum(t)``: ``Σ_ranks t``; ``cat(t)``: the ranks' ``t`` concatenated along dim 0 in rank
+    order; ``objects(xs)``: the ranks' lists concatenated; ``max(x)``: the largest.
+    """
+
+    world = 1
+
+    def sum(self, t: Tensor) -> Tensor:
+        return t
+
+    def cat(self, t: Tensor) -> Tensor:
+        return t
+
+    def objects(self, xs: list[Any]) -> list[Any]:
+        return xs
+
+    def max(self, x: float) -> float:
+        return x
+
+
 class BilevelPoint:
-    """All first- and second-order quantities of the meta-objective at one ``λ``."""
+    """All first- and second-order quantities of the meta-objective at one ``λ``.
 
-    def __init__(self, problem: Any, lam: Tensor, batch: TaskBatch, chunk_size: int | None):
-        self.problem, self.lam, self.batch = problem, lam, batch
+    ``tasks`` is a :class:`TaskBatch` (engines for its chunks are built once and cached) or a
+    :class:`~metafluence.bilevel.source.TaskSource` (streamed: each pass reads and adapts one
+    chunk at a time, so memory stays bounded by ``chunk_size`` tasks; every pass pays the inner
+    adaptation again). ``reduce`` combines this process's tasks with other processes' (a
+    :class:`LocalReduce` by default; ``distributed.ShardedProblem`` passes an all-reduce).
+    Per-item inputs and outputs (``dc [M]``, ``dW [M, n]``, ...) always cover *all* ``M`` tasks.
+    """
+
+    def __init__(
+        self,
+        problem: Any,
+        lam: Tensor,
+        tasks: TaskBatch | TaskSource,
+        chunk_size: int | None,
+        reduce: LocalReduce | None = None,
+        offset: int = 0,
+    ):
+        self.problem, self.lam = problem, lam
+        self.reduce = LocalReduce() if reduce is None else reduce
         self.damping = float(problem.damping)
-        M = batch.num_tasks
-        cs = M if not chunk_size else max(1, int(chunk_size))
-        self.engines = [
-            problem._engine(batch.slice(i, min(M, i + cs)), lam) for i in range(0, M, cs)
-        ]
+        self.chunk_size = chunk_size
+        self.num_local = tasks.num_tasks
+        self.offset = tasks.offset if isinstance(tasks, TaskSource) else int(offset)
+        if isinstance(tasks, TaskBatch):
+            self._batch: TaskBatch | None = tasks
+            self.source: TaskSource | None = None
+            M = tasks.num_tasks
+            cs = M if not chunk_size else max(1, int(chunk_size))
+            self._engines: list[Any] | None = [
+                problem._engine(tasks.slice(i, min(M, i + cs)), lam) for i in range(0, M, cs)
+            ]
+        else:
+            self._batch, self.source, self._engines = None, tasks, None
         self._gamma: float | None = None
+        self._ids: list[Any] | None = None
 
-    # ---- reductions over chunks ----------------------------------------------------------
-    def _cat(self, fn: Callable[[Any], Tensor], dim: int = 0) -> Tensor:
-        return torch.cat([fn(e) for e in self.engines], dim=dim)
+    # ---- tasks ---------------------------------------------------------------------------
+    @property
+    def batch(self) -> TaskBatch:
+        """The stacked tasks (in-memory points only; a streamed point never stacks them)."""
+        if self._batch is None:
+            raise TypeError(
+                "this point streams its tasks from a TaskSource and never stacks them; use "
+                "pt.ids, pt.weights() and pt.item_scores() instead of pt.batch"
+            )
+        return self._batch
 
-    def _sum(self, fn: Callable[[Any], Tensor]) -> Tensor:
-        out = fn(self.engines[0])
-        for e in self.engines[1:]:
+    @property
+    def engines(self) -> list[Any] | Iterator[Any]:
+        """One engine per chunk of this process's tasks (a list; a generator when streaming)."""
+        if self._engines is not None:
+            return self._engines
+        assert self.source is not None
+        lam = self.lam
+        return (
+            self.problem._engine(self.problem.checked(b, lam), lam)
+            for b in self.source.chunks(self.chunk_size, lam.dtype, lam.device)
+        )
+
+    @property
+    def ids(self) -> list[Any]:
+        """Ids of all ``M`` tasks, in item order."""
+        if self._ids is None:
+            local = self._batch.ids if self._batch is not None else self._source_ids()
+            self._ids = self.reduce.objects(list(local))
+        return self._ids
+
+    def _source_ids(self) -> list[Any]:
+        assert self.source is not None
+        lo = self.source.offset
+        return self.source.ids[lo : lo + self.source.num_tasks]
+
+    def weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(c [M], W [M, n], V [M, m])`` of all tasks (streamed points read the data once)."""
+        if self._batch is not None:
+            parts = [self._batch.weights()]
+        else:
+            assert self.source is not None
+            dt, dev = self.lam.dtype, self.lam.device
+            parts = [b.weights() for b in self.source.chunks(self.chunk_size, dt, dev)]
+        return tuple(  # type: ignore[return-value]
+            self.reduce.cat(self._local_cat([p[i] for p in parts], i)) for i in range(3)
+        )
+
+    def _local_cat(self, parts: list[Tensor], block: int) -> Tensor:
+        if parts:
+            return torch.cat(parts)
+        width = () if block == 0 else (self._width(block),)
+        return self.lam.new_zeros((0, *width))
+
+    def item_widths(self) -> tuple[int, int]:
+        """``(n, m)``: support and query points per task."""
+        src = self._batch if self._batch is not None else self.source
+        assert src is not None
+        return src.n_support, src.n_query
+
+    def _width(self, block: int) -> int:
+        return self.item_widths()[block - 1]
+
+    # ---- reductions over chunks and processes ----------------------------------------------
+    def _cat(self, fn: Callable[[Any], Tensor], empty: Callable[[], Tensor]) -> Tensor:
+        parts = [fn(e) for e in self.engines]
+        return self.reduce.cat(torch.cat(parts) if parts else empty())
+
+    def _sum(self, fn: Callable[[Any], Tensor], like: Tensor) -> Tensor:
+        out = torch.zeros_like(like)
+        for e in self.engines:
             out = out + fn(e)
-        return out
+        return self.reduce.sum(out)
+
+    def _local_slices(self) -> Iterator[tuple[Any, slice]]:
+        """``(engine, global slice of its tasks)`` for this process's chunks."""
+        start = self.offset
+        for e in self.engines:
+            m = e.batch.num_tasks
+            yield e, slice(start, start + m)
+            start += m
 
     # ---- values and gradients ------------------------------------------------------------
     def adapted(self) -> Tensor:
         """Adapted parameters ``Θ_i [M, P]`` (flat layout)."""
-        return self._cat(lambda e: e.adapted())
+        return self._cat(lambda e: e.adapted(), lambda: self.lam.new_zeros(0, self.lam.shape[0]))
 
     def task_losses(self) -> Tensor:
         """``L_O^i(θ_i(λ)) [M]``."""
-        return self._cat(lambda e: e.task_losses())
+        return self._cat(lambda e: e.task_losses(), lambda: self.lam.new_zeros(0))
+
+    def outer_loss(self) -> Tensor:
+        """``Σ_i c_i L_O^i`` (no damping term)."""
+        zero = self.lam.new_zeros(())
+        return self._sum(lambda e: (e.batch.task_weight * e.task_losses()).sum(), zero)
 
     def objective(self) -> Tensor:
         """``F(λ)`` including the damping term."""
-        f = (self.batch.task_weight * self.task_losses()).sum()
-        return f + 0.5 * self.damping * (self.lam * self.lam).sum()
+        return self.outer_loss() + 0.5 * self.damping * (self.lam * self.lam).sum()
 
     def grad_all(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Gradient of ``Φ = Σ c_k F_k`` in ``(λ, c, W, V)``; λ-block includes ``δλ``."""
         parts = [e.grad_all() for e in self.engines]
-        g_l = sum(p[0] for p in parts) + self.damping * self.lam
-        return (
-            g_l,
-            torch.cat([p[1] for p in parts]),
-            torch.cat([p[2] for p in parts]),
-            torch.cat([p[3] for p in parts]),
+        g_l = torch.zeros_like(self.lam)
+        for p in parts:
+            g_l = g_l + p[0]
+        g_l = self.reduce.sum(g_l) + self.damping * self.lam
+        return (g_l, *self._cat_blocks([p[1:] for p in parts]))
+
+    def _cat_blocks(self, parts: Sequence[Sequence[Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-item blocks ``(c [M], W [M, n], V [M, m])`` of chunks, over all processes."""
+        return tuple(  # type: ignore[return-value]
+            self.reduce.cat(self._local_cat([p[i] for p in parts], i)) for i in range(3)
         )
 
     def meta_grad(self) -> Tensor:
         """``∇F(λ) = Σ_i c_i g_i + δλ`` ``[P]``."""
-        return self.grad_all()[0]
+        g = torch.zeros_like(self.lam)
+        for e in self.engines:
+            g = g + e.grad_all()[0]
+        return self.reduce.sum(g) + self.damping * self.lam
 
     def task_grads(self) -> Tensor:
         """Total gradients ``g_i [M, P]`` (materialised: use only where needed)."""
-        return self._cat(lambda e: e.task_grads())
+        return self._cat(lambda e: e.task_grads(), lambda: self.lam.new_zeros(0, self.lam.shape[0]))
 
     # ---- second order ----------------------------------------------------------------------
     def hvp_all(
@@ -98,36 +231,61 @@ class BilevelPoint:
         dW: Tensor | None = None,
         dV: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``∇²(Φ + δ/2‖λ‖²) · (dλ, dc, dW, dV)`` blocks, exact (mixed weight derivatives)."""
-        b = self.batch
-        dc = torch.zeros_like(b.task_weight) if dc is None else dc
-        dW = torch.zeros_like(b.support_weight) if dW is None else dW
-        dV = torch.zeros_like(b.query_weight) if dV is None else dV
+        """``∇²(Φ + δ/2‖λ‖²) · (dλ, dc, dW, dV)`` blocks, exact (mixed weight derivatives).
+
+        ``dc [M]``, ``dW [M, n]``, ``dV [M, m]`` cover all tasks (None = 0); so do the outputs.
+        """
+        h_l = torch.zeros_like(dlam)
         parts = []
-        start = 0
+        for e, sl in self._local_slices():
+            c, W, V = e.batch.weights()
+            part = e.hvp_all(
+                dlam,
+                torch.zeros_like(c) if dc is None else dc[sl],
+                torch.zeros_like(W) if dW is None else dW[sl],
+                torch.zeros_like(V) if dV is None else dV[sl],
+            )
+            h_l = h_l + part[0]
+            parts.append(part[1:])
+        h_l = self.reduce.sum(h_l) + self.damping * dlam
+        return (h_l, *self._cat_blocks(parts))
+
+    def item_scores(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(c ⊙ ∂_c∇F·s [M], W ⊙ ∂_W∇F·s [M, n], V ⊙ ∂_V∇F·s [M, m])``: removal effects.
+
+        One pass of the mixed product ``∇²Φ · (s, 0, 0, 0)`` with each chunk's own weights, so
+        a streamed point never holds more than one chunk.
+        """
+        parts = []
         for e in self.engines:
-            m = e.batch.num_tasks
-            sl = slice(start, start + m)
-            parts.append(e.hvp_all(dlam, dc[sl], dW[sl], dV[sl]))
-            start += m
-        h_l = sum(p[0] for p in parts) + self.damping * dlam
-        return (
-            h_l,
-            torch.cat([p[1] for p in parts]),
-            torch.cat([p[2] for p in parts]),
-            torch.cat([p[3] for p in parts]),
-        )
+            c, W, V = e.batch.weights()
+            _, h_c, h_w, h_v = e.hvp_all(
+                s, torch.zeros_like(c), torch.zeros_like(W), torch.zeros_like(V)
+            )
+            parts.append((c * h_c, W * h_w, V * h_v))
+        return self._cat_blocks(parts)
+
+    def removal_rhs(self, remove: Any) -> Tensor:
+        """``Σ_{e∈R} ω_e ∂_{ω_e}∇F [P]``: λ-block of ``∇²Φ · (0, c⊙1_R, W⊙1_R, V⊙1_R)``."""
+        out = torch.zeros_like(self.lam)
+        for e, sl in self._local_slices():
+            local = _localise(remove, sl.start, sl.stop)
+            w = e.batch.weights()
+            masks = item_masks(local, *w)
+            dirs = [torch.where(m, x, torch.zeros_like(x)) for m, x in zip(masks, w, strict=True)]
+            out = out + e.hvp_all(torch.zeros_like(self.lam), *dirs)[0]
+        return self.reduce.sum(out)
 
     def gamma_constant(self) -> float:
         """``Γ = Σ_i c_i ‖∇_θ L_O^i‖₁`` over the adapted block."""
         if self._gamma is None:
             fm, spec = self.problem.fm, self.problem.spec
-            total = 0.0
+            total = self.lam.new_zeros(())
             for e in self.engines:
                 b = e.batch
                 g = vmap(grad(fm.set_loss))(e.adapted(), b.xq, b.yq, b.query_weight)
-                total += float((b.task_weight * g[:, spec.p_fixed :].abs().sum(-1)).sum())
-            self._gamma = total
+                total = total + (b.task_weight * g[:, spec.p_fixed :].abs().sum(-1)).sum()
+            self._gamma = float(self.reduce.sum(total))
         return self._gamma
 
     def hvp(self, D: Tensor, curvature: str = "exact") -> Tensor:
@@ -136,11 +294,11 @@ class BilevelPoint:
         one = D.dim() == 1
         Dk = D.unsqueeze(0) if one else D
         if curvature == "exact":
-            out = self._sum(lambda e: e.hvp_exact(Dk))
+            out = self._sum(lambda e: e.hvp_exact(Dk), Dk)
         elif curvature == "gauss_newton":
-            out = self._sum(lambda e: self._gn_chunk(e, Dk))
+            out = self._sum(lambda e: self._gn_chunk(e, Dk), Dk)
         else:
-            out = self._sum(lambda e: self._gamma_chunk(e, Dk)) + self.gamma_constant() * Dk
+            out = self._sum(lambda e: self._gamma_chunk(e, Dk), Dk) + self.gamma_constant() * Dk
         out = out + self.damping * Dk
         return out[0] if one else out
 
@@ -189,10 +347,15 @@ class BilevelPoint:
 
     # ---- diagnostics ---------------------------------------------------------------------
     def inner_report(self) -> dict[str, Any]:
+        """Inner-solve health (implicit maps; cached engines only: a stream is not re-read)."""
         out: dict[str, Any] = {}
-        norms = [getattr(e, "inner_grad_norm", None) for e in self.engines]
+        if self._engines is None or not isinstance(self.problem.inner, Implicit):
+            return out
+        engines = self._engines
+        norms = [getattr(e, "inner_grad_norm", None) for e in engines]
         found = [float(n) for n in norms if n is not None]
-        if found:
-            out["inner_grad_norm"] = max(found)
-            out["inner_unconverged_solves"] = sum(e.inner_unconverged for e in self.engines)
+        if found or self.reduce.world > 1:
+            out["inner_grad_norm"] = self.reduce.max(max(found, default=0.0))
+            bad = sum(getattr(e, "inner_unconverged", 0) for e in engines)
+            out["inner_unconverged_solves"] = int(self.reduce.sum(torch.tensor(float(bad))))
         return out

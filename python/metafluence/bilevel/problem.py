@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,10 +14,11 @@ from .inner import Implicit, Unrolled
 from .losses import PerSampleLoss, resolve_loss
 from .params import ParamSpec
 from .point import BilevelPoint
-from .tasks import Task, TaskBatch
+from .source import TaskSource
+from .tasks import Task, TaskBatch, tasks_device
 from .unrolled import UnrolledEngine
 
-TasksLike = Sequence[Task] | TaskBatch
+TasksLike = Sequence[Task] | TaskBatch | TaskSource | Iterable[Task]
 ParamsLike = Mapping[str, Tensor] | Tensor
 
 
@@ -72,11 +73,30 @@ class MetaProblem:
                 )
             lam = meta_params
         else:
+            first: tuple[str, torch.device] | None = None
             for n in self.spec.names:
-                if n in meta_params and not bool(torch.isfinite(meta_params[n]).all()):
+                if n not in meta_params:
+                    continue
+                v = meta_params[n]
+                if not isinstance(v, Tensor):
+                    raise TypeError(f"meta_params[{n!r}] is {type(v).__name__}, expected a tensor")
+                if not v.is_floating_point():
+                    raise TypeError(
+                        f"meta_params[{n!r}] has dtype {v.dtype}, expected a floating dtype"
+                    )
+                if first is None:
+                    first = (n, v.device)
+                elif v.device != first[1]:
+                    raise ValueError(
+                        f"meta_params[{n!r}] is on {v.device} but meta_params[{first[0]!r}] is "
+                        f"on {first[1]}"
+                    )
+                if v.device.type != "meta" and not bool(torch.isfinite(v).all()):
                     raise ValueError(f"meta_params[{n!r}] contains NaN or Inf")
             lam = self.spec.flatten(meta_params)
-        if not bool(torch.isfinite(lam).all()):
+        if not lam.is_floating_point():
+            raise TypeError(f"meta_params has dtype {lam.dtype}, expected a floating dtype")
+        if lam.device.type != "meta" and not bool(torch.isfinite(lam).all()):
             raise ValueError("meta_params contains NaN or Inf")
         return lam.detach()
 
@@ -90,13 +110,29 @@ class MetaProblem:
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     # ---- tasks ------------------------------------------------------------------------------
-    def batch(self, tasks: TasksLike, like: Tensor, task_weight: Tensor | None = None) -> TaskBatch:
-        """Validate and stack ``tasks`` in ``like``'s dtype and device."""
+    def batch(
+        self, tasks: TasksLike, like: Tensor, task_weight: Tensor | None = None
+    ) -> TaskBatch | TaskSource:
+        """Validated tasks in ``like``'s dtype and device.
+
+        A list/tuple of :class:`Task` or a :class:`TaskBatch` is stacked into a
+        :class:`TaskBatch`; a :class:`TaskSource`, a dataset (``len`` + ``__getitem__``) or a
+        re-iterable iterable of tasks stays a :class:`TaskSource`, read chunk by chunk
+        (``chunk_size`` tasks at a time) by every computation.
+        """
         if isinstance(tasks, Task):
             tasks = [tasks]
+        if isinstance(tasks, TaskSource):
+            return tasks.with_task_weight(task_weight)
+        if not isinstance(tasks, (list, tuple, TaskBatch)):
+            return TaskSource(tasks, task_weight=task_weight)
         b = TaskBatch.from_tasks(
             tasks, task_weight=task_weight, dtype=like.dtype, device=like.device
         )
+        return self.checked(b, like)
+
+    def checked(self, b: TaskBatch, like: Tensor) -> TaskBatch:
+        """``b`` after the loss-specific checks (labels in range for cross-entropy)."""
         if self.loss_name == "cross_entropy":
             self._check_labels(b, like)
         return b
@@ -105,6 +141,11 @@ class MetaProblem:
         with torch.no_grad():
             n_out = self.fm.logits(lam, b.xs[0, :1]).shape[-1]
         for field, y in (("support y", b.ys), ("query y", b.yq)):
+            if y.dim() != 2:
+                raise ValueError(
+                    f"task {b.ids[0]!r}: {field} has shape {tuple(y.shape[1:])}, expected [n] "
+                    "class indices"
+                )
             if y.is_floating_point() or y.dtype == torch.bool:
                 raise TypeError(f"{field} has dtype {y.dtype}; cross_entropy needs integer labels")
             bad = (y < 0) | (y >= n_out)
@@ -125,9 +166,26 @@ class MetaProblem:
     def point(
         self, meta_params: ParamsLike, tasks: TasksLike, task_weight: Tensor | None = None
     ) -> BilevelPoint:
-        """Everything about ``F`` at ``λ`` over ``tasks`` (adapted params cached)."""
+        """Everything about ``F`` at ``λ`` over ``tasks`` (cached engines unless streamed)."""
+        self.check_device(meta_params, tasks)
         lam = self.flat(meta_params)
         return BilevelPoint(self, lam, self.batch(tasks, lam, task_weight), self.chunk_size)
+
+    def check_device(self, meta_params: ParamsLike, tasks: Any) -> None:
+        """Meta-parameters and tasks must share one device (ValueError naming both)."""
+        dev = tasks_device(tasks)
+        if dev is None:
+            return
+        items = (
+            [("meta_params", meta_params)]
+            if isinstance(meta_params, Tensor)
+            else [(f"meta_params[{n!r}]", v) for n, v in meta_params.items()]
+        )
+        for name, v in items:
+            if isinstance(v, Tensor) and v.device != dev:
+                raise ValueError(
+                    f"{name} is on {v.device} but the tasks are on {dev}; move one of them"
+                )
 
     # ---- convenience (the public API of api.md) ---------------------------------------------
     def adapt(self, meta_params: ParamsLike, task: Task | TasksLike) -> dict[str, Tensor] | list:
@@ -140,8 +198,7 @@ class MetaProblem:
 
     def outer_loss(self, meta_params: ParamsLike, tasks: TasksLike) -> Tensor:
         """``F(λ)`` without the damping term: ``Σ_i c_i L_O^i``, ``c_i = 1/M`` by default."""
-        pt = self.point(meta_params, tasks)
-        return (pt.batch.task_weight * pt.task_losses()).sum()
+        return self.point(meta_params, tasks).outer_loss()
 
     def meta_grad(self, meta_params: ParamsLike, tasks: TasksLike) -> Tensor:
         """``∇F(λ) [P]`` (flat layout, damping included)."""

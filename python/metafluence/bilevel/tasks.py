@@ -10,6 +10,7 @@ weights; removing an item sets its weight to 0.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -45,6 +46,69 @@ class Task:
 def _check_finite(t: Tensor, what: str) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{what} contains NaN or Inf")
+
+
+def _position(e: Any, kind: str) -> int:
+    """An item position (an integer, not an id or a float)."""
+    if isinstance(e, bool):
+        raise TypeError(f"remove[{kind!r}] item {e!r}: expected an integer position")
+    try:
+        return operator.index(e.item() if isinstance(e, Tensor) else e)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"remove[{kind!r}] item {e!r}: expected integer positions (0..M-1), not ids or floats"
+        ) from None
+
+
+def tasks_device(tasks: Any) -> torch.device | None:
+    """Device of the first task's support inputs (None when not cheaply known)."""
+    if isinstance(tasks, TaskBatch):
+        return tasks.xs.device
+    if isinstance(tasks, Task):
+        return tasks.support[0].device
+    if isinstance(tasks, (list, tuple)) and tasks and isinstance(tasks[0], Task):
+        return tasks[0].support[0].device
+    return None
+
+
+def item_masks(
+    items: Mapping[str, Sequence[Any]], c: Tensor, W: Tensor, V: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Boolean masks shaped like ``(c [M], W [M, n], V [M, m])`` of the items in ``items``.
+
+    ``items`` maps ``"task"`` to task positions ``[k, ...]`` and ``"support_point"`` /
+    ``"query_point"`` to ``[(k, j), ...]`` pairs; out-of-range items raise ValueError.
+    """
+    masks = {
+        "task": torch.zeros_like(c, dtype=torch.bool),
+        "support_point": torch.zeros_like(W, dtype=torch.bool),
+        "query_point": torch.zeros_like(V, dtype=torch.bool),
+    }
+    M = c.shape[0]
+    for kind, idx in items.items():
+        if kind not in ITEM_KINDS:
+            raise ValueError(f"item kind {kind!r}: expected one of {ITEM_KINDS}")
+        mask = masks[kind]
+        for e in idx:
+            if kind == "task":
+                k = _position(e, kind)
+                if not 0 <= k < M:
+                    raise ValueError(f"remove['task'] index {k} outside [0, {M})")
+                if mask[k]:
+                    raise ValueError(f"remove['task'] lists position {k} twice")
+                mask[k] = True
+            else:
+                if not isinstance(e, (tuple, list)) or len(e) != 2:
+                    raise TypeError(f"remove[{kind!r}] item {e!r}: expected a (task, point) pair")
+                k, j = (_position(v, kind) for v in e)
+                if not (0 <= k < M and 0 <= j < mask.shape[1]):
+                    raise ValueError(
+                        f"remove[{kind!r}] item {(k, j)} outside [0,{M})×[0,{mask.shape[1]})"
+                    )
+                if mask[k, j]:
+                    raise ValueError(f"remove[{kind!r}] lists item {(k, j)} twice")
+                mask[k, j] = True
+    return masks["task"], masks["support_point"], masks["query_point"]
 
 
 @dataclass
@@ -94,36 +158,8 @@ class TaskBatch:
         )
 
     def item_masks(self, items: Mapping[str, Sequence[Any]]) -> tuple[Tensor, Tensor, Tensor]:
-        """Boolean masks ``(c [M], W [M, n], V [M, m])`` of the items named in ``items``.
-
-        ``items`` maps ``"task"`` to task positions ``[k, ...]`` and ``"support_point"`` /
-        ``"query_point"`` to ``[(k, j), ...]`` pairs; out-of-range items raise ValueError.
-        """
-        c, W, V = self.weights()
-        masks = {
-            "task": torch.zeros_like(c, dtype=torch.bool),
-            "support_point": torch.zeros_like(W, dtype=torch.bool),
-            "query_point": torch.zeros_like(V, dtype=torch.bool),
-        }
-        M = self.num_tasks
-        for kind, idx in items.items():
-            if kind not in ITEM_KINDS:
-                raise ValueError(f"item kind {kind!r}: expected one of {ITEM_KINDS}")
-            mask = masks[kind]
-            for e in idx:
-                if kind == "task":
-                    k = int(e)
-                    if not 0 <= k < M:
-                        raise ValueError(f"remove['task'] index {k} outside [0, {M})")
-                    mask[k] = True
-                else:
-                    k, j = (int(v) for v in e)
-                    if not (0 <= k < M and 0 <= j < mask.shape[1]):
-                        raise ValueError(
-                            f"remove[{kind!r}] item {(k, j)} outside [0,{M})×[0,{mask.shape[1]})"
-                        )
-                    mask[k, j] = True
-        return masks["task"], masks["support_point"], masks["query_point"]
+        """Boolean masks ``(c [M], W [M, n], V [M, m])`` of the items named in ``items``."""
+        return item_masks(items, *self.weights())
 
     def reweighted(self, items: Mapping[str, Sequence[Any]], factor: float = 0.0) -> TaskBatch:
         """A copy with the weights of ``items`` multiplied by ``factor`` (0 = removal)."""
@@ -196,9 +232,16 @@ class TaskBatch:
         tasks = list(tasks)
         if not tasks:
             raise ValueError("tasks is empty: need at least one task")
+        for i, t in enumerate(tasks):
+            if not isinstance(t, Task):
+                raise TypeError(f"tasks[{i}] is {type(t).__name__}, expected mf.Task")
         ids = [t.id if t.id is not None else i for i, t in enumerate(tasks)]
         seen: dict[Any, int] = {}
         for i, tid in enumerate(ids):
+            try:
+                hash(tid)
+            except TypeError:
+                raise TypeError(f"task {i}: id {tid!r} is not hashable") from None
             if tid in seen:
                 raise ValueError(f"duplicate task id {tid!r} (tasks {seen[tid]} and {i})")
             seen[tid] = i
@@ -221,6 +264,11 @@ class TaskBatch:
                     raise ValueError(
                         f"task {tid!r}: {fname} has shape {tuple(v.shape)}, but task {ids[0]!r} "
                         f"has {tuple(rv.shape)}; all tasks in one batch need the same shapes"
+                    )
+                if v.device != rv.device:
+                    raise ValueError(
+                        f"task {tid!r}: {fname} is on {v.device} but task {ids[0]!r}'s is on "
+                        f"{rv.device}; all tasks must be on one device"
                     )
                 _check_finite(v, f"task {tid!r}: {fname}")
             if t.support[0].shape[0] != t.support[1].shape[0]:

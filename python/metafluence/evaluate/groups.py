@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .._progress import ProgressStore, map_chunks
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
+from ..bilevel.source import TaskSource
 from ..bilevel.tasks import TaskBatch
 from ..influence.removal import ITEMS, TargetLike
 from ..train.meta_train import meta_train, progress_bar
@@ -94,7 +95,7 @@ def meta_train_retrain(problem: MetaProblem, init: ParamsLike, **train_kwargs: A
     ``λ*``: ``steps``, ``outer_lr``, ``optimizer``, ``seed``, ``batch_size``, ``tol``)."""
     lam0 = problem.flat(init).clone()
 
-    def retrain(batch: TaskBatch, start: dict[str, Tensor]) -> dict[str, Tensor]:
+    def retrain(batch: TaskBatch | TaskSource, start: dict[str, Tensor]) -> dict[str, Tensor]:
         return meta_train(problem, None, batch, init=lam0, **train_kwargs)
 
     return retrain

@@ -18,11 +18,12 @@ from torch import Tensor
 
 from .._progress import ProgressStore, digest, map_chunks
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
+from ..bilevel.source import TaskSource
 from ..bilevel.tasks import Task, TaskBatch
 from ..influence.removal import ITEMS, TargetLike
 from ..train.meta_train import newton_refine, progress_bar
 
-Retrain = Callable[[TaskBatch, dict[str, Tensor]], dict[str, Tensor]]
+Retrain = Callable[[TaskBatch | TaskSource, dict[str, Tensor]], dict[str, Tensor]]
 
 
 def target_value(problem: MetaProblem, meta_params: ParamsLike, target: TargetLike) -> float:
@@ -33,7 +34,7 @@ def target_value(problem: MetaProblem, meta_params: ParamsLike, target: TargetLi
     return float(problem.outer_loss(meta_params, target))
 
 
-def item_index(batch: TaskBatch, items: str) -> list[Any]:
+def item_index(batch: TaskBatch | TaskSource, items: str) -> list[Any]:
     """All items of a kind: task positions ``k`` or ``(k, j)`` pairs."""
     if items == "task":
         return list(range(batch.num_tasks))
@@ -41,7 +42,9 @@ def item_index(batch: TaskBatch, items: str) -> list[Any]:
     return [(k, j) for k in range(batch.num_tasks) for j in range(size)]
 
 
-def reweighted(batch: TaskBatch, items: str, item: Any, factor: float) -> TaskBatch:
+def reweighted(
+    batch: TaskBatch | TaskSource, items: str, item: Any, factor: float
+) -> TaskBatch | TaskSource:
     """``batch`` with one item's weight multiplied by ``factor`` (0 = removal)."""
     return batch.reweighted({items: [item]}, factor)
 
@@ -69,7 +72,7 @@ def newton_retrain(
 ) -> Retrain:
     """Retrainer: dense Newton from the given start (``proximal=δ'`` adds ``δ'/2‖λ−λ*‖²``)."""
 
-    def retrain(batch: TaskBatch, start: dict[str, Tensor]) -> dict[str, Tensor]:
+    def retrain(batch: TaskBatch | TaskSource, start: dict[str, Tensor]) -> dict[str, Tensor]:
         prox = None
         if proximal > 0:
             prox = (float(proximal), problem.flat(start))

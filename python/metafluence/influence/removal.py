@@ -19,6 +19,7 @@ is the λ-block of ``∇²Φ · (0, c⊙1_R, W⊙1_R, V⊙1_R)``: one mixed prod
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from ..bilevel.point import BilevelPoint, check_curvature
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
+from ..bilevel.tasks import item_masks
 from ..solvers import SolveResult, get_solver, lanczos_extreme_eigenvalues
 
 ITEMS = ("task", "support_point", "query_point")
@@ -99,6 +101,12 @@ def target_gradient(problem: MetaProblem, lam: Tensor, target: TargetLike | None
     return (tp.grad_all()[0] - problem.damping * lam).detach()
 
 
+def _finite_target_gradient(g: Tensor) -> Tensor:
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("target gradient contains NaN or Inf: check the target (tasks/callable)")
+    return g
+
+
 def _solve(
     pt: BilevelPoint,
     b: Tensor,
@@ -108,10 +116,28 @@ def _solve(
     solver_kwargs: Mapping[str, Any] | None,
 ) -> SolveResult:
     check_curvature(curvature)
-    if not float(solve_damping) >= 0:
-        raise ValueError(f"solve_damping={solve_damping}: expected δ' >= 0")
+    if not (float(solve_damping) >= 0 and math.isfinite(float(solve_damping))):
+        raise ValueError(f"solve_damping={solve_damping}: expected a finite δ' >= 0")
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError("the right-hand side (target gradient) contains NaN or Inf")
     fn = get_solver(solver)
-    res = fn(pt.matvec(curvature), b, damping=float(solve_damping), **dict(solver_kwargs or {}))
+    # always [k, P]: solvers then apply the operator to all basis/Krylov rows in one batched
+    # call (a 1-D b makes them call matvec once per row, i.e. one pass over the tasks each)
+    one = b.dim() == 1
+    res = fn(
+        pt.matvec(curvature),
+        b.unsqueeze(0) if one else b,
+        damping=float(solve_damping),
+        **dict(solver_kwargs or {}),
+    )
+    if one:
+        cc = res.column_converged
+        res = dataclasses.replace(
+            res,
+            x=res.x[0],
+            residual=res.residual.reshape(()),
+            column_converged=None if cc is None else cc.reshape(()),
+        )
     if not res.converged:
         warnings.warn(
             f"total solve ({solver}, curvature={curvature}) did not converge: relative residual "
@@ -216,15 +242,14 @@ def removal_effects(
     """
     _check_items(items)
     pt = problem.point(meta_params, train_tasks, task_weight)
-    grad_f = target_gradient(problem, pt.lam, target)
+    grad_f = _finite_target_gradient(target_gradient(problem, pt.lam, target))
     res = _solve(pt, grad_f, curvature, solver, solve_damping, solver_kwargs)
     s = res.x
-    _, h_c, h_w, h_v = pt.hvp_all(s)
-    c, W, V = pt.batch.weights()
+    t_sc, s_sc, q_sc = (x.detach() for x in pt.item_scores(s))
     all_scores: dict[str, Any] = {
-        "task": (c * h_c).detach(),
-        "support_point": list((W * h_w).detach().unbind(0)),
-        "query_point": list((V * h_v).detach().unbind(0)),
+        "task": t_sc,
+        "support_point": list(s_sc.unbind(0)),
+        "query_point": list(q_sc.unbind(0)),
     }
     meta_grad_norm = float(pt.meta_grad().norm())
     diag: dict[str, Any] = {"notes": []}
@@ -243,18 +268,17 @@ def removal_effects(
         solve=res,
         meta_grad_norm=meta_grad_norm,
         diagnostics=diag,
-        task_ids=list(pt.batch.ids),
+        task_ids=list(pt.ids),
         target_grad=grad_f,
     )
 
 
-def _removal_direction(pt: BilevelPoint, remove: Mapping[str, Sequence[Any]]):
-    """``(dc, dW, dV) = (c⊙1_R, W⊙1_R, V⊙1_R)`` for ``remove`` = {kind: indices}."""
-    masks = pt.batch.item_masks(remove)
-    return tuple(
-        torch.where(m, w, torch.zeros_like(w))
-        for m, w in zip(masks, pt.batch.weights(), strict=True)
-    )
+def _checked_removal(pt: BilevelPoint, remove: Mapping[str, Sequence[Any]]) -> dict[str, list]:
+    """``remove`` validated against the point's tasks (kinds, ranges) as plain lists."""
+    z = pt.lam.new_zeros(len(pt.ids))
+    n, m = pt.item_widths()
+    item_masks(remove, z, z.new_zeros(z.shape[0], n), z.new_zeros(z.shape[0], m))  # validates
+    return {k: list(v) for k, v in remove.items()}
 
 
 def param_influence(
@@ -274,8 +298,7 @@ def param_influence(
     ``"query_point"`` to ``[(k, j), ...]`` pairs. Returns a parameter dict.
     """
     pt = problem.point(meta_params, train_tasks)
-    dc, dW, dV = _removal_direction(pt, remove)
-    b, _, _, _ = pt.hvp_all(torch.zeros_like(pt.lam), dc, dW, dV)
+    b = pt.removal_rhs(_checked_removal(pt, remove))
     res = _solve(pt, b.detach(), curvature, solver, solve_damping, solver_kwargs)
     out = problem.unflat(res.x)
     return (out, res) if return_result else out

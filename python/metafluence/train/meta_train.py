@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import check_float, check_int
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
+from ..bilevel.source import TaskSource
 from ..bilevel.tasks import TaskBatch
 
 OPTIMIZERS = ("adam", "sgd", "lbfgs", "newton")
@@ -174,6 +176,9 @@ def meta_train(
         raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
     if int(steps) < 0:
         raise ValueError(f"steps={steps}: expected >= 0")
+    if batch_size is not None:
+        check_int(batch_size, "batch_size", minimum=1)
+    check_float(outer_lr, "outer_lr", positive=True)
     if state is not None:
         lam0 = problem.flat(state.lam)
     elif init is not None:
@@ -189,7 +194,7 @@ def meta_train(
     if bar is not None and start:
         bar.update(min(start, int(steps)))
 
-    def value_and_grad(x: Tensor, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+    def value_and_grad(x: Tensor, batch: TaskBatch | TaskSource) -> tuple[Tensor, Tensor]:
         pt = problem.point(x, batch)
         return pt.objective().detach(), pt.meta_grad().detach()
 

@@ -1,0 +1,125 @@
+"""A :class:`MetaProblem` whose points cover only this rank's tasks and reduce across ranks."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..bilevel.point import BilevelPoint, LocalReduce
+from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
+from ..bilevel.tasks import TaskBatch
+
+
+def shard_range(M: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous block ``[lo, hi)`` of ``M`` tasks for ``rank`` of ``world`` (sizes differ ≤ 1)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank={rank}, world={world}: expected 0 <= rank < world")
+    base, extra = divmod(int(M), int(world))
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+class DistReduce(LocalReduce):
+    """:class:`LocalReduce` over the ranks of ``group`` (all ranks get every result)."""
+
+    def __init__(self, group: Any = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is not initialised: call torch.distributed.init_process_group "
+                "(or mf.distributed.init_from_env()) before building a ShardedProblem"
+            )
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def sum(self, t: Tensor) -> Tensor:
+        out = t.detach().clone().contiguous()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        return out
+
+    def cat(self, t: Tensor) -> Tensor:
+        t = t.detach().contiguous()
+        n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        dist.all_gather(sizes, n, group=self.group)
+        counts = [int(s) for s in sizes]
+        width = max(counts)
+        pad = t.new_zeros((width, *t.shape[1:]))
+        pad[: t.shape[0]] = t
+        bufs = [torch.empty_like(pad) for _ in range(self.world)]
+        dist.all_gather(bufs, pad, group=self.group)
+        return torch.cat([b[:c] for b, c in zip(bufs, counts, strict=True)])
+
+    def objects(self, xs: list[Any]) -> list[Any]:
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, list(xs), group=self.group)
+        return [x for part in out for x in part]
+
+    def max(self, x: float) -> float:
+        t = torch.tensor([float(x)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return float(t)
+
+
+class ShardedProblem(MetaProblem):
+    """``problem`` with its tasks sharded over the ranks of ``group``.
+
+    Shares the wrapped problem's model, inner map, loss and damping; only :meth:`point` differs:
+    rank ``r`` builds engines for tasks ``shard_range(M, r, world)`` and every reduction over tasks
+    is completed across ranks, so all derived quantities (gradients, HVPs, solves, scores, edits,
+    meta-training steps) are the single-process ones. All ranks must make the same calls with the
+    same ``λ`` and tasks (collectives run in lock step).
+    """
+
+    def __init__(self, problem: MetaProblem, group: Any = None) -> None:
+        if not isinstance(problem, MetaProblem):
+            raise TypeError(f"problem must be a MetaProblem, got {type(problem).__name__}")
+        self.__dict__.update(problem.__dict__)
+        self.reducer = DistReduce(group)
+
+    @property
+    def rank(self) -> int:
+        return self.reducer.rank
+
+    @property
+    def world(self) -> int:
+        return self.reducer.world
+
+    def point(
+        self, meta_params: ParamsLike, tasks: TasksLike, task_weight: Tensor | None = None
+    ) -> BilevelPoint:
+        """This rank's share of the point at ``λ`` (all reductions span every rank)."""
+        lam = self.flat(meta_params)
+        full = self.batch(tasks, lam, task_weight)
+        lo, hi = shard_range(full.num_tasks, self.rank, self.world)
+        if isinstance(full, TaskBatch):
+            return BilevelPoint(
+                self, lam, full.slice(lo, hi), self.chunk_size, reduce=self.reducer, offset=lo
+            )
+        return BilevelPoint(self, lam, full.shard(lo, hi), self.chunk_size, reduce=self.reducer)
+
+    def __repr__(self) -> str:
+        return f"Sharded({super().__repr__()}, rank {self.rank} of {self.world})"
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int]:
+    """Initialise ``torch.distributed`` from torchrun's environment; returns ``(rank, world)``.
+
+    ``backend`` defaults to ``"nccl"`` when CUDA is available, else ``"gloo"``. Without
+    torchrun's variables (``RANK``, ``WORLD_SIZE``) it is a single process: ``(0, 1)``, nothing
+    initialised.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
