@@ -4,6 +4,7 @@
 # --- foundation exports (end) ---
 # --- core exports ---
 from . import data as data  # noqa: E402
+from . import distributed as distributed  # noqa: E402
 from . import evaluate as evaluate  # noqa: E402
 from . import inner as inner  # noqa: E402
 from . import psg as psg  # noqa: E402
@@ -15,6 +16,7 @@ from ._version import __version__ as __version__
 from .bilevel import MetaProblem as MetaProblem  # noqa: E402
 from .bilevel import Task as Task  # noqa: E402
 from .bilevel import TaskBatch as TaskBatch  # noqa: E402
+from .bilevel import TaskSource as TaskSource  # noqa: E402
 from .influence import InfluenceResult as InfluenceResult  # noqa: E402
 from .influence import edit as edit  # noqa: E402
 from .influence import param_influence as param_influence  # noqa: E402

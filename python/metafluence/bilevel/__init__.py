@@ -4,6 +4,7 @@ from .inner import HeadOnly, Implicit, Unrolled
 from .params import ParamSpec
 from .point import CURVATURES, BilevelPoint
 from .problem import MetaProblem
+from .source import TaskSource
 from .tasks import Task, TaskBatch
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "ParamSpec",
     "Task",
     "TaskBatch",
+    "TaskSource",
     "Unrolled",
 ]
