@@ -26,6 +26,7 @@ from .loaders import (
     safe_unpickle,
 )
 from .sampling import flip_labels, sample_tasks
+from .stream import TaskDataset
 
 EMBEDDED = ("glyphs",)
 
@@ -61,6 +62,7 @@ __all__ = [
     "DatasetLayoutError",
     "FewShotDataset",
     "LazyImages",
+    "TaskDataset",
     "cache_root",
     "flip_labels",
     "load",

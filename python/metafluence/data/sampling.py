@@ -26,6 +26,72 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), *[int(k) for k in keys]]))
 
 
+class EpisodeSpec:
+    """Validated ``ways``-way ``shots``-shot episode settings over one split of a dataset.
+
+    Holds the split's per-class sample pools and the eligible classes (those with at least
+    ``shots + queries`` images); :meth:`draw` builds task ``i`` from its own random stream
+    ``SeedSequence([seed, crc32(split), i])``, so a task depends only on ``(seed, split, i)``.
+    """
+
+    def __init__(
+        self,
+        dataset: FewShotDataset,
+        ways: int,
+        shots: int,
+        queries: int,
+        seed: int,
+        split: str,
+        dtype: torch.dtype,
+    ) -> None:
+        self.ways = check_int(ways, "ways", minimum=2)
+        self.shots = check_int(shots, "shots", minimum=1)
+        self.queries = check_int(queries, "queries", minimum=1)
+        self.seed = check_int(seed, "seed", minimum=0)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.dataset, self.split, self.dtype = dataset, split, dtype
+        self.pools = dataset.by_class(split)
+        need = self.shots + self.queries
+        self.eligible = np.array(
+            sorted(c for c, idx in self.pools.items() if len(idx) >= need), dtype=np.int64
+        )
+        if len(self.eligible) < self.ways:
+            raise ValueError(
+                f"{dataset.name} split {split!r} has {len(self.eligible)} classes with at least "
+                f"{need} images (shots + queries); a {self.ways}-way task needs {self.ways}"
+            )
+        self.split_key = zlib.crc32(split.encode())
+        # labels are the same for every task: built once, shared read-only (never written to)
+        self.ys = torch.arange(self.ways).repeat_interleave(self.shots)
+        self.yq = torch.arange(self.ways).repeat_interleave(self.queries)
+
+    def draw(self, i: int) -> Task:
+        """Task ``i`` (id ``i``): ``x_s [ways·shots, C, H, W]``, ``x_q [ways·queries, C, H, W]``."""
+        rng = _rng(self.seed, self.split_key, i)
+        need = self.shots + self.queries
+        classes = rng.choice(self.eligible, size=self.ways, replace=False)
+        picks = np.stack(
+            [rng.choice(self.pools[int(c)], size=need, replace=False) for c in classes]
+        )
+        s_idx = picks[:, : self.shots].reshape(-1)
+        q_idx = picks[:, self.shots :].reshape(-1)
+        x = self.dataset.tensor(np.concatenate([s_idx, q_idx]), self.dtype)
+        meta = {
+            "split": self.split,
+            "classes": classes.tolist(),
+            "class_names": [self.dataset.class_names[int(c)] for c in classes],
+            "support_index": s_idx.tolist(),
+            "query_index": q_idx.tolist(),
+        }
+        return Task(
+            support=(x[: len(s_idx)], self.ys.clone()),
+            query=(x[len(s_idx) :], self.yq.clone()),
+            id=i,
+            meta=meta,
+        )
+
+
 def sample_tasks(
     dataset: FewShotDataset,
     ways: int = 5,
@@ -43,50 +109,13 @@ def sample_tasks(
     images of each; labels are relabelled ``0..ways-1`` in the drawn class order. Support
     ``x [ways·shots, C, H, W]``, query ``x [ways·queries, C, H, W]`` (class-major), float in [0, 1].
     Task ids are ``first_id + i``; ``task.meta`` records the split, the class indices and names,
-    and the sample indices.
+    and the sample indices. For 10⁵ tasks that should not sit in memory at once use
+    :class:`metafluence.data.TaskDataset` (the same tasks, drawn on access).
     """
-    ways = check_int(ways, "ways", minimum=2)
-    shots = check_int(shots, "shots", minimum=1)
-    queries = check_int(queries, "queries", minimum=1)
+    spec = EpisodeSpec(dataset, ways, shots, queries, seed, split, dtype)
     num_tasks = check_int(num_tasks, "num_tasks", minimum=1)
-    seed = check_int(seed, "seed", minimum=0)
     first_id = check_int(first_id, "first_id", minimum=0)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    pools = dataset.by_class(split)
-    need = shots + queries
-    eligible = np.array(sorted(c for c, idx in pools.items() if len(idx) >= need), dtype=np.int64)
-    if len(eligible) < ways:
-        raise ValueError(
-            f"{dataset.name} split {split!r} has {len(eligible)} classes with at least "
-            f"{need} images (shots + queries); a {ways}-way task needs {ways}"
-        )
-    split_key = zlib.crc32(split.encode())
-    tasks = []
-    for i in range(num_tasks):
-        rng = _rng(seed, split_key, first_id + i)
-        classes = rng.choice(eligible, size=ways, replace=False)
-        picks = np.stack([rng.choice(pools[int(c)], size=need, replace=False) for c in classes])
-        s_idx, q_idx = picks[:, :shots].reshape(-1), picks[:, shots:].reshape(-1)
-        x = dataset.tensor(np.concatenate([s_idx, q_idx]), dtype)
-        ys = torch.arange(ways).repeat_interleave(shots)
-        yq = torch.arange(ways).repeat_interleave(queries)
-        meta = {
-            "split": split,
-            "classes": classes.tolist(),
-            "class_names": [dataset.class_names[int(c)] for c in classes],
-            "support_index": s_idx.tolist(),
-            "query_index": q_idx.tolist(),
-        }
-        tasks.append(
-            Task(
-                support=(x[: len(s_idx)], ys),
-                query=(x[len(s_idx) :], yq),
-                id=first_id + i,
-                meta=meta,
-            )
-        )
-    return tasks
+    return [spec.draw(first_id + i) for i in range(num_tasks)]
 
 
 def _derangement(ways: int, rng: np.random.Generator) -> np.ndarray:
