@@ -126,22 +126,51 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     a("--out", default=d.out, help="results folder (the report goes to <out>/<name>/)")
     a("--name", default=None, help="run name (default from the configuration)")
     a("--quiet", action="store_true", help="no progress bars")
+    a(
+        "--nproc",
+        type=int,
+        default=1,
+        help="worker processes sharing the tasks (torch.distributed on loopback; gloo on CPU, "
+        "nccl with one GPU each); under torchrun the launcher's WORLD_SIZE is used",
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
     from .data import DatasetLayoutError
+    from .distributed.launch import in_worker, launch
     from .report.job import RunConfig, run
 
+    if args.nproc < 1:
+        print(f"metafluence run: error: --nproc {args.nproc}: expected >= 1", file=sys.stderr)
+        return 2
+    where = ""
+    if in_worker():  # started by torchrun or by --nproc below: this is one of the workers
+        world = int(os.environ["WORLD_SIZE"])
+        if args.nproc not in (1, world):
+            print(
+                f"metafluence run: error: --nproc {args.nproc} but this process was launched as "
+                f"one of WORLD_SIZE={world} workers (drop --nproc under torchrun)",
+                file=sys.stderr,
+            )
+            return 2
+        where = f" (rank {os.environ['RANK']})" if world > 1 else ""
+    elif args.nproc > 1:
+        # the same command line in every worker; there in_worker() is true and --nproc is ignored
+        return launch(args.argv, args.nproc)
     cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__})
     cfg.threads = cfg.threads or None
     try:
         summary = run(cfg)
     except (DatasetLayoutError, ImportError) as e:
-        print(f"metafluence run: error: {e}", file=sys.stderr)
+        print(f"metafluence run: error{where}: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # invalid combinations (e.g. more ways than classes)
-        print(f"metafluence run: error: {e}", file=sys.stderr)
+        print(f"metafluence run: error{where}: {e}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0" and in_worker():
+        return 0  # rank 0 reports
     d = summary["detection"]
     ev = summary["evaluation"]
     print(
@@ -229,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)
 

@@ -13,6 +13,14 @@ Stages (each timed; the report lists the wall time of every one):
 5. edit: remove the ``k`` most harmful tasks without retraining (``mf.edit``: ``λ* + Δλ``);
 6. retrain: meta-train without those tasks, warm-started at ``λ*``, to check the edit;
 7. report: ``report.md``, ``report.html``, PNG plots, CSV scores, ``summary.json``.
+
+Several processes: under ``torchrun`` (or ``metafluence run --nproc N``, which launches the
+workers through :mod:`metafluence.distributed.launch`) every worker runs this same job on the
+same tasks; :func:`run` initialises ``torch.distributed`` from the environment (gloo on CPU, nccl
+for a CUDA device, one GPU per local rank) and wraps the problem in a
+:class:`~metafluence.distributed.ShardedProblem`, so meta-training, scores, the edit, retraining
+and evaluation are split over the ranks while every rank holds the single-process numbers. Only
+rank 0 shows progress and writes files.
 """
 
 from __future__ import annotations
@@ -120,12 +128,17 @@ def _inner(cfg: RunConfig):
 
 
 def evaluate(problem, meta_params, tasks) -> dict[str, float]:
-    """Mean post-adaptation query loss and accuracy over ``tasks``."""
+    """Mean post-adaptation query loss and accuracy over ``tasks``.
+
+    The adaptation runs on the problem's point (sharded over ranks for a ``ShardedProblem``;
+    ``task_losses`` and ``adapted`` come back gathered, ``[M]`` and ``[M, P]``); the query
+    logits are then taken on every rank for all ``M`` tasks (a cheap forward pass).
+    """
     pt = problem.point(meta_params, tasks)
     with torch.no_grad():
         losses = pt.task_losses()
         thetas = pt.adapted()
-        b = pt.batch
+        b = problem.batch(tasks, pt.lam)
         correct = 0
         total = 0
         for i in range(b.num_tasks):
@@ -135,8 +148,34 @@ def evaluate(problem, meta_params, tasks) -> dict[str, float]:
     return {"loss": float(losses.mean()), "accuracy": correct / max(1, total)}
 
 
+def _backend(device: str) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
-    """Run the job; returns the summary dict (also written to ``summary.json``)."""
+    """Run the job; returns the summary dict (also written to ``summary.json``).
+
+    Inside a ``torchrun``-style worker (``RANK``/``WORLD_SIZE`` set) it initialises
+    ``torch.distributed`` if needed (and tears it down again at the end if it did) and runs
+    sharded; every rank returns the same summary, rank 0 writes the files.
+    """
+    import torch.distributed as dist
+
+    from metafluence import distributed as mfd
+
+    owned = not (dist.is_available() and dist.is_initialized())
+    rank, world = mfd.init_from_env(_backend(cfg.device))
+    owned = owned and dist.is_initialized()
+    try:
+        return _run(cfg, rank, world)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
+    import torch.distributed as dist
+
     import metafluence as mf
     from metafluence.models import build_model
     from metafluence.report import metrics as M
@@ -146,19 +185,30 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
     device = torch.device(cfg.device)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK
+    lead = rank == 0
     out = Path(cfg.out) / cfg.run_name()
-    out.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(cfg.quiet, 7)
-    progress = not cfg.quiet
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+    quiet = cfg.quiet or not lead
+    stages = _Stages(quiet, 7)
+    progress = not quiet
     t_all = time.perf_counter()
     caught: list[str] = []
     try:
         with stages("data"):
+            if world > 1 and not lead:
+                dist.barrier()  # rank 0 builds (and caches) the dataset first
             if cfg.dataset in ("glyphs", "glyphs:"):
                 ds = mf.data.load_glyphs(num_classes=cfg.glyph_classes, seed=0, progress=progress)
             else:
                 ds = mf.data.load(cfg.dataset)
-            kw = dict(ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=cfg.seed)
+            if world > 1 and lead:
+                dist.barrier()
+            kw: dict[str, Any] = dict(
+                ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=cfg.seed
+            )
             clean = mf.data.sample_tasks(ds, num_tasks=cfg.tasks, split="train", **kw)
             tasks, mask = mf.data.flip_labels(clean, cfg.noise, level="task", seed=cfg.seed)
             tsplit = "val" if len(ds.by_class("val")) >= cfg.ways else "train"
@@ -187,6 +237,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             problem = mf.MetaProblem(
                 model, inner=_inner(cfg), damping=cfg.damping, chunk_size=cfg.chunk_size
             )
+            if world > 1:
+                problem = mf.distributed.ShardedProblem(problem)
             init = problem.init_params()
             history: list[float] = []
             lam = mf.train.meta_train(
@@ -217,10 +269,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             )
             caught += [str(w.message) for w in wlist]
         with stages("detection"):
-            task_scores = res.all_scores["task"].double().cpu()
+            task_all = res.all_scores["task"]
+            assert isinstance(task_all, torch.Tensor)
+            task_scores = task_all.double().cpu()
             sup = torch.stack(res.all_scores["support_point"]).double().cpu()
             qry = torch.stack(res.all_scores["query_point"]).double().cpu()
             n_sup, n_qry = sup.shape[1], qry.shape[1]
+            assert isinstance(mask, torch.Tensor)  # level="task": one flag per task [M]
             m = mask.cpu()
             sup_mask = m[:, None].expand(-1, n_sup)
             qry_mask = m[:, None].expand(-1, n_qry)
@@ -327,26 +382,31 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 "train_history": history,
             }
             summary["stage_seconds"] = dict(stages.times)
-            write_report(
-                out,
-                summary,
-                task_scores=task_scores,
-                task_mask=m,
-                support_scores=sup,
-                query_scores=qry,
-                task_ids=[t.id for t in tasks],
-                task_classes=[t.meta.get("class_names", []) for t in tasks],
-            )
+            summary["processes"] = world
+            if lead:
+                write_report(
+                    out,
+                    summary,
+                    task_scores=task_scores,
+                    task_mask=m,
+                    support_scores=sup,
+                    query_scores=qry,
+                    task_ids=[t.id for t in tasks],
+                    task_classes=[t.meta.get("class_names", []) for t in tasks],
+                )
     finally:
         stages.close()
     summary["stage_seconds"] = dict(stages.times)
     summary["wall_seconds"] = time.perf_counter() - t_all
     summary["out"] = str(out)
+    if not lead:
+        return summary
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     # the report files carry the stage times known when they were written; add the total
+    procs = f"{world} processes, " if world > 1 else ""
     with open(out / "report.md", "a") as fh:
         fh.write(
-            f"\nTotal wall time: {summary['wall_seconds']:.1f} s "
-            f"({os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}).\n"
+            f"\nTotal wall time: {summary['wall_seconds']:.1f} s ({procs}{os.cpu_count()} CPU "
+            f"cores visible, torch threads {torch.get_num_threads()}).\n"
         )
     return summary
