@@ -1,10 +1,11 @@
 """Long stages run in a child process that the kill-and-resume tests SIGKILL mid-run.
 
-``python tests/resume_worker.py train|loo DIR SLEEP`` runs the stage with progress under
-``DIR`` and appends one line per unit of work (a meta-training step, a leave-one-out retrain)
-to ``DIR/work.log``, sleeping ``SLEEP`` seconds per unit so the parent can kill it mid-run.
-The parent imports the same setup (:func:`problem`, :func:`train`, :func:`loo`) to rerun the
-stage to completion and to compute the uninterrupted reference.
+``python tests/resume_worker.py train|loo|scores DIR SLEEP`` runs the stage with progress under
+``DIR`` and appends one line per unit of work (a meta-training step, a leave-one-out retrain, a
+total solve or a chunk of removal scores) to ``DIR/work.log``, sleeping ``SLEEP`` seconds per
+unit so the parent can kill it mid-run. The parent imports the same setup (:func:`problem`,
+:func:`train`, :func:`loo`, :func:`scores`) to rerun the stage to completion and to compute the
+uninterrupted reference.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ STEPS, EVERY = 24, 3
 TRAIN_KW = dict(outer_lr=0.05, seed=3, batch_size=4, optimizer="adam")
 
 
-def problem() -> tuple[nn.Module, mf.MetaProblem]:
+def problem(chunk_size: int | None = None) -> tuple[nn.Module, mf.MetaProblem]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
-    return model, mf.MetaProblem(model, inner=mf.inner.Unrolled(steps=1, lr=0.3), damping=1e-2)
+    inner = mf.inner.Unrolled(steps=1, lr=0.3)
+    return model, mf.MetaProblem(model, inner=inner, damping=1e-2, chunk_size=chunk_size)
 
 
 def _log(directory: Path, line: str, sleep: float) -> None:
@@ -78,6 +80,60 @@ def loo(directory: Path, sleep: float = 0.0) -> torch.Tensor:
     )
 
 
+class Dataset:
+    """Random-access tasks (``len`` + ``__getitem__``): a streamed :class:`TaskSource`."""
+
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def scores(
+    directory: Path, sleep: float = 0.0, streamed: bool = False, store: bool = True, **kw
+) -> mf.InfluenceResult:
+    """Resumable removal effects, 8 tasks in chunks of 2; logs ``solve`` per total solve and
+    ``chunk <first task>`` per chunk of scores computed (before it is saved)."""
+    from unittest import mock
+
+    from metafluence.bilevel.point import BilevelPoint
+    from metafluence.influence import removal
+
+    _, prob = problem(chunk_size=2)
+    chunk_scores, solve = BilevelPoint.chunk_item_scores, removal._solve
+
+    def logged_chunk(engine, s):
+        out = chunk_scores(engine, s)
+        _log(directory, f"chunk {engine.batch.ids[0]}", sleep)
+        return out
+
+    def logged_solve(*args, **kwargs):
+        out = solve(*args, **kwargs)
+        _log(directory, "solve", sleep)
+        return out
+
+    train = Dataset(tasks(8, 0)) if streamed else tasks(8, 0)
+    args = dict(solve_damping=0.3, solver_kwargs={"maxiter": 30}, lanczos_steps=5)
+    args.update(kw)
+    directory.mkdir(parents=True, exist_ok=True)
+    with (
+        mock.patch.object(BilevelPoint, "chunk_item_scores", staticmethod(logged_chunk)),
+        mock.patch.object(removal, "_solve", logged_solve),
+    ):
+        return mf.removal_effects(
+            prob,
+            prob.init_params(),
+            train,
+            tasks(3, 1),
+            checkpoint_dir=directory / "scores" if store else None,
+            **args,
+        )
+
+
 def work_log(directory: Path) -> list[str]:
     p = directory / "work.log"
     return p.read_text().split("\n")[:-1] if p.exists() else []
@@ -118,4 +174,4 @@ def run_and_kill(mode: str, directory: Path, ready, sleep: float, timeout: float
 if __name__ == "__main__":
     torch.set_num_threads(1)  # as the parent (conftest): identical arithmetic
     mode, where, pause = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
-    {"train": train, "loo": loo}[mode](where, pause)
+    {"train": train, "loo": loo, "scores": scores}[mode](where, pause)

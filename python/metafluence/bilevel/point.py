@@ -14,6 +14,7 @@ Curvatures of the total Hessian ``H`` (math.md §2), all ``x ↦ Hx`` operators 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -34,6 +35,10 @@ def check_curvature(curvature: str) -> str:
     if curvature not in CURVATURES:
         raise ValueError(f"curvature={curvature!r}: expected one of {CURVATURES}")
     return curvature
+
+
+def _identity(x: Any) -> Any:
+    return x
 
 
 class LocalReduce:
@@ -113,12 +118,31 @@ class BilevelPoint:
         """One engine per chunk of this process's tasks (a list; a generator when streaming)."""
         if self._engines is not None:
             return self._engines
+        return (build() for _, build in self.chunk_engines())
+
+    def chunk_engines(self) -> Iterator[tuple[tuple[int, int], Callable[[], Any]]]:
+        """``((start, stop), build)`` per chunk of this process's tasks, in order.
+
+        ``start:stop`` are the chunk's global task positions; ``build()`` returns its engine. A
+        streamed point reads the chunk's tasks but adapts them only when ``build`` is called,
+        so a caller that skips a chunk (e.g. one already computed before a restart) pays no
+        inner adaptation for it.
+        """
+        start = self.offset
+        if self._engines is not None:
+            for e in self._engines:
+                stop = start + e.batch.num_tasks
+                yield (start, stop), functools.partial(_identity, e)
+                start = stop
+            return
         assert self.source is not None
-        lam = self.lam
-        return (
-            self.problem._engine(self.problem.checked(b, lam), lam)
-            for b in self.source.chunks(self.chunk_size, lam.dtype, lam.device)
-        )
+        for b in self.source.chunks(self.chunk_size, self.lam.dtype, self.lam.device):
+            stop = start + b.num_tasks
+            yield (start, stop), functools.partial(self._build_engine, b)
+            start = stop
+
+    def _build_engine(self, b: TaskBatch) -> Any:
+        return self.problem._engine(self.problem.checked(b, self.lam), self.lam)
 
     @property
     def ids(self) -> list[Any]:
@@ -173,11 +197,8 @@ class BilevelPoint:
 
     def _local_slices(self) -> Iterator[tuple[Any, slice]]:
         """``(engine, global slice of its tasks)`` for this process's chunks."""
-        start = self.offset
-        for e in self.engines:
-            m = e.batch.num_tasks
-            yield e, slice(start, start + m)
-            start += m
+        for (start, stop), build in self.chunk_engines():
+            yield build(), slice(start, stop)
 
     # ---- values and gradients ------------------------------------------------------------
     def adapted(self) -> Tensor:
@@ -204,10 +225,11 @@ class BilevelPoint:
         for p in parts:
             g_l = g_l + p[0]
         g_l = self.reduce.sum(g_l) + self.damping * self.lam
-        return (g_l, *self._cat_blocks([p[1:] for p in parts]))
+        return (g_l, *self.cat_items([p[1:] for p in parts]))
 
-    def _cat_blocks(self, parts: Sequence[Sequence[Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-item blocks ``(c [M], W [M, n], V [M, m])`` of chunks, over all processes."""
+    def cat_items(self, parts: Sequence[Sequence[Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-item blocks ``(c [M], W [M, n], V [M, m])`` from this process's chunks' blocks
+        (in chunk order), concatenated over all processes."""
         return tuple(  # type: ignore[return-value]
             self.reduce.cat(self._local_cat([p[i] for p in parts], i)) for i in range(3)
         )
@@ -248,7 +270,7 @@ class BilevelPoint:
             h_l = h_l + part[0]
             parts.append(part[1:])
         h_l = self.reduce.sum(h_l) + self.damping * dlam
-        return (h_l, *self._cat_blocks(parts))
+        return (h_l, *self.cat_items(parts))
 
     def item_scores(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(c ⊙ ∂_c∇F·s [M], W ⊙ ∂_W∇F·s [M, n], V ⊙ ∂_V∇F·s [M, m])``: removal effects.
@@ -256,14 +278,19 @@ class BilevelPoint:
         One pass of the mixed product ``∇²Φ · (s, 0, 0, 0)`` with each chunk's own weights, so
         a streamed point never holds more than one chunk.
         """
-        parts = []
-        for e in self.engines:
-            c, W, V = e.batch.weights()
-            _, h_c, h_w, h_v = e.hvp_all(
-                s, torch.zeros_like(c), torch.zeros_like(W), torch.zeros_like(V)
-            )
-            parts.append((c * h_c, W * h_w, V * h_v))
-        return self._cat_blocks(parts)
+        return self.cat_items([self.chunk_item_scores(e, s) for e in self.engines])
+
+    @staticmethod
+    def chunk_item_scores(engine: Any, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`item_scores` of one chunk's tasks ``([k], [k, n], [k, m])``, this process only.
+
+        ``cat_items`` of the chunks' blocks, in chunk order, is :meth:`item_scores`.
+        """
+        c, W, V = engine.batch.weights()
+        _, h_c, h_w, h_v = engine.hvp_all(
+            s, torch.zeros_like(c), torch.zeros_like(W), torch.zeros_like(V)
+        )
+        return c * h_c, W * h_w, V * h_v
 
     def removal_rhs(self, remove: Any) -> Tensor:
         """``Σ_{e∈R} ω_e ∂_{ω_e}∇F [P]``: λ-block of ``∇²Φ · (0, c⊙1_R, W⊙1_R, V⊙1_R)``."""

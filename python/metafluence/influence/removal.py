@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from ..bilevel.point import BilevelPoint, check_curvature
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
 from ..bilevel.tasks import item_masks
 from ..solvers import SolveResult, get_solver, lanczos_extreme_eigenvalues
+from . import _checkpoint as ck
 
 ITEMS = ("task", "support_point", "query_point")
 TargetLike = TasksLike | Callable[[dict[str, Tensor]], Tensor]
@@ -138,15 +140,19 @@ def _solve(
             residual=res.residual.reshape(()),
             column_converged=None if cc is None else cc.reshape(()),
         )
+    _warn_unconverged(res, solver, curvature, stacklevel=4)
+    return res
+
+
+def _warn_unconverged(res: SolveResult, solver: str, curvature: str, stacklevel: int) -> None:
     if not res.converged:
         warnings.warn(
             f"total solve ({solver}, curvature={curvature}) did not converge: relative residual "
             f"{_fmt(res.residual)} after {res.iters} iterations; scores are approximate "
             "(raise maxiter, add solve_damping, or use solver='direct' for small P)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
-    return res
 
 
 def _fmt(t: Tensor) -> str:
@@ -222,6 +228,7 @@ def removal_effects(
     diagnostics: bool = True,
     lanczos_steps: int = 20,
     task_weight: Tensor | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> InfluenceResult:
     """Predicted change of ``target`` when each item is removed (math.md §3 sign convention).
 
@@ -236,29 +243,71 @@ def removal_effects(
         curvature: ``"exact" | "gauss_newton" | "gamma"``.
         solver: ``"cg" | "neumann" | "direct" | "arnoldi"``.
         solve_damping: ``δ'`` added to ``H`` in the solve only (predicts the proximal response).
+        checkpoint_dir: a progress directory: the total solve, the scores of every chunk of
+            ``problem.chunk_size`` tasks and the diagnostics are saved there atomically (with
+            checksums) as each finishes, and a rerun with the same inputs (e.g. after the
+            process was killed) loads them instead of recomputing (a streamed source does not
+            even adapt the finished chunks' tasks), returning the identical result. A damaged
+            file is reported (``RuntimeWarning`` naming it) and recomputed; different inputs
+            (λ*, tasks, target, curvature, solver, ...) raise ``ValueError`` naming the keys.
+            ``items`` may change between reruns (all three kinds are stored).
 
     Cost: one solve with ``H`` (shared by every item), one mixed HVP for all scores, and
     ``lanczos_steps`` HVPs for the diagnostics.
     """
     _check_items(items)
     pt = problem.point(meta_params, train_tasks, task_weight)
-    grad_f = _finite_target_gradient(target_gradient(problem, pt.lam, target))
-    res = _solve(pt, grad_f, curvature, solver, solve_damping, solver_kwargs)
-    s = res.x
-    t_sc, s_sc, q_sc = (x.detach() for x in pt.item_scores(s))
+    store = None
+    grad_f: Tensor | None = None
+    if checkpoint_dir is not None:
+        if ck.is_callable_target(target):  # fingerprinted by its gradient
+            grad_f = _finite_target_gradient(target_gradient(problem, pt.lam, target))
+        config = ck.scores_config(
+            problem,
+            pt,
+            target,
+            grad_f,
+            curvature,
+            solver,
+            solve_damping,
+            solver_kwargs,
+            lanczos_steps,
+        )
+        store = ck.open_store(checkpoint_dir, pt, config)
+
+    # (a) the target gradient and the total solve
+    got = store.get(ck.SOLVE) if store is not None else None
+    if store is not None and ck.everywhere(pt, got is not None) and got is not None:
+        grad_f, res = ck.load_solve(got, pt.lam)
+        check_curvature(curvature)
+        _warn_unconverged(res, solver, curvature, stacklevel=3)
+    else:
+        if grad_f is None:
+            grad_f = _finite_target_gradient(target_gradient(problem, pt.lam, target))
+        res = _solve(pt, grad_f, curvature, solver, solve_damping, solver_kwargs)
+        if store is not None:
+            ck.save_solve(store, grad_f, res)
+
+    # (b) every item's score: one mixed product per chunk of tasks
+    t_sc, s_sc, q_sc = ck.chunked_item_scores(pt, res.x.detach(), store)
     all_scores: dict[str, Any] = {
         "task": t_sc,
         "support_point": list(s_sc.unbind(0)),
         "query_point": list(q_sc.unbind(0)),
     }
-    meta_grad_norm = float(pt.meta_grad().norm())
-    diag: dict[str, Any] = {"notes": []}
-    if diagnostics:
-        diag = diagnose(pt, curvature, solve_damping, steps=lanczos_steps)
-    diag.update(pt.inner_report())
-    diag["solve_converged"] = res.converged
-    if res.negative_curvature:
-        diag["notes"].append("the total solve met negative curvature")
+
+    # (c) diagnostics
+    key = ck.diag_key(diagnostics)
+    got = store.get(key) if store is not None else None
+    if store is not None and ck.everywhere(pt, got is not None) and got is not None:
+        meta_grad_norm, diag = ck.load_diagnostics(got)
+    else:
+        meta_grad_norm, diag = _diagnostics(
+            pt, res, curvature, solve_damping, diagnostics, lanczos_steps
+        )
+        if store is not None:
+            ck.save_diagnostics(store, diagnostics, meta_grad_norm, diag)
+            store.complete({"M": len(pt.ids)})
     for note in diag["notes"]:
         warnings.warn(note, UserWarning, stacklevel=2)
     return InfluenceResult(
@@ -271,6 +320,26 @@ def removal_effects(
         task_ids=list(pt.ids),
         target_grad=grad_f,
     )
+
+
+def _diagnostics(
+    pt: BilevelPoint,
+    res: SolveResult,
+    curvature: str,
+    solve_damping: float,
+    diagnostics: bool,
+    lanczos_steps: int,
+) -> tuple[float, dict[str, Any]]:
+    """``(‖∇F(λ*)‖, diagnostics dict)``: Lanczos (if ``diagnostics``), inner and solve health."""
+    meta_grad_norm = float(pt.meta_grad().norm())
+    diag: dict[str, Any] = {"notes": []}
+    if diagnostics:
+        diag = diagnose(pt, curvature, solve_damping, steps=lanczos_steps)
+    diag.update(pt.inner_report())
+    diag["solve_converged"] = res.converged
+    if res.negative_curvature:
+        diag["notes"].append("the total solve met negative curvature")
+    return meta_grad_norm, diag
 
 
 def _checked_removal(pt: BilevelPoint, remove: Mapping[str, Sequence[Any]]) -> dict[str, list]:

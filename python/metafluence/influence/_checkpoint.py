@@ -1,0 +1,241 @@
+"""Resumable removal effects: the progress store of :func:`~metafluence.removal_effects`.
+
+A run with ``checkpoint_dir`` keeps three stages in a :class:`~metafluence._progress.ProgressStore`
+(atomic, checksummed files; a damaged one is reported and recomputed, never used):
+
+- ``solve``: the target gradient ``∇f [P]`` and the total solve ``s = (H + δ'I)⁻¹ ∇f`` with the
+  :class:`SolveResult` fields (``info`` entries that are neither tensors nor JSON are dropped);
+- ``scores-<start>-<stop>``: the three score blocks ``([k], [k, n], [k, m])`` of each chunk of
+  tasks (global positions ``start:stop``);
+- ``diagnostics`` / ``no-diagnostics``: ``‖∇F(λ*)‖`` and the diagnostics dict (JSON meta).
+
+The store's config fingerprints everything that determines these numbers (see
+:func:`scores_config`); reopening it with different inputs raises ``ValueError`` naming the keys.
+Under ``torch.distributed`` every rank keeps its own subdirectory ``rank<r>-of-<world>``, and a
+stage whose computation involves collectives (the solve, the diagnostics) is loaded only when
+every rank has it, so the ranks stay in lock step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from .._progress import ProgressStore, digest
+from ..bilevel.point import BilevelPoint
+from ..solvers import SolveResult
+
+SOLVE, DIAG, NO_DIAG = "solve", "diagnostics", "no-diagnostics"
+Blocks = tuple[Tensor, Tensor, Tensor]
+
+
+def _tasks_fingerprint(pt: BilevelPoint) -> dict[str, Any]:
+    """Stacked tasks: a digest of every tensor, weight and id (ids by ``repr``). Streamed: the
+    ids, ``M`` and a digest of the first chunk (reading them all would cost a full pass)."""
+
+    def batch_digest(b: Any) -> str | None:
+        blocks = [b.xs, b.ys, b.xq, b.yq, b.task_weight, b.support_weight, b.query_weight]
+        return digest({"tensors": blocks, "ids": [repr(i) for i in b.ids]})
+
+    if pt.source is None:
+        return {"kind": "stacked", "batch": batch_digest(pt.batch), "M": pt.num_local}
+    src = pt.source
+    first = next(src.chunks(pt.chunk_size, pt.lam.dtype, pt.lam.device), None)
+    lo = src.offset
+    return {
+        "kind": "streamed",
+        "ids": digest([repr(i) for i in src.ids[lo : lo + src.num_tasks]]),
+        "M": src.total_tasks,
+        "shard": [lo, lo + src.num_tasks],
+        "first_chunk": None if first is None else batch_digest(first),
+    }
+
+
+def is_callable_target(target: Any) -> bool:
+    """A callable ``f(meta_params)`` rather than target tasks."""
+    return callable(target) and not isinstance(target, Sequence)
+
+
+def _target_fingerprint(target: Any, grad_f: Tensor | None) -> dict[str, Any]:
+    if is_callable_target(target):
+        assert grad_f is not None, "a callable target is fingerprinted by its gradient"
+        name = getattr(target, "__qualname__", type(target).__qualname__)
+        return {"callable": name, "grad": digest(grad_f)}
+    return {"tasks": digest(target, strict=False)}
+
+
+def scores_config(
+    problem: Any,
+    pt: BilevelPoint,
+    target: Any,
+    grad_f: Tensor | None,
+    curvature: str,
+    solver: str,
+    solve_damping: float,
+    solver_kwargs: Mapping[str, Any] | None,
+    lanczos_steps: int,
+) -> dict[str, Any]:
+    """The config a removal-effects store is bound to.
+
+    λ*, the tasks (:func:`_tasks_fingerprint`), the chunking, the target (list-like: a digest of
+    its tasks; callable: its name and a digest of ``∇f(λ*)``, passed as ``grad_f``), curvature,
+    solver and its arguments, ``δ'``, the Lanczos steps and the problem's ``repr`` (model type,
+    loss, inner map, damping, ``P``). ``items`` is not part of it: every run stores all three
+    score kinds. A solver argument that cannot be fingerprinted (e.g. a callable) is recorded
+    by its type only: use a new directory when changing it.
+    """
+    kw = {str(k): _plain_or_digest(v) for k, v in dict(solver_kwargs or {}).items()}
+    return {
+        "stage": "removal_effects",
+        "problem": repr(problem),
+        "meta_params": digest(pt.lam),
+        "dtype": str(pt.lam.dtype),
+        "train_tasks": _tasks_fingerprint(pt),
+        "chunk_size": pt.chunk_size,
+        "target": _target_fingerprint(target, grad_f),
+        "curvature": curvature,
+        "solver": solver,
+        "solve_damping": float(solve_damping),
+        "solver_kwargs": kw,
+        "lanczos_steps": int(lanczos_steps),
+    }
+
+
+def _plain_or_digest(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return digest(v, strict=False) or f"<{type(v).__qualname__}>"
+
+
+def open_store(
+    checkpoint_dir: str | os.PathLike, pt: BilevelPoint, config: Mapping[str, Any]
+) -> ProgressStore:
+    """The store (a per-rank subdirectory when the point spans several processes)."""
+    d = Path(checkpoint_dir)
+    world = int(pt.reduce.world)
+    if world > 1:
+        d = d / f"rank{int(getattr(pt.reduce, 'rank', 0))}-of-{world}"
+    return ProgressStore(d, config)
+
+
+def everywhere(pt: BilevelPoint, have: bool) -> bool:
+    """Whether every process ``have``-s a stage (single process: ``have``)."""
+    if pt.reduce.world == 1:
+        return have
+    n = pt.reduce.sum(pt.lam.new_tensor(1.0 if have else 0.0))
+    return int(round(float(n))) == pt.reduce.world
+
+
+# ---- stage (a): the target gradient and the total solve --------------------------------------
+def save_solve(store: ProgressStore, grad_f: Tensor, res: SolveResult) -> None:
+    tensors = {"target_grad": grad_f, "x": res.x, "residual": res.residual}
+    if res.column_converged is not None:
+        tensors["column_converged"] = res.column_converged
+    info: dict[str, Any] = {}
+    for k, v in res.info.items():
+        if isinstance(v, Tensor):
+            tensors[f"info.{k}"] = v
+            continue
+        try:
+            json.dumps(v, allow_nan=True)
+        except (TypeError, ValueError):
+            continue
+        info[k] = v
+    meta = {
+        "iters": int(res.iters),
+        "converged": bool(res.converged),
+        "negative_curvature": bool(res.negative_curvature),
+        "info": info,
+        "info_order": list(res.info),
+    }
+    store.save(SOLVE, tensors, meta)
+
+
+def load_solve(
+    got: tuple[dict[str, Tensor], dict[str, Any]], like: Tensor
+) -> tuple[Tensor, SolveResult]:
+    """``(∇f, SolveResult)`` back from a ``solve`` stage, on ``like``'s device."""
+    t, meta = got
+    dev = like.device
+    tensor_info = {k[5:]: v.to(dev) for k, v in t.items() if k.startswith("info.")}
+    merged = {**meta["info"], **tensor_info}
+    info = {k: merged[k] for k in meta["info_order"] if k in merged}
+    cc = t.get("column_converged")
+    res = SolveResult(
+        x=t["x"].to(dev),
+        iters=int(meta["iters"]),
+        residual=t["residual"].to(dev),
+        converged=bool(meta["converged"]),
+        column_converged=None if cc is None else cc.to(dev),
+        negative_curvature=bool(meta["negative_curvature"]),
+        info=info,
+    )
+    return t["target_grad"].to(dev), res
+
+
+# ---- stage (b): item scores per chunk of tasks -----------------------------------------------
+def chunk_key(start: int, stop: int) -> str:
+    return f"scores-{start:08d}-{stop:08d}"
+
+
+def chunked_item_scores(
+    pt: BilevelPoint,
+    s: Tensor,
+    store: ProgressStore | None,
+) -> Blocks:
+    """:meth:`BilevelPoint.item_scores` chunk by chunk, each chunk saved in / loaded from ``store``.
+
+    A stored chunk is used only when its checksum, the solve ``s`` it was computed with (a
+    digest in its meta) and its shapes (``[k]``, ``[k, n]``, ``[k, m]``, ``λ``'s dtype) match;
+    its engine is then never built (a streamed point does not adapt its tasks).
+    """
+    n, m = pt.item_widths()
+    s_digest = digest(s) if store is not None else None
+    parts: list[Blocks] = []
+    for (lo, hi), build in pt.chunk_engines():
+        key = chunk_key(lo, hi)
+        got = store.get(key) if store is not None else None
+        loaded = None
+        if got is not None and got[1].get("s") == s_digest:
+            loaded = _checked_blocks(got[0], hi - lo, n, m, pt.lam)
+        if loaded is not None:
+            parts.append(loaded)
+            continue
+        t_c, s_c, q_c = pt.chunk_item_scores(build(), s)
+        blocks = (t_c.detach(), s_c.detach(), q_c.detach())
+        if store is not None:
+            names = ("task", "support_point", "query_point")
+            meta = {"start": lo, "stop": hi, "s": s_digest}
+            store.save(key, dict(zip(names, blocks, strict=True)), meta)
+        parts.append(blocks)
+    return pt.cat_items(parts)
+
+
+def _checked_blocks(t: dict[str, Tensor], k: int, n: int, m: int, lam: Tensor) -> Blocks | None:
+    want = {"task": (k,), "support_point": (k, n), "query_point": (k, m)}
+    for name, shape in want.items():
+        x = t.get(name)
+        if x is None or tuple(x.shape) != shape or x.dtype != lam.dtype:
+            return None
+    return tuple(t[name].to(lam.device) for name in want)  # type: ignore[return-value]
+
+
+# ---- stage (c): diagnostics ------------------------------------------------------------------
+def diag_key(diagnostics: bool) -> str:
+    return DIAG if diagnostics else NO_DIAG
+
+
+def save_diagnostics(
+    store: ProgressStore, diagnostics: bool, meta_grad_norm: float, diag: dict[str, Any]
+) -> None:
+    store.save(diag_key(diagnostics), {}, {"meta_grad_norm": meta_grad_norm, "diagnostics": diag})
+
+
+def load_diagnostics(got: tuple[dict[str, Tensor], dict[str, Any]]) -> tuple[float, dict]:
+    meta = got[1]
+    return float(meta["meta_grad_norm"]), dict(meta["diagnostics"])

@@ -1,0 +1,143 @@
+"""Resumable removal effects: SIGKILL mid-run, rerun, identical result, finished chunks (and the
+solve) not recomputed; a streamed rerun does not even build the finished chunks' engines; a
+damaged file is reported and recomputed; a changed configuration is refused."""
+
+from __future__ import annotations
+
+import signal
+import warnings
+
+import pytest
+import torch
+
+import metafluence as mf
+from tests import resume_worker as w
+
+CHUNKS = [0, 2, 4, 6]  # 8 tasks in chunks of 2: logged by their first task
+
+
+def assert_same(a: mf.InfluenceResult, b: mf.InfluenceResult) -> None:
+    assert torch.equal(a.scores, b.scores)
+    for kind in ("support_point", "query_point"):
+        for x, y in zip(a.all_scores[kind], b.all_scores[kind], strict=True):
+            assert torch.equal(x, y)
+    assert torch.equal(a.solve.x, b.solve.x) and torch.equal(a.solve.residual, b.solve.residual)
+    assert (a.solve.iters, a.solve.converged) == (b.solve.iters, b.solve.converged)
+    assert torch.equal(a.target_grad, b.target_grad)
+    assert a.meta_grad_norm == b.meta_grad_norm
+    assert a.diagnostics == b.diagnostics and a.task_ids == b.task_ids
+
+
+def quiet(fn, *args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted, without a progress directory."""
+    return quiet(w.scores, tmp_path_factory.mktemp("ref"), store=False)
+
+
+def test_kill_and_resume_removal_effects(tmp_path, reference):
+    store_dir = tmp_path / "scores"
+
+    def some_chunk_done():
+        return store_dir.is_dir() and any(store_dir.glob("scores-*.safetensors"))
+
+    rc = w.run_and_kill("scores", tmp_path, some_chunk_done, sleep=0.4)
+    assert rc == -signal.SIGKILL
+    assert (store_dir / "solve.safetensors").exists()
+    finished = {int(p.name.split("-")[1]) for p in store_dir.glob("scores-*.safetensors")}
+    assert finished and len(finished) < len(CHUNKS)  # killed mid-way through the scores
+    assert not (store_dir / "diagnostics.safetensors").exists()
+    (tmp_path / "work.log").unlink()
+    resumed = quiet(w.scores, tmp_path)
+    # neither the solve nor a finished chunk was recomputed
+    assert w.work_log(tmp_path) == [f"chunk {k}" for k in CHUNKS if k not in finished]
+    assert_same(resumed, reference)
+    assert (reference.scores != 0).all()
+    (tmp_path / "work.log").unlink()
+    again = quiet(w.scores, tmp_path, items="query_point")  # items may change: nothing redone
+    assert w.work_log(tmp_path) == [] and again.items == "query_point"
+    for x, y in zip(again.scores, reference.all_scores["query_point"], strict=True):
+        assert torch.equal(x, y)
+
+
+def test_streamed_rerun_builds_only_unfinished_engines(tmp_path, reference, monkeypatch):
+    first = quiet(w.scores, tmp_path, streamed=True)
+    assert_same(first, reference)  # streamed = stacked, bit for bit
+    for k in (2, 6):  # as if killed before these chunks were saved
+        (tmp_path / "scores" / f"scores-{k:08d}-{k + 2:08d}.safetensors").unlink()
+    built = []
+    engine = mf.MetaProblem._engine
+
+    def counting(self, batch, lam):
+        built.append(list(batch.ids))
+        return engine(self, batch, lam)
+
+    monkeypatch.setattr(mf.MetaProblem, "_engine", counting)
+    (tmp_path / "work.log").unlink()
+    resumed = quiet(w.scores, tmp_path, streamed=True)
+    assert built == [[2, 3], [6, 7]]  # solve and diagnostics loaded, finished chunks skipped
+    assert w.work_log(tmp_path) == ["chunk 2", "chunk 6"]
+    assert_same(resumed, reference)
+
+
+def test_damaged_files_are_reported_and_recomputed(tmp_path, reference):
+    quiet(w.scores, tmp_path)
+    d = tmp_path / "scores"
+    chunk = d / "scores-00000004-00000006.safetensors"
+    blob = bytearray(chunk.read_bytes())
+    blob[-1] ^= 0x01
+    chunk.write_bytes(bytes(blob))
+    (tmp_path / "work.log").unlink()
+    with pytest.warns(RuntimeWarning, match=r"scores-00000004-00000006.*corrupt.*not used"):
+        again = w.scores(tmp_path)
+    assert w.work_log(tmp_path) == ["chunk 4"]
+    assert_same(again, reference)
+    assert chunk.with_name(chunk.name + ".corrupt").exists()
+    # a truncated solve: reported, solved again; the chunks match the new s and are kept
+    solve = d / "solve.safetensors"
+    solve.write_bytes(solve.read_bytes()[:100])
+    (tmp_path / "work.log").unlink()
+    with pytest.warns(RuntimeWarning, match=r"solve\.safetensors.*corrupt.*truncated"):
+        again = w.scores(tmp_path)
+    assert w.work_log(tmp_path) == ["solve"]
+    assert_same(again, reference)
+
+
+def test_chunks_of_another_solve_are_not_used(tmp_path, reference):
+    quiet(w.scores, tmp_path)
+    from metafluence._progress import load_tensors, save_tensors
+
+    # a solve file with a different s (as if a rerun had solved to another precision)
+    path = tmp_path / "scores" / "solve.safetensors"
+    tensors, meta = load_tensors(path)
+    tensors["x"] = tensors["x"] * 2
+    save_tensors(path, tensors, meta)
+    (tmp_path / "work.log").unlink()
+    doubled = quiet(w.scores, tmp_path)
+    assert w.work_log(tmp_path) == [f"chunk {k}" for k in CHUNKS]  # all recomputed with 2 s
+    assert torch.allclose(doubled.scores, 2 * reference.scores, rtol=1e-5, atol=1e-7)
+
+
+def test_changed_configuration_is_refused(tmp_path):
+    quiet(w.scores, tmp_path)
+    with pytest.raises(ValueError, match="differing keys: solve_damping"):
+        w.scores(tmp_path, solve_damping=0.2)
+    with pytest.raises(ValueError, match="differing keys: curvature, solver"):
+        w.scores(tmp_path, curvature="gauss_newton", solver="direct")
+    _, prob = w.problem(chunk_size=2)
+    with pytest.raises(ValueError, match=r"differing keys: target\.tasks"):
+        mf.removal_effects(
+            prob,
+            prob.init_params(),
+            w.tasks(8, 0),
+            w.tasks(2, 1),
+            solve_damping=0.3,
+            solver_kwargs={"maxiter": 30},
+            lanczos_steps=5,
+            checkpoint_dir=tmp_path / "scores",
+        )
