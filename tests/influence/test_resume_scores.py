@@ -141,3 +141,21 @@ def test_changed_configuration_is_refused(tmp_path):
             lanczos_steps=5,
             checkpoint_dir=tmp_path / "scores",
         )
+
+
+def test_ranks_keep_own_directories_and_load_only_together(tmp_path):
+    """Under torch.distributed (stubbed: world 2): per-rank subdirectories, and a stage with
+    collectives is loaded only when every rank has it (else all recompute, in lock step)."""
+    from types import SimpleNamespace
+
+    from metafluence.influence import _checkpoint as ck
+
+    def point(rank, other_has):
+        reduce = SimpleNamespace(world=2, rank=rank, sum=lambda t: t + float(other_has))
+        return SimpleNamespace(reduce=reduce, lam=torch.zeros(3))
+
+    store = ck.open_store(tmp_path, point(1, True), {"x": 1})
+    assert store.directory == tmp_path / "rank1-of-2"
+    assert ck.everywhere(point(0, True), True)
+    assert not ck.everywhere(point(0, False), True)
+    assert not ck.everywhere(point(0, True), False)
