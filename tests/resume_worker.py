@@ -94,7 +94,12 @@ class Dataset:
 
 
 def scores(
-    directory: Path, sleep: float = 0.0, streamed: bool = False, store: bool = True, **kw
+    directory: Path,
+    sleep: float = 0.0,
+    streamed: bool = False,
+    store: bool = True,
+    target=None,
+    **kw,
 ) -> mf.InfluenceResult:
     """Resumable removal effects, 8 tasks in chunks of 2; logs ``solve`` per total solve and
     ``chunk <first task>`` per chunk of scores computed (before it is saved)."""
@@ -128,7 +133,7 @@ def scores(
             prob,
             prob.init_params(),
             train,
-            tasks(3, 1),
+            tasks(3, 1) if target is None else target,
             checkpoint_dir=directory / "scores" if store else None,
             **args,
         )

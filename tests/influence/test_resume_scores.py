@@ -120,6 +120,7 @@ def test_chunks_of_another_solve_are_not_used(tmp_path, reference):
     (tmp_path / "work.log").unlink()
     doubled = quiet(w.scores, tmp_path)
     assert w.work_log(tmp_path) == [f"chunk {k}" for k in CHUNKS]  # all recomputed with 2 s
+    assert doubled.diagnostics["solve_converged"] == reference.diagnostics["solve_converged"]
     assert torch.allclose(doubled.scores, 2 * reference.scores, rtol=1e-5, atol=1e-7)
 
 
@@ -141,6 +142,23 @@ def test_changed_configuration_is_refused(tmp_path):
             lanczos_steps=5,
             checkpoint_dir=tmp_path / "scores",
         )
+
+
+def test_callable_target_is_fingerprinted_by_its_gradient(tmp_path, reference):
+    def target(params):
+        return sum((v**2).sum() for v in params.values())
+
+    def other(params):
+        return sum(v.sum() for v in params.values())
+
+    first = quiet(w.scores, tmp_path, target=target)
+    (tmp_path / "work.log").unlink()
+    again = quiet(w.scores, tmp_path, target=target)
+    assert w.work_log(tmp_path) == []  # solve and every chunk loaded
+    assert_same(again, first)
+    assert not torch.equal(first.scores, reference.scores)
+    with pytest.raises(ValueError, match=r"differing keys: target\.callable, target\.grad"):
+        w.scores(tmp_path, target=other)
 
 
 def test_ranks_keep_own_directories_and_load_only_together(tmp_path):

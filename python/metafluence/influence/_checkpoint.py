@@ -231,11 +231,21 @@ def diag_key(diagnostics: bool) -> str:
 
 
 def save_diagnostics(
-    store: ProgressStore, diagnostics: bool, meta_grad_norm: float, diag: dict[str, Any]
+    store: ProgressStore,
+    diagnostics: bool,
+    s: Tensor,
+    meta_grad_norm: float,
+    diag: dict[str, Any],
 ) -> None:
-    store.save(diag_key(diagnostics), {}, {"meta_grad_norm": meta_grad_norm, "diagnostics": diag})
+    meta = {"meta_grad_norm": meta_grad_norm, "diagnostics": diag, "s": digest(s)}
+    store.save(diag_key(diagnostics), {}, meta)
 
 
-def load_diagnostics(got: tuple[dict[str, Tensor], dict[str, Any]]) -> tuple[float, dict]:
-    meta = got[1]
-    return float(meta["meta_grad_norm"]), dict(meta["diagnostics"])
+def load_diagnostics(
+    store: ProgressStore, diagnostics: bool, s: Tensor
+) -> tuple[float, dict[str, Any]] | None:
+    """``(‖∇F(λ*)‖, diagnostics)`` if stored for this solve ``s`` (they report its health)."""
+    got = store.get(diag_key(diagnostics))
+    if got is None or got[1].get("s") != digest(s):
+        return None
+    return float(got[1]["meta_grad_norm"]), dict(got[1]["diagnostics"])

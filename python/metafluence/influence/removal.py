@@ -297,16 +297,15 @@ def removal_effects(
     }
 
     # (c) diagnostics
-    key = ck.diag_key(diagnostics)
-    got = store.get(key) if store is not None else None
-    if store is not None and ck.everywhere(pt, got is not None) and got is not None:
-        meta_grad_norm, diag = ck.load_diagnostics(got)
+    stored = ck.load_diagnostics(store, diagnostics, res.x) if store is not None else None
+    if store is not None and ck.everywhere(pt, stored is not None) and stored is not None:
+        meta_grad_norm, diag = stored
     else:
         meta_grad_norm, diag = _diagnostics(
             pt, res, curvature, solve_damping, diagnostics, lanczos_steps
         )
         if store is not None:
-            ck.save_diagnostics(store, diagnostics, meta_grad_norm, diag)
+            ck.save_diagnostics(store, diagnostics, res.x, meta_grad_norm, diag)
             store.complete({"M": len(pt.ids)})
     for note in diag["notes"]:
         warnings.warn(note, UserWarning, stacklevel=2)
