@@ -18,10 +18,12 @@ exception) and one line naming its rank and error.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
 import tempfile
+import time
 import traceback
 import uuid
 from collections.abc import Sequence
@@ -43,23 +45,41 @@ def in_worker() -> bool:
 def _entry(target: str, argv: list[str]) -> None:
     """Worker body: ``module:function(argv)``; a non-zero return becomes the exit code.
 
-    An uncaught exception's traceback and a one-line summary are written to
-    ``$METAFLUENCE_LAUNCH_ERRORS/rank<r>.txt`` and ``.msg`` (the spawned process would otherwise
-    only hand them to the agent's log) and the exception is re-raised.
+    A failure (an uncaught exception or a non-zero return) is recorded in
+    ``$METAFLUENCE_LAUNCH_ERRORS/rank<r>.json`` — when (``time.time_ns``), a one-line message
+    and the traceback — before the worker exits: the spawned process would otherwise only hand
+    it to the agent's log, and the times tell the first failure (the root cause) from the
+    errors it causes in the other ranks (a collective whose peer went away).
     """
     try:
         mod, _, fn = target.partition(":")
         rc = getattr(importlib.import_module(mod), fn)(argv)
     except Exception as e:
-        folder = os.environ.get(_ERRORS_ENV)
-        if folder:
-            path = Path(folder) / f"rank{os.environ.get('RANK', '0')}"
-            path.with_suffix(".txt").write_text(traceback.format_exc())
-            first = (str(e).strip().splitlines() or [""])[0]
-            path.with_suffix(".msg").write_text(f"{type(e).__name__}: {first}".rstrip(": "))
+        first = (str(e).strip().splitlines() or [""])[0]
+        _record(f"{type(e).__name__}: {first}".rstrip(": "), traceback.format_exc())
         raise
     if rc:
+        _record(f"returned {int(rc)}", None)
         raise SystemExit(int(rc))
+
+
+def _record(message: str, tb: str | None) -> None:
+    folder = os.environ.get(_ERRORS_ENV)
+    if folder:
+        rec = {"time_ns": time.time_ns(), "message": message, "traceback": tb}
+        (Path(folder) / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(rec))
+
+
+def _root_cause(folder: str, first: int) -> tuple[int, dict[int, dict]]:
+    """``(rank that failed first, {rank: record})`` from the workers' failure records.
+
+    ``first`` (the agent's first failure) is the answer when no worker left a record (e.g. it
+    was killed by a signal).
+    """
+    recs = {int(f.stem[4:]): json.loads(f.read_text()) for f in Path(folder).glob("rank*.json")}
+    if not recs:
+        return first, recs
+    return min(recs, key=lambda r: recs[r]["time_ns"]), recs
 
 
 def launch(argv: Sequence[str], nproc: int, target: str = "metafluence.cli:main") -> int:
@@ -68,7 +88,8 @@ def launch(argv: Sequence[str], nproc: int, target: str = "metafluence.cli:main"
     Args:
         argv: arguments passed to ``target`` in every worker (the same in all).
         nproc: number of workers (``>= 1``); rank ``r`` gets ``RANK=LOCAL_RANK=r``,
-            ``WORLD_SIZE=nproc`` and a loopback ``MASTER_ADDR``/``MASTER_PORT``.
+            ``WORLD_SIZE=nproc`` and the ``MASTER_ADDR``/``MASTER_PORT`` of the agent's local
+            store.
         target: ``"module:function"``, importable in a fresh interpreter (workers are spawned);
             the function takes the argument list and returns an exit code (``None``/0: success).
 
@@ -96,31 +117,36 @@ def launch(argv: Sequence[str], nproc: int, target: str = "metafluence.cli:main"
         start_method="spawn",
     )
     quiet = "LOGLEVEL" not in os.environ
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", _ERRORS_ENV)}
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME", _ERRORS_ENV)}
     with tempfile.TemporaryDirectory(prefix="metafluence-launch-") as errors:
         # like torchrun: one OpenMP thread per worker unless the user chose a value
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+        if sys.platform.startswith("linux"):  # all workers are local: gloo over loopback
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ[_ERRORS_ENV] = errors
+        was_disabled = logging.root.manager.disable
         if quiet:
             logging.disable(logging.CRITICAL)
         try:
             elastic_launch(config, _entry)(target, list(argv))
         except ChildFailedError as e:
-            rank, failure = e.get_first_failure()
-            code = failure.exitcode
-            tb = Path(errors) / f"rank{rank}.txt"
-            why = ""
-            if tb.is_file():
-                sys.stderr.write(f"metafluence: traceback of worker rank {rank}:\n{tb.read_text()}")
-                why = ": " + tb.with_suffix(".msg").read_text()
+            rank, recs = _root_cause(errors, e.get_first_failure()[0])
+            code = e.failures[rank].exitcode if rank in e.failures else 1
+            rec = recs.get(rank, {})
+            if rec.get("traceback"):
+                sys.stderr.write(f"metafluence: traceback of worker rank {rank}:\n")
+                sys.stderr.write(rec["traceback"])
+            why = f": {rec['message']}" if rec.get("traceback") else ""
+            later = [f"rank {r}: {recs[r]['message'][:100]}" for r in sorted(recs) if r != rank]
             print(
-                f"metafluence: worker rank {rank} of {nproc} failed (exit code {code}){why}; "
-                "the other workers were stopped",
+                f"metafluence: worker rank {rank} of {nproc} failed first (exit code {code}){why};"
+                " the other workers were stopped"
+                + (f" (later failures: {'; '.join(later)})" if later else ""),
                 file=sys.stderr,
             )
             return 128 - code if code < 0 else (code or 1)
         finally:
-            logging.disable(logging.NOTSET)
+            logging.disable(was_disabled)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)

@@ -156,7 +156,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """Run the job; returns the summary dict (also written to ``summary.json``).
 
     Inside a ``torchrun``-style worker (``RANK``/``WORLD_SIZE`` set) it initialises
-    ``torch.distributed`` if needed (and tears it down again at the end if it did) and runs
+    ``torch.distributed`` if needed (and tears it down again after a success if it did) and runs
     sharded; every rank returns the same summary, rank 0 writes the files.
     """
     import torch.distributed as dist
@@ -166,11 +166,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     owned = not (dist.is_available() and dist.is_initialized())
     rank, world = mfd.init_from_env(_backend(cfg.device))
     owned = owned and dist.is_initialized()
-    try:
-        return _run(cfg, rank, world)
-    finally:
-        if owned:
-            dist.destroy_process_group()
+    summary = _run(cfg, rank, world)
+    # not on an error: the group stays up until the process exits, so the other ranks see the
+    # connection go only after this rank's error is recorded (the launcher blames the first)
+    if owned:
+        dist.destroy_process_group()
+    return summary
 
 
 def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
@@ -382,7 +383,7 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
                 "train_history": history,
             }
             summary["stage_seconds"] = dict(stages.times)
-            summary["processes"] = world
+            summary["processes"] = getattr(problem, "world", 1)  # ranks sharing the tasks
             if lead:
                 write_report(
                     out,
