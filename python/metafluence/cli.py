@@ -157,6 +157,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return 2
         where = f" (rank {os.environ['RANK']})" if world > 1 else ""
     elif args.nproc > 1:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if torch.device(args.device).type == "cuda" and gpus < args.nproc:
+            print(
+                f"metafluence run: error: --nproc {args.nproc} with --device {args.device} needs "
+                f"one GPU per worker; {gpus} visible",
+                file=sys.stderr,
+            )
+            return 2
         # the same command line in every worker; there in_worker() is true and --nproc is ignored
         return launch(args.argv, args.nproc)
     cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__})

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from metafluence import cli
 from metafluence.distributed.launch import in_worker, launch
@@ -164,6 +165,9 @@ def test_launch_bad_arguments():
 def test_nproc_checks(tmp_path, monkeypatch, capsys):
     assert cli.main([*RUN, "--out", str(tmp_path), "--nproc", "0"]) == 2
     assert "--nproc 0: expected >= 1" in capsys.readouterr().err
+    if torch.cuda.device_count() < 64:
+        assert cli.main([*RUN, "--out", str(tmp_path), "--nproc", "64", "--device", "cuda"]) == 2
+        assert "needs one GPU per worker" in capsys.readouterr().err
     for k, v in {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(k, v)
     assert cli.main([*RUN, "--out", str(tmp_path), "--nproc", "2"]) == 2
