@@ -148,6 +148,14 @@ def evaluate(problem, meta_params, tasks) -> dict[str, float]:
     return {"loss": float(losses.mean()), "accuracy": correct / max(1, total)}
 
 
+def _messages(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The warnings about the run; deprecations of libraries are left out (they are raised once
+    per process, on the first import that triggers them, so they would make the summary depend
+    on what ran earlier in the process)."""
+    skip = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+    return [str(w.message) for w in caught if not issubclass(w.category, skip)]
+
+
 def _backend(device: str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
@@ -268,7 +276,7 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
                 solver_kwargs={"maxiter": cfg.maxiter} if cfg.solver in ("cg", "neumann") else {},
                 lanczos_steps=10,
             )
-            caught += [str(w.message) for w in wlist]
+            caught += _messages(wlist)
         with stages("detection"):
             task_all = res.all_scores["task"]
             assert isinstance(task_all, torch.Tensor)
@@ -307,7 +315,7 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
                 solve_damping=cfg.solve_damping,
                 solver_kwargs={"maxiter": cfg.maxiter} if cfg.solver in ("cg", "neumann") else {},
             )
-            caught += [str(w.message) for w in wlist]
+            caught += _messages(wlist)
         with stages("retrain"):
             keep = [t for i, t in enumerate(tasks) if i not in set(removed)]
             retrained = mf.train.meta_train(
