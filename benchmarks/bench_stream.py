@@ -18,7 +18,7 @@ Recorded per M: wall time of the source and of ``removal_effects``, time per tas
 (peak − baseline), the number of passes over the tasks (dataset reads / M) and the memory the M
 stacked tasks would take (``stacked_mb``). Target (issue #7): peak RSS ≤ 2 GB beyond the dataset
 at M = 10⁵, time linear in M. Appends rows to ``benchmarks/results/stream.csv``; ``--plot``
-writes ``stream.png`` (time/task and RSS vs M) from the CSV rows of this commit.
+writes ``stream.png`` (time/task and RSS vs M) from the last CSV row of each M.
 
     python benchmarks/bench_stream.py [--tasks 1000 10000 100000] [--chunk 500] [--plot]
 """
@@ -152,8 +152,8 @@ def plot(csv_path: Path, out: Path) -> None:
 
     with csv_path.open() as f:
         rows = list(csv.DictReader(f))
-    commit = rows[-1]["commit"]
-    rows = sorted((r for r in rows if r["commit"] == commit), key=lambda r: int(r["M"]))
+    latest = {int(r["M"]): r for r in rows}  # the last row of each M
+    rows = [latest[M] for M in sorted(latest)]
     Ms = [int(r["M"]) for r in rows]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
     ax[0].plot(Ms, [float(r["ms_per_task"]) for r in rows], "o-")
@@ -165,7 +165,8 @@ def plot(csv_path: Path, out: Path) -> None:
     ax[1].axhline(2048, color="r", lw=0.8, ls="--", label="2 GB target")
     ax[1].set(xscale="log", yscale="log", xlabel="M tasks", ylabel="MiB", title="memory")
     ax[1].legend(fontsize=7)
-    fig.suptitle(f"streamed removal_effects, glyph tasks ({commit})", fontsize=9)
+    when = ", ".join(sorted({r["date"][:16] for r in rows}))
+    fig.suptitle(f"streamed removal_effects, glyph tasks ({when})", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
