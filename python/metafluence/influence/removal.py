@@ -35,6 +35,7 @@ from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
 from ..bilevel.tasks import item_masks
 from ..solvers import SolveResult, get_solver, lanczos_extreme_eigenvalues
 from . import _checkpoint as ck
+from .query import QUERY_METHODS, query_point_scores
 
 ITEMS = ("task", "support_point", "query_point")
 TargetLike = TasksLike | Callable[[dict[str, Tensor]], Tensor]
@@ -229,6 +230,7 @@ def removal_effects(
     lanczos_steps: int = 20,
     task_weight: Tensor | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    query_method: str = "mixed",
 ) -> InfluenceResult:
     """Predicted change of ``target`` when each item is removed (math.md §3 sign convention).
 
@@ -251,11 +253,26 @@ def removal_effects(
             file is reported (``RuntimeWarning`` naming it) and recomputed; different inputs
             (λ*, tasks, target, curvature, solver, ...) raise ``ValueError`` naming the keys.
             ``items`` may change between reruns (all three kinds are stored).
+        query_method: ``"mixed"`` (one exact mixed product per chunk gives all three kinds),
+            or, for ``items="task"|"query_point"``, ``"psg"`` (fused per-sample-gradient dots,
+            :func:`metafluence.influence.query.query_point_scores`) or ``"jvp"`` (its
+            task-batched forward-mode twin): query-point scores ``v_kq (c_k/m) ⟨Θ_λ,k s,
+            ∇_Θ ℓ(z_q; Θ_k)⟩`` without the second-order pass, task scores as their row sums;
+            ``all_scores["support_point"]`` is then None (not computed).
 
     Cost: one solve with ``H`` (shared by every item), one mixed HVP for all scores, and
     ``lanczos_steps`` HVPs for the diagnostics.
     """
     _check_items(items)
+    if query_method not in ("mixed", *QUERY_METHODS):
+        raise ValueError(
+            f"query_method={query_method!r}: expected 'mixed' or one of {QUERY_METHODS}"
+        )
+    if query_method != "mixed" and (items == "support_point" or checkpoint_dir is not None):
+        raise ValueError(
+            f"query_method={query_method!r} serves items='task'/'query_point' without "
+            "checkpoint_dir; support-point scores and checkpoints use query_method='mixed'"
+        )
     pt = problem.point(meta_params, train_tasks, task_weight)
     store = None
     grad_f: Tensor | None = None
@@ -289,10 +306,18 @@ def removal_effects(
             ck.save_solve(store, grad_f, res)
 
     # (b) every item's score: one mixed product per chunk of tasks
-    t_sc, s_sc, q_sc = ck.chunked_item_scores(pt, res.x.detach(), store)
+    if query_method == "mixed":
+        t_sc, s_sc, q_sc = ck.chunked_item_scores(pt, res.x.detach(), store)
+        support: list[Tensor] | None = list(s_sc.unbind(0))
+    else:
+        s_vec = res.x.detach()
+        q_parts = [query_point_scores(problem, e, s_vec, query_method) for e in pt.engines]
+        q_local = torch.cat(q_parts) if q_parts else s_vec.new_zeros(0, pt.item_widths()[1])
+        q_sc = pt.reduce.cat(q_local.detach())
+        t_sc, support = q_sc.sum(1), None
     all_scores: dict[str, Any] = {
         "task": t_sc,
-        "support_point": list(s_sc.unbind(0)),
+        "support_point": support,
         "query_point": list(q_sc.unbind(0)),
     }
 
