@@ -63,7 +63,7 @@ def uses_batch_statistics(model: nn.Module) -> bool:
 
 
 # ---- validation ----------------------------------------------------------------------------------
-def _check(model: Any, params: Any, x: Any) -> None:
+def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model)}")
     if not isinstance(params, Mapping) or not params:
@@ -79,6 +79,28 @@ def _check(model: Any, params: Any, x: Any) -> None:
             )
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError("x must be a tensor [N, ...] with the batch in dim 0")
+    for k, v in params.items():
+        if v.device != x.device:
+            raise ValueError(f"params[{k!r}] is on {v.device} but x is on {x.device}")
+    if y is None:
+        return
+    if not isinstance(y, Tensor) or y.dim() < 1:
+        raise ValueError("y must be a tensor [N, ...] with the batch in dim 0")
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} samples but x has {x.shape[0]}")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} but x is on {x.device}")
+    stateful = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if loss == "cross_entropy" and not y.is_floating_point() and bool((y < 0).any()):
+        raise ValueError(f"y has label {int(y[y < 0][0])} < 0")
+    if loss == "cross_entropy" and not y.is_floating_point() and y.numel() and not stateful:
+        with torch.no_grad():  # a 1-sample probe for the class count (no running statistics)
+            n_out = torch.func.functional_call(model, dict(params), (x[:1],)).shape[-1]
+        bad = (y < 0) | (y >= n_out)
+        if bool(bad.any()):
+            raise ValueError(
+                f"y has label {int(y[bad][0])} outside [0, {n_out}) (the model has {n_out} outputs)"
+            )
 
 
 def _check_vectors(params: Mapping[str, Tensor], vectors: Any) -> int:
@@ -300,7 +322,7 @@ def per_sample_grads(
     Returns:
         ``{name: [N, *shape]}`` (detached), same dtype as the parameters.
     """
-    _check(model, params, x)
+    _check(model, params, x, y, loss)
     loss_fn = resolve_loss(loss)
     how = _method(model, method)
     n = x.shape[0]
@@ -334,7 +356,7 @@ def _reduce(
     method: Method,
     vectors: Mapping[str, Tensor] | None,
 ) -> Tensor:
-    _check(model, params, x)
+    _check(model, params, x, y, loss)
     loss_fn = resolve_loss(loss)
     m = _check_vectors(params, vectors) if vectors is not None else 0
     how = _method(model, method)
