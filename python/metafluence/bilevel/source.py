@@ -209,8 +209,12 @@ class TaskSource:
             part = list(itertools.islice(it, min(size, self._hi - lo)))
             if not part:
                 raise ValueError(f"train_tasks ended after {lo} tasks; expected {self._hi}")
-            yield self._stack(part, lo, dtype, device)
-            lo += len(part)
+            n = len(part)
+            batch = self._stack(part, lo, dtype, device)
+            del part  # only one chunk of drawn tasks alive at a time
+            yield batch
+            del batch
+            lo += n
 
     def select(
         self, index: Sequence[int], dtype: torch.dtype | None = None, device: Any = None
