@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from .._progress import atomic_write_bytes
+
 INNERS = ("anil", "anil-implicit", "maml", "imaml")
 
 
@@ -200,6 +202,8 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
     out = Path(cfg.out) / cfg.run_name()
     if lead:
         out.mkdir(parents=True, exist_ok=True)
+        # summary.json marks a finished run: a stale one must not vouch for new partial files
+        (out / "summary.json").unlink(missing_ok=True)
     quiet = cfg.quiet or not lead
     stages = _Stages(quiet, 7)
     progress = not quiet
@@ -410,7 +414,6 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
     summary["out"] = str(out)
     if not lead:
         return summary
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     # the report files carry the stage times known when they were written; add the total
     procs = f"{world} processes, " if world > 1 else ""
     with open(out / "report.md", "a") as fh:
@@ -418,4 +421,6 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
             f"\nTotal wall time: {summary['wall_seconds']:.1f} s ({procs}{os.cpu_count()} CPU "
             f"cores visible, torch threads {torch.get_num_threads()}).\n"
         )
+    # written last and atomically: its presence means every other file is complete
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=str).encode())
     return summary
