@@ -165,9 +165,7 @@ class BilevelPoint:
             assert self.source is not None
             dt, dev = self.lam.dtype, self.lam.device
             parts = [b.weights() for b in self.source.chunks(self.chunk_size, dt, dev)]
-        return tuple(  # type: ignore[return-value]
-            self.reduce.cat(self._local_cat([p[i] for p in parts], i)) for i in range(3)
-        )
+        return self.cat_items(parts)
 
     def _local_cat(self, parts: list[Tensor], block: int) -> Tensor:
         if parts:
@@ -236,10 +234,7 @@ class BilevelPoint:
 
     def meta_grad(self) -> Tensor:
         """``∇F(λ) = Σ_i c_i g_i + δλ`` ``[P]``."""
-        g = torch.zeros_like(self.lam)
-        for e in self.engines:
-            g = g + e.grad_all()[0]
-        return self.reduce.sum(g) + self.damping * self.lam
+        return self._sum(lambda e: e.grad_all()[0], self.lam) + self.damping * self.lam
 
     def task_grads(self) -> Tensor:
         """Total gradients ``g_i [M, P]`` (materialised: use only where needed)."""

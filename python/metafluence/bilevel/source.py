@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .tasks import ITEM_KINDS, Task, TaskBatch, item_masks
+from .tasks import Task, TaskBatch, check_items
 
 Removal = tuple[dict[str, list[Any]], float]
 
@@ -151,17 +151,7 @@ class TaskSource:
 
     def reweighted(self, items: Mapping[str, Sequence[Any]], factor: float = 0.0) -> TaskSource:
         """A copy with the weights of ``items`` (global positions) multiplied by ``factor``."""
-        for kind, idx in items.items():
-            if kind not in ITEM_KINDS:
-                raise ValueError(f"item kind {kind!r}: expected one of {ITEM_KINDS}")
-            for e in idx:
-                k = int(e) if kind == "task" else int(e[0])
-                j = 0 if kind == "task" else int(e[1])
-                width = {"task": 1, "support_point": self.n_support}.get(kind, self.n_query)
-                if not (0 <= k < self.total_tasks and 0 <= j < width):
-                    raise ValueError(
-                        f"remove[{kind!r}] item {e} outside the {self.total_tasks} tasks"
-                    )
+        check_items(items, self.total_tasks, self.n_support, self.n_query)
         new = self._copy()
         new._removals.append(({k: list(v) for k, v in items.items()}, float(factor)))
         return new
@@ -270,4 +260,4 @@ def concat_batches(parts: Sequence[TaskBatch]) -> TaskBatch:
     )
 
 
-__all__ = ["TaskSource", "concat_batches", "item_masks"]
+__all__ = ["TaskSource", "concat_batches"]

@@ -111,6 +111,13 @@ def item_masks(
     return masks["task"], masks["support_point"], masks["query_point"]
 
 
+def check_items(items: Mapping[str, Sequence[Any]], M: int, n: int, m: int) -> None:
+    """Validate ``items`` (kinds, integer positions, ranges, repeats) for ``M`` tasks with ``n``
+    support and ``m`` query points each, exactly as :func:`item_masks` does."""
+    z = torch.zeros(M, dtype=torch.bool)
+    item_masks(items, z, z.new_zeros(M, n), z.new_zeros(M, m))
+
+
 @dataclass
 class TaskBatch:
     """``M`` tasks stacked: ``xs [M, n, ...]``, ``ys [M, n, ...]``, ``xq [M, m, ...]``, ...

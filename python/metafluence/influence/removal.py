@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..bilevel.point import BilevelPoint, check_curvature
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
-from ..bilevel.tasks import item_masks
+from ..bilevel.tasks import check_items
 from ..solvers import SolveResult, get_solver, lanczos_extreme_eigenvalues
 from . import _checkpoint as ck
 from .query import QUERY_METHODS, query_point_scores
@@ -121,8 +121,6 @@ def _solve(
     check_curvature(curvature)
     if not (float(solve_damping) >= 0 and math.isfinite(float(solve_damping))):
         raise ValueError(f"solve_damping={solve_damping}: expected a finite δ' >= 0")
-    if not bool(torch.isfinite(b).all()):
-        raise ValueError("the right-hand side (target gradient) contains NaN or Inf")
     fn = get_solver(solver)
     # always [k, P]: solvers then apply the operator to all basis/Krylov rows in one batched
     # call (a 1-D b makes them call matvec once per row, i.e. one pass over the tasks each)
@@ -368,9 +366,7 @@ def _diagnostics(
 
 def _checked_removal(pt: BilevelPoint, remove: Mapping[str, Sequence[Any]]) -> dict[str, list]:
     """``remove`` validated against the point's tasks (kinds, ranges) as plain lists."""
-    z = pt.lam.new_zeros(len(pt.ids))
-    n, m = pt.item_widths()
-    item_masks(remove, z, z.new_zeros(z.shape[0], n), z.new_zeros(z.shape[0], m))  # validates
+    check_items(remove, len(pt.ids), *pt.item_widths())
     return {k: list(v) for k, v in remove.items()}
 
 
