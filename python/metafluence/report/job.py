@@ -322,24 +322,13 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
             caught += _messages(wlist)
         with stages("retrain"):
             keep = [t for i, t in enumerate(tasks) if i not in set(removed)]
-            retrained = mf.train.meta_train(
-                problem,
-                model,
-                keep,
-                steps=cfg.retrain_steps,
-                outer_lr=cfg.outer_lr,
-                seed=cfg.seed + 1,
-                optimizer="adam",
-                batch_size=cfg.meta_batch,
-                init=lam,
-                progress=progress,
-            )
-            continued = None
-            if cfg.extra.get("control", True):
-                continued = mf.train.meta_train(
+
+            def warm_retrain(train: list) -> dict:
+                """``retrain_steps`` more Adam steps from λ* (same seed) on ``train``."""
+                return mf.train.meta_train(
                     problem,
                     model,
-                    tasks,
+                    train,
                     steps=cfg.retrain_steps,
                     outer_lr=cfg.outer_lr,
                     seed=cfg.seed + 1,
@@ -348,6 +337,10 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
                     init=lam,
                     progress=progress,
                 )
+
+            retrained = warm_retrain(keep)
+            # control: the same extra steps on all tasks (separates removal from more training)
+            continued = warm_retrain(tasks) if cfg.extra.get("control", True) else None
         with stages("report"):
             models = {"initial": init, "original": lam, "edited": edited, "retrained": retrained}
             if continued is not None:
