@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,8 @@ def worker(rank: int, world: int, store: str, out_dir: str, inner: str, stream: 
         prob = ShardedProblem(build(inner))
         result = compute(prob, stream)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        # no rank tears gloo down while a peer may still read from it
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -99,14 +102,25 @@ def test_two_processes_equal_one(tmp_path, inner, stream):
         pytest.skip("gloo file store on posix only")
     ref = compute(build(inner), stream)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.start_processes(
-        worker,
-        args=(2, str(tmp_path / "store"), str(tmp_path), inner, stream),
-        nprocs=2,
-        start_method="spawn",
-    )
+    for attempt in range(2):
+        run_dir = tmp_path / f"attempt{attempt}"
+        run_dir.mkdir()
+        try:
+            mp.start_processes(
+                worker,
+                args=(2, str(run_dir / "store"), str(run_dir), inner, stream),
+                nprocs=2,
+                start_method="spawn",
+            )
+            break
+        except mp.ProcessExitedException as e:
+            # a worker killed by a signal (gloo's teardown has aborted rarely on loaded CI
+            # machines); a real fault repeats on the second attempt and fails the test
+            if attempt or not e.signal_name:
+                raise
+            warnings.warn(f"retrying after {e}", stacklevel=1)
     for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        got = torch.load(run_dir / f"rank{rank}.pt", weights_only=True)
         assert got.keys() == ref.keys()
         for k, v in ref.items():
             scale = float(v.abs().max()) if v.numel() else 0.0

@@ -180,6 +180,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     # not on an error: the group stays up until the process exits, so the other ranks see the
     # connection go only after this rank's error is recorded (the launcher blames the first)
     if owned:
+        if world > 1:
+            dist.barrier()  # no rank tears gloo down while a peer may still read from it
         dist.destroy_process_group()
     return summary
 
