@@ -10,9 +10,11 @@ For each ``M`` and each training rule:
 
 - tasks: 20% of the ``M`` tasks get deranged support labels (``mf.data.flip_labels``); train
   (``λ*``); score every task with ``mf.removal_effects`` (the job's Gauss–Newton curvature, CG
-  with ``maxiter`` 15, solve damping 1.0, 10 Lanczos steps of diagnostics); remove the 40% most
-  harmful; ``mf.edit`` (one more solve); full retrain without them from the same initialisation
-  and seed with the same rule; warm retrain from ``λ*`` (the job's ``retrain_steps`` Adam steps,
+  with ``maxiter`` 15, solve damping 1.0; ``diagnostics=False``: the scores alone, timed as
+  ``t_score``; at the ``--diag-M`` sizes the job's call with diagnostics — 10 Lanczos steps and
+  the library's defaults — is timed too, as ``t_score_diag``); remove the 40% most harmful;
+  ``mf.edit`` (one more solve); full retrain without them from the same initialisation and seed
+  with the same rule; warm retrain from ``λ*`` (the job's ``retrain_steps`` Adam steps,
   seed + 1, as the job does).
 - support / query points: the clean tasks with 20% of the support points and (independently)
   20% of the query points flipped to another class (``level="point"``): one base training and
@@ -35,9 +37,9 @@ Training rules (``--rules``):
 
 Where the time goes is recorded with each row: ``t_step`` (median seconds per Adam step of the
 full retrain) and ``t_hvp`` (median of 3 Gauss–Newton total-Hessian products over all ``M``
-tasks at ``λ*``); the scores take ``maxiter`` CG products + ``lanczos`` products, the edit another
-``maxiter``. Rows are appended to the CSV after every (rule, M, kind), the plot and README are
-rewritten after every ``M``.
+tasks at ``λ*``); the scores take ``maxiter`` CG products, the edit another ``maxiter``. Rows
+are appended to the CSV after every (rule, M, kind), the plot and README are rewritten after
+every ``M``.
 
     python benchmarks/fidelity_speed.py                      # default (see --help), ≤ 25 min
     python benchmarks/fidelity_speed.py --M 50,100 --rules job,epochs
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import math
 import statistics
 import sys
@@ -92,6 +95,9 @@ COLUMNS = [
     "t_full",
     "t_warm",
     "speedup",
+    "t_score_diag",
+    "speedup_diag",
+    "diag_defaults",
     "t_step",
     "t_hvp",
     "cg_iters",
@@ -126,6 +132,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lanczos-steps", type=int, default=10, help="as the job (diagnostics)")
     p.add_argument("--noise", type=float, default=d.noise, help="fraction flipped")
     p.add_argument("--remove", type=float, default=0.4, help="fraction removed")
+    p.add_argument(
+        "--diag-M",
+        default="50",
+        help="the Ms at which the job's removal_effects call (with diagnostics) is also timed",
+    )
     p.add_argument("--hvp-repeat", type=int, default=3)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=1)
@@ -135,6 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.Ms = [int(x) for x in a.M.split(",") if x]
     a.points_Ms = {int(x) for x in a.points_M.split(",") if x}
+    a.diag_Ms = {int(x) for x in a.diag_M.split(",") if x}
     a.rule_list = [r for r in a.rules.split(",") if r]
     a.kind_list = [k for k in a.kinds.split(",") if k]
     for r in a.rule_list:
@@ -205,7 +217,10 @@ class Setup:
         gaps = [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
         return lam, wall, statistics.median(gaps) if gaps else float("nan")
 
-    def scores(self, lam, tasks, items: str):
+    def scores(self, lam, tasks, items: str, diagnostics: bool = False):
+        """Timed ``removal_effects``: the scores alone (``diagnostics=False``: target gradient,
+        one solve, one mixed product), or the job's call (diagnostics with ``lanczos_steps``
+        and the library's other defaults)."""
         t0 = time.perf_counter()
         res = mf.removal_effects(
             self.problem,
@@ -213,6 +228,7 @@ class Setup:
             tasks,
             target=self.target,
             items=items,
+            diagnostics=diagnostics,
             lanczos_steps=self.a.lanczos_steps,
             **self.solve_kwargs(),
         )
@@ -238,6 +254,18 @@ class Setup:
         """(test accuracy, target loss)."""
         test = evaluate(self.problem, lam, self.test)["accuracy"]
         return test, evaluate(self.problem, lam, self.target)["loss"]
+
+
+def diag_defaults() -> str:
+    """The diagnostics options of the installed ``removal_effects`` left at their defaults by
+    the job's call (they set what ``t_score_diag`` pays for)."""
+    sig = inspect.signature(mf.removal_effects).parameters
+    skip = {"items", "curvature", "solver", "solve_damping", "solver_kwargs", "lanczos_steps"}
+    skip |= {"task_weight", "checkpoint_dir", "target", "diagnostics"}
+    opts = [
+        f"{k}={v.default}" for k, v in sig.items() if v.default is not v.empty and k not in skip
+    ]
+    return "; ".join(opts)
 
 
 def steps_for(a: argparse.Namespace, rule: str, M: int) -> int:
@@ -278,8 +306,9 @@ def outcome(a, M: int, steps: int, res, scores, removed, mask, ev: dict, t: dict
         df_pred=float(scores[removed].sum()),
         df_edit=f_e - f0,
         df_full=f_f - f0,
-        **{"t_warm": NAN, **t},
+        **{"t_warm": NAN, "t_score_diag": NAN, **t},
         speedup=t["t_full"] / (t["t_score"] + t["t_edit"]),
+        speedup_diag=t["t_full"] / (t.get("t_score_diag", NAN) + t["t_edit"]),
         cg_iters=int(torch.as_tensor(res.solve.iters).max()),
     )
 
@@ -292,6 +321,7 @@ def run_tasks(s: Setup, rule: str, M: int, common: dict) -> dict[str, Any]:
     log(f"{rule} M={M} tasks: base training ({steps} steps)")
     lam, t_base, _ = s.train(tasks, steps)
     res, t_score = s.scores(lam, tasks, "task")
+    t_diag = s.scores(lam, tasks, "task", diagnostics=True)[1] if M in a.diag_Ms else NAN
     scores = res.all_scores["task"].double().cpu()
     removed = most_harmful(scores, max(1, min(M - 1, int(round(a.remove * M)))))
     edited, t_edit = s.edit(lam, tasks, {"task": removed})
@@ -302,7 +332,7 @@ def run_tasks(s: Setup, rule: str, M: int, common: dict) -> dict[str, Any]:
     ev = {k: s.evaluate(p) for k, p in (("base", lam), ("edit", edited), ("full", full))}
     ev["warm"] = s.evaluate(warm)
     t = dict(t_base=t_base, t_score=t_score, t_edit=t_edit, t_full=t_full, t_warm=t_warm)
-    t.update(t_step=t_step, t_hvp=s.t_hvp(lam, tasks))
+    t.update(t_step=t_step, t_hvp=s.t_hvp(lam, tasks), t_score_diag=t_diag)
     return dict(common, kind="task", **outcome(a, M, steps, res, scores, removed, mask, ev, t))
 
 
@@ -405,8 +435,9 @@ def readme(rows: list[dict], info: dict, args: argparse.Namespace, wall: float, 
         " t_score | t_edit | t_full | t_warm | speed-up | target met |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    lines = []
-    why = []
+    lines: list[str] = []
+    why: list[str] = []
+    diag: list[str] = []
     done = path.parent / "runs.txt"
     runs = "".join(f"- {ln}" for ln in (done.read_text().splitlines(True) if done.exists() else []))
     if not math.isfinite(wall):
@@ -427,7 +458,13 @@ def readme(rows: list[dict], info: dict, args: argparse.Namespace, wall: float, 
             f" | {r['t_full']:.1f} | {tw} | {r['speedup']:.2f}× (≥ {target:.0f}×)"
             f" | speed {'yes' if ok_s else 'no'}, gap {'yes' if ok_a else 'no'} |"
         )
-        n_hvp = 2 * int(r["cg_iters"]) + int(r["lanczos_steps"])
+        n_hvp = 2 * int(r["cg_iters"])
+        if math.isfinite(r["t_score_diag"]):
+            diag.append(
+                f"| {r['rule']} | {int(r['M'])} | {r['kind']} | {r['t_score']:.1f}"
+                f" | {r['t_score_diag']:.1f} | {r['t_edit']:.1f} | {r['t_full']:.1f}"
+                f" | {r['speedup']:.2f}× | {r['speedup_diag']:.2f}× | {r['diag_defaults']} |"
+            )
         per_task_hvp = r["t_hvp"] / r["M"]
         per_task_grad = r["t_step"] / args.meta_batch
         ratio = per_task_hvp / per_task_grad
@@ -441,6 +478,11 @@ def readme(rows: list[dict], info: dict, args: argparse.Namespace, wall: float, 
     why_head = (
         "| rule | M | kind | t_step | t_hvp | products × t_hvp | t_score + t_edit | r | epochs"
         " | epochs/(n·r) |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    diag_head = (
+        "| rule | M | kind | t_score | t_score with diagnostics | t_edit | t_full | speed-up"
+        " | speed-up with diagnostics | diagnostics defaults |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     text = f"""# Fidelity and speed against retraining on the `metafluence run` problem
 
@@ -458,10 +500,13 @@ damping 1e-3, float32, 1 thread; target = mean query loss of {args.target_tasks}
 test accuracy on {args.eval_tasks} test-split tasks ({args.eval_tasks * 25} query predictions:
 one prediction is {1 / (args.eval_tasks * 25):.4f} of accuracy, and the binomial standard error
 at accuracy 0.5 is {math.sqrt(0.25 / (args.eval_tasks * 25)):.3f}). Scores and edit: Gauss–Newton
-curvature, CG maxiter {args.maxiter}, solve damping 1.0, {args.lanczos_steps} Lanczos steps of
-diagnostics (as the job). {args.noise:.0%} flipped (tasks: deranged support labels; points: 20%
-of support and, independently, 20% of query points flipped, one dataset and one score call for
-both kinds); the {args.remove:.0%} most harmful items of the kind are removed.
+curvature, CG maxiter {args.maxiter}, solve damping 1.0 (as the job). `t_score` times
+`removal_effects(..., diagnostics=False)`: target gradient, one solve, one mixed product — what
+ranking the items needs; the job's call also runs diagnostics ({args.lanczos_steps} Lanczos steps
+and the library's defaults), timed separately as `t_score_diag` (see below). {args.noise:.0%}
+flipped (tasks: deranged support labels; points: 20% of support and, independently, 20% of query
+points flipped, one dataset and one score call for both kinds); the {args.remove:.0%} most
+harmful items of the kind are removed.
 
 Rules: `job` = {args.steps} Adam steps (lr {args.outer_lr}, mini-batches of {args.meta_batch}
 tasks), whatever M; `epochs` = ceil({args.epochs:g}·M/{args.meta_batch}) steps. Stopping rule: the
@@ -476,14 +521,21 @@ Times in seconds, single measurements (t_step and t_hvp are medians).
 ## Where the time goes
 
 Training costs `steps` Adam steps of `t_step` (median), each a meta-gradient over
-{args.meta_batch} tasks. The influence route costs one CG solve plus Lanczos for the scores and
-one more CG solve for the edit: about 2·maxiter + lanczos Gauss–Newton total-Hessian products
-over all M tasks, `t_hvp` each (median of {args.hvp_repeat}), plus the target gradient and one
-mixed product per task. Per task, one product costs `r` = (t_hvp/M)/(t_step/meta_batch) training
-gradients, so the speed-up is at most about epochs / ((2·maxiter + lanczos)·r), where epochs =
-steps·meta_batch/M is how many times training visits each task.
+{args.meta_batch} tasks. The influence route costs one CG solve for the scores and one more for
+the edit: about n = 2·maxiter Gauss–Newton total-Hessian products over all M tasks, `t_hvp` each
+(median of {args.hvp_repeat}), plus the target gradient and one mixed product per task. Per
+task, one product costs `r` = (t_hvp/M)/(t_step/meta_batch) training gradients, so the
+speed-up is at most about epochs / (n·r), where epochs = steps·meta_batch/M is how many times
+training visits each task.
 
 {why_head}{chr(10).join(why)}
+
+## The job's call, with diagnostics
+
+Where measured (`--diag-M`), the job's `removal_effects` call with diagnostics on (Lanczos
+conditioning estimates and, in this library version, the options listed) on the same λ*:
+
+{diag_head}{chr(10).join(diag)}
 """
     path.write_text(text)
 
@@ -525,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         points = [k for k in args.kind_list if k != "task" and M in args.points_Ms]
         for rule in args.rule_list:
             common = dict(rule=rule, M=M, P=int(s.problem.spec.size))
-            common["lanczos_steps"] = args.lanczos_steps
+            common.update(lanczos_steps=args.lanczos_steps, diag_defaults=diag_defaults())
             if "task" in args.kind_list:
                 row = run_tasks(s, rule, M, common)
                 append_csv(csv_path, [ordered(row, args)])

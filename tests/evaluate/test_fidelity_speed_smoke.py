@@ -38,7 +38,8 @@ ALWAYS_FINITE = COLUMNS - {"rule", "kind", "acc_warm", "t_warm"}
 def test_fidelity_speed_smoke(tmp_path: Path) -> None:
     tiny = "--steps 3 --retrain-steps 2 --width 8 --target-tasks 3 --eval-tasks 3"
     tiny += " --maxiter 2 --lanczos-steps 2 --epochs 6 --hvp-repeat 1"
-    cmd = [sys.executable, str(SCRIPT), "--M", "6,10", "--points-M", "6", "--rules", "job,epochs"]
+    cmd = [sys.executable, str(SCRIPT), "--M", "6,10", "--points-M", "6", "--diag-M", "10"]
+    cmd += ["--rules", "job,epochs"]
     cmd += [*tiny.split(), "--out", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=170)
@@ -63,6 +64,9 @@ def test_fidelity_speed_smoke(tmp_path: Path) -> None:
         warm = float(r["acc_warm"]), float(r["t_warm"])
         assert all(map(math.isfinite, warm)) == (r["kind"] == "task")
         M = int(r["M"])
+        # the job's call (with diagnostics) is timed only for tasks at --diag-M
+        diag = float(r["t_score_diag"]), float(r["speedup_diag"])
+        assert all(map(math.isfinite, diag)) == (r["kind"] == "task" and M == 10)
         steps = 3 if r["rule"] == "job" else math.ceil(6 * M / 32)
         assert int(r["steps"]) == steps
         n = {"task": M, "support_point": 5 * M, "query_point": 25 * M}[r["kind"]]
