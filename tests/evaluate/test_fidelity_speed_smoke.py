@@ -23,6 +23,8 @@ COLUMNS = {
     "acc_edit",
     "acc_full",
     "acc_warm",
+    "acc_full_alt",
+    "gap_full_alt",
     "gap_edit_full",
     "t_score",
     "t_edit",
