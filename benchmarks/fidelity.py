@@ -100,7 +100,7 @@ def load_tasks(args, M: int, n_target: int, n_test: int, seed: int):
 
         raw = make(M, seed, 0), make(n_target, seed + 1, 10**6), make(n_test, seed + 2, 2 * 10**6)
     else:
-        ds = mf.data.load(args.data)
+        ds = mf.data.load(args.data, **({"strict": False} if args.subset else {}))
         raw = (
             mf.data.sample_tasks(ds, ways, shots, queries, M, seed=seed, split="train"),
             mf.data.sample_tasks(ds, ways, shots, queries, n_target, seed=seed, split="val"),
@@ -217,6 +217,18 @@ def influence(
     return res, time.perf_counter() - t0
 
 
+def check_columns(diag: dict[str, Any]) -> dict[str, Any]:
+    """The Newton regime check's statistics (influence/regime.py) as table columns."""
+    chk = diag.get("newton_check") or {}
+    res = chk.get("residual") or [float("nan")]
+    return {
+        "newton_shift": chk.get("shift", float("nan")),
+        "newton_scale": chk.get("scale", float("nan")),
+        "newton_expected_spearman": chk.get("expected_spearman", float("nan")),
+        "newton_residual": float(torch.tensor(res).median()),
+    }
+
+
 def method_scores(prob, lam, tasks, target, kind: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     res, t = influence(prob, lam, tasks, target, items=kind, diagnostics=False)
@@ -281,6 +293,9 @@ def protocol_removal(args, kind: str, level: str, where: str):
         t0 = time.perf_counter()
         edited = mf.edit(prob, lam, tasks, remove=remove, solver="direct")
         t_edit = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        edited2 = mf.edit(prob, lam, tasks, remove=remove, solver="direct", newton_steps=2)
+        t_edit2 = time.perf_counter() - t0
         asc = bl.gradient_ascent_unlearn(prob, lam, tasks, remove, steps=5, lr=args.ascent_lr)
         kept = mf.evaluate.group_reweighted(prob.batch(tasks, prob.flat(lam)), remove)
         t0 = time.perf_counter()
@@ -297,6 +312,7 @@ def protocol_removal(args, kind: str, level: str, where: str):
             where=where,
             method=name,
             acc_edit=accuracy(prob, edited, test),
+            acc_edit_newton2=accuracy(prob, edited2, test),
             acc_ascent=accuracy(prob, asc, test),
             acc_warm_retrain=accuracy(prob, warm, test),
             acc_full_retrain=full_acc,
@@ -304,12 +320,14 @@ def protocol_removal(args, kind: str, level: str, where: str):
             t_edit_s=t_edit,
             t_warm_s=t_warm,
             t_full_s=t_full,
+            t_edit_newton2_s=t_edit2,
             speedup_vs_full=(t_full / (t_s + t_edit)) if t_full == t_full else float("nan"),
             removed=len(R),
             removed_flipped=truly,
         )
         log(
-            f"  {name}: edit acc {accuracy(prob, edited, test):.4f} warm "
+            f"  {name}: edit acc {accuracy(prob, edited, test):.4f} "
+            f"(+2 Newton {accuracy(prob, edited2, test):.4f}) warm "
             f"{accuracy(prob, warm, test):.4f} full {full_acc:.4f} (base {base_acc:.4f})"
         )
         checkpoint(args)
@@ -322,14 +340,20 @@ def protocol_removal(args, kind: str, level: str, where: str):
 
 
 # --- (d) ----------------------------------------------------------------------------------------
-def protocol_fidelity(args):
-    log(f"protocol (d): M={args.tasks} tasks, LOO ground truth")
+def d_problem(args):
+    """The (d) problem: M tasks (20% support-flipped), target and test tasks, trained λ*."""
     tasks, target, test = load_tasks(args, args.tasks, args.target, args.test, seed=21)
     tasks, mask = mf.data.flip_labels(
         tasks, fraction=args.flip, level="task", seed=1, where="support", ways=args.ways
     )
     model, prob = build(args, args.hidden, "unrolled", args.damping)
     lam, t_train = train(prob, model, tasks)
+    return tasks, mask, target, test, prob, lam, t_train
+
+
+def protocol_fidelity(args):
+    log(f"protocol (d): M={args.tasks} tasks, LOO ground truth")
+    tasks, mask, target, test, prob, lam, t_train = d_problem(args)
     gn = mf.train.grad_norm(prob, lam, tasks)
     log(f"  trained in {t_train:.1f} s, P={prob.spec.size}, ‖∇F‖={gn:.2e}")
     idx = list(range(len(tasks)))
@@ -369,7 +393,7 @@ def protocol_fidelity(args):
     for curv in args.curvatures.split(","):
         for solver in args.solvers.split(","):
             for dp in (0.0, 0.01, 0.1):
-                kw: dict[str, Any] = {"lanczos_steps": 60}
+                kw: dict[str, Any] = {"lanczos_steps": 60, "newton_check": 8}
                 if solver == "neumann":
                     kw["solver_kwargs"] = {"maxiter": 200}
                 elif solver == "cg":
@@ -400,6 +424,7 @@ def protocol_fidelity(args):
                     "lambda_min": dg.get("lambda_min", float("nan")),
                     "lambda_max": dg.get("lambda_max", float("nan")),
                     "regime": dg.get("regime", ""),
+                    **check_columns(dg),
                 }
                 for tn, tv in truths.items():
                     c = mf.evaluate.correlation(res.scores, tv)
@@ -517,7 +542,13 @@ def protocol_fidelity(args):
         logx=True,
     )
     log("  Neumann ablation done")
-    # points: support and query, against plain LOO and proximal δ'=0.1
+    scat.update(point_fidelity(args, prob, lam, tasks, target))
+
+
+def point_fidelity(args, prob, lam, tasks, target) -> dict[str, tuple]:
+    """Support and query points (``args.points`` random ones of each kind): influence at
+    δ' ∈ {0, 0.01, 0.1} against plain LOO and the proximal response at the same δ'."""
+    scat: dict[str, tuple] = {}
     for kind in ("support_point", "query_point"):
         b = prob.batch(tasks, prob.flat(lam))
         size = b.n_support if kind == "support_point" else b.n_query
@@ -531,28 +562,57 @@ def protocol_fidelity(args):
             )
         ]
         pts = sorted(set(pts))
-        for dp in (0.0, 0.1):
+        for dp in (0.0, 0.01, 0.1):
             rt = None if dp == 0 else mf.evaluate.newton_retrain(prob, proximal=dp)
+            t0 = time.perf_counter()
             tv = mf.evaluate.leave_one_out(
                 prob, lam, tasks, target, items=kind, indices=pts, retrain=rt
             )
-            res = influence(
-                prob, lam, tasks, target, items=kind, solve_damping=dp, diagnostics=False
-            )[0]
-            pred = torch.stack([res.scores[k][j] for k, j in pts])
-            c = mf.evaluate.correlation(pred, tv)
-            rec(
-                "points",
-                kind=kind,
-                n=len(pts),
-                truth="plain" if dp == 0 else f"proximal δ'={dp}",
-                spearman=c["spearman"],
-                pearson=c["pearson"],
-                rel_error=c["rel_error"],
-            )
-            if dp == 0.1:
-                scat[f"{kind} δ'=0.1"] = (pred, tv)
+            t_loo = time.perf_counter() - t0
+            # query points are linear in their weights: the exact response is the same
+            for resp in ("linear", "exact") if kind == "support_point" else ("linear",):
+                res, t_inf = influence(
+                    prob,
+                    lam,
+                    tasks,
+                    target,
+                    items=kind,
+                    solve_damping=dp,
+                    support_response=resp,
+                    newton_check=8,
+                    lanczos_steps=20,
+                )
+                pred = torch.stack([res.scores[k][j] for k, j in pts])
+                c = mf.evaluate.correlation(pred, tv)
+                rec(
+                    "points",
+                    kind=kind,
+                    response=resp,
+                    n=len(pts),
+                    truth="plain" if dp == 0 else f"proximal δ'={dp}",
+                    spearman=c["spearman"],
+                    pearson=c["pearson"],
+                    rel_error=c["rel_error"],
+                    **check_columns(res.diagnostics),
+                    regime=res.diagnostics.get("regime"),
+                    t_retrain_per_point_s=t_loo / len(pts),
+                    t_influence_all_points_s=t_inf,
+                    n_points_scored=sum(len(r) for r in res.scores),
+                )
+                log(f"  {kind} {resp} δ'={dp}: ρ={c['spearman']:.3f} (n={len(pts)})")
+                if dp == 0.1:
+                    scat[f"{kind} {resp} δ'=0.1"] = (pred, tv)
+            checkpoint(args)
     log("  point fidelity done")
+    return scat
+
+
+def protocol_points(args):
+    """Point-level fidelity alone, on the (d) problem (same tasks, flips and λ*)."""
+    log(f"points: M={args.tasks} tasks, {args.points} random points of each kind")
+    tasks, _, target, _, prob, lam, t_train = d_problem(args)
+    log(f"  trained in {t_train:.1f} s, P={prob.spec.size}")
+    point_fidelity(args, prob, lam, tasks, target)
 
 
 # --- Newton-type corrections per removed item ---------------------------------------------------
@@ -667,7 +727,7 @@ def map_cell(args, inner, width, M, damping, tasks, target) -> None:
         indices=idx,
         retrain=mf.evaluate.newton_retrain(prob, proximal=0.1),
     )
-    r0, t0 = influence(prob, lam, tasks, target, lanczos_steps=40)
+    r0, t0 = influence(prob, lam, tasks, target, lanczos_steps=40, newton_check=8)
     r1, _ = influence(prob, lam, tasks, target, solve_damping=0.1, diagnostics=False)
     t1 = time.perf_counter()
     mf.edit(prob, lam, tasks, remove={"task": idx[:1]}, solver="direct")
@@ -684,6 +744,8 @@ def map_cell(args, inner, width, M, damping, tasks, target) -> None:
         lambda_min=r0.diagnostics["lambda_min"],
         lambda_max=r0.diagnostics["lambda_max"],
         regime=r0.diagnostics["regime"],
+        condition=r0.diagnostics.get("condition", float("nan")),
+        **check_columns(r0.diagnostics),
         spearman_plain=mf.evaluate.correlation(s0, plain)["spearman"],
         relerr_plain=mf.evaluate.correlation(s0, plain)["rel_error"],
         spearman_prox01=mf.evaluate.correlation(s1, prox)["spearman"],
@@ -772,7 +834,10 @@ def write(args, wall: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default="glyphs", help="glyphs | synthetic | kind:path")
+    ap.add_argument("--data", default="glyphs", help="glyphs | synthetic | toy | kind:path")
+    ap.add_argument(
+        "--subset", action="store_true", help="kind:path holds part of the dataset (strict=False)"
+    )
     ap.add_argument("--tasks", type=int, default=50)
     ap.add_argument("--target", type=int, default=20)
     ap.add_argument("--test", type=int, default=50)
@@ -817,6 +882,7 @@ def main() -> None:
         ("a", lambda: protocol_removal(args, "task", "task", "support")),
         ("aq", lambda: protocol_removal(args, "task", "task", "query")),
         ("corr", lambda: protocol_corrections(args)),
+        ("points", lambda: protocol_points(args)),
         ("b", lambda: protocol_removal(args, "support_point", "point", "support")),
         ("b", lambda: protocol_removal(args, "query_point", "point", "query")),
         ("map", lambda: protocol_map(args)),

@@ -99,6 +99,7 @@ def test_point_scores_param_influence(setup):
         tasks,
         remove={"support_point": [(2, 4)], "query_point": [(7, 1)]},
         solver="direct",
+        support_response="linear",  # the weight derivative (default for support: the exact change)
     )
     assert rel(prob.spec.flatten(delta), torch.linalg.solve(H, b)) < 1e-8
 

@@ -20,18 +20,10 @@ from .._progress import ProgressStore, digest, map_chunks
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
 from ..bilevel.source import TaskSource
 from ..bilevel.tasks import Task, TaskBatch
-from ..influence.removal import ITEMS, TargetLike
+from ..influence.removal import ITEMS, TargetLike, target_value
 from ..train.meta_train import newton_refine, progress_bar
 
 Retrain = Callable[[TaskBatch | TaskSource, dict[str, Tensor]], dict[str, Tensor]]
-
-
-def target_value(problem: MetaProblem, meta_params: ParamsLike, target: TargetLike) -> float:
-    """``f(λ)``: mean post-adaptation query loss of target tasks, or the callable's value."""
-    if callable(target) and not isinstance(target, Sequence):
-        lam = problem.flat(meta_params)
-        return float(target(problem.spec.unflatten(lam)))
-    return float(problem.outer_loss(meta_params, target))
 
 
 def item_index(batch: TaskBatch | TaskSource, items: str) -> list[Any]:

@@ -79,14 +79,16 @@ def scores_config(
     solve_damping: float,
     solver_kwargs: Mapping[str, Any] | None,
     lanczos_steps: int,
+    newton_check: int = 0,
 ) -> dict[str, Any]:
     """The config a removal-effects store is bound to.
 
     λ*, the tasks (:func:`_tasks_fingerprint`), the chunking, the target (list-like: a digest of
     its tasks; callable: its name and a digest of ``∇f(λ*)``, passed as ``grad_f``), curvature,
-    solver and its arguments, ``δ'``, the Lanczos steps and the problem's ``repr`` (model type,
-    loss, inner map, damping, ``P``). ``items`` is not part of it: every run stores all three
-    score kinds. A solver argument that cannot be fingerprinted (e.g. a callable) is recorded
+    solver and its arguments, ``δ'``, the Lanczos steps, the Newton-check size and the
+    problem's ``repr`` (model type, loss, inner map, damping, ``P``). ``items`` is not part of
+    it: every run stores all three score kinds. A solver argument that cannot be fingerprinted
+    (e.g. a callable) is recorded
     by its type only: use a new directory when changing it.
     """
     kw = {str(k): _plain_or_digest(v) for k, v in dict(solver_kwargs or {}).items()}
@@ -103,6 +105,7 @@ def scores_config(
         "solve_damping": float(solve_damping),
         "solver_kwargs": kw,
         "lanczos_steps": int(lanczos_steps),
+        "newton_check": int(newton_check),
     }
 
 

@@ -1,0 +1,230 @@
+"""Exact support-point responses and the Newton regime check (influence/support.py, regime.py)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import metafluence as mf
+from metafluence.bilevel.source import TaskSource
+from metafluence.influence.regime import TRACK_BELOW, checked_items, expected_spearman
+
+from ..distributed.test_sharded import tasks as toy_tasks
+from .closed_form import ClosedForm, make_tasks, problem
+
+D, REG, DAMP = 5, 1.0, 0.01
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def quiet_effects(*args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mf.removal_effects(*args, **kw)
+
+
+@pytest.fixture(scope="module")
+def closed():
+    tasks = make_tasks(12, d=D, seed=1)
+    target = make_tasks(6, d=D, seed=2)
+    cf, cf_t = ClosedForm(tasks, REG, DAMP), ClosedForm(target, REG, 0.0)
+    return tasks, target, cf, cf_t, cf.minimiser()
+
+
+def _without(cf, e):
+    k, j = e
+    W = cf.W.clone()
+    W[k, j] = 0
+    return W
+
+
+def test_exact_support_scores_equal_newton_step_with_exact_gradient(closed):
+    tasks, target, cf, cf_t, lam = closed
+    res = quiet_effects(
+        problem(D, REG, DAMP),
+        lam,
+        tasks,
+        target=target,
+        items="support_point",
+        solver="direct",
+        support_response="exact",
+    )
+    s = torch.linalg.solve(cf.hessian(lam), torch.func.grad(cf_t.F)(lam))
+    got = torch.stack(res.scores)
+    want = torch.zeros_like(got)
+    for k in range(got.shape[0]):
+        for j in range(got.shape[1]):
+            Wk = _without(cf, (k, j))
+            g_without = torch.func.grad(lambda x, W=Wk: cf.F(x, W=W))(lam)
+            want[k, j] = -(s @ g_without)  # Δf ≈ −⟨s, ∇F_{-e}(λ*)⟩, ∇F(λ*) = 0
+    assert rel(got, want) < 1e-8
+    # tasks and query points are linear in their weights: unchanged
+    lin = quiet_effects(problem(D, REG, DAMP), lam, tasks, target=target, solver="direct")
+    assert rel(res.all_scores["task"], lin.all_scores["task"]) < 1e-12
+    assert (
+        rel(torch.stack(res.all_scores["query_point"]), torch.stack(lin.all_scores["query_point"]))
+        < 1e-12
+    )
+
+
+def test_exact_support_response_tracks_retraining_better(closed):
+    """Against actual retraining without each support point (closed-form minimiser)."""
+    tasks, target, cf, cf_t, lam = closed
+    prob = problem(D, REG, DAMP)
+    scores = {
+        r: torch.stack(
+            quiet_effects(
+                prob,
+                lam,
+                tasks,
+                target=target,
+                items="support_point",
+                solver="direct",
+                support_response=r,
+            ).scores
+        )
+        for r in ("linear", "exact")
+    }
+    truth = torch.zeros_like(scores["exact"])
+    lam0 = torch.zeros(D, dtype=torch.float64)
+    for k in range(truth.shape[0]):
+        for j in range(truth.shape[1]):
+            W = _without(cf, (k, j))
+            H = torch.func.hessian(lambda x, W=W: cf.F(x, W=W))(lam0)
+            g0 = torch.func.grad(lambda x, W=W: cf.F(x, W=W))(lam0)
+            truth[k, j] = cf_t.F(torch.linalg.solve(H, -g0)) - cf_t.F(lam)
+    err = {r: rel(v, truth) for r, v in scores.items()}
+    assert err["exact"] < 0.7 * err["linear"], err
+    rho = mf.evaluate.correlation(scores["exact"].flatten(), truth.flatten())["spearman"]
+    assert rho > 0.99, rho
+
+
+def _mlp_problem(inner, damping=1e-1):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    return model, mf.MetaProblem(model, inner=inner, damping=damping, chunk_size=3)
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        mf.inner.Unrolled(steps=2, lr=0.3),
+        mf.inner.Implicit(reg=2.0, steps=5, lr=0.2, newton_steps=8),
+    ],
+    ids=["unrolled", "implicit"],
+)
+def test_exact_support_scores_streamed_and_brute_force(inner):
+    model, prob = _mlp_problem(inner)
+    tr, tg = toy_tasks(7, 0), toy_tasks(3, 9)
+    # any λ will do: both sides use the same solve s (training the implicit map is slow)
+    lam = prob.init_params()
+    kw = dict(
+        target=tg,
+        items="support_point",
+        solver="direct",
+        support_response="exact",
+        diagnostics=False,  # a streamed implicit map re-solves every task on every pass
+    )
+    mem = quiet_effects(prob, lam, tr, **kw)
+    src = quiet_effects(prob, lam, TaskSource(tr), **kw)
+    assert rel(torch.stack(src.scores), torch.stack(mem.scores)) < 1e-10
+    L, s = prob.flat(lam), mem.solve.x
+    base = prob.batch(tr, L)
+    g = prob.point(L, base).meta_grad()
+    for k, j in [(0, 0), (3, 2), (6, 3)]:
+        b = g - prob.point(L, base.reweighted({"support_point": [(k, j)]})).meta_grad()
+        assert abs(float(s @ b) - float(mem.scores[k][j])) <= 1e-10 * float(s.abs().max())
+
+
+def test_checked_items_spread_over_the_ranking():
+    s = torch.tensor([5.0, -1.0, 3.0, 0.0, 2.0])
+    assert checked_items(s, "task", 3) == [1, 4, 0]  # min, median, max
+    assert sorted(checked_items(s, "task", 8)) == [0, 1, 2, 3, 4]
+    assert checked_items(s, "task", 0) == []
+    pts = [torch.tensor([1.0, -2.0]), torch.tensor([0.5, 9.0])]
+    assert checked_items(pts, "support_point", 2) == [(0, 1), (1, 1)]
+
+
+def test_quadratic_problem_is_linear_regime(closed):
+    tasks, target, cf, _, lam = closed
+    res = quiet_effects(
+        problem(D, REG, DAMP), lam, tasks, target=target, solver="direct", newton_check=8
+    )
+    chk = res.diagnostics["newton_check"]
+    assert res.diagnostics["regime"] == "linear"
+    assert len(chk["items"]) == 8 and chk["shift"] < 0.2
+    off = quiet_effects(problem(D, REG, DAMP), lam, tasks, target=target, solver="direct")
+    assert "newton_check" not in off.diagnostics
+    assert off.diagnostics["regime"] == "well_conditioned"
+
+
+def test_newton_check_retrains_like_leave_one_out():
+    """A nonlinear problem (8 tasks: each removal is 1/8 of the data): the check's Newton
+    retrains are closer to actual leave-one-out retraining than first order, and the regime
+    follows its statistic."""
+    model, prob = _mlp_problem(mf.inner.Unrolled(steps=1, lr=0.5), damping=1e-2)
+    tr, tg = toy_tasks(8, 4), toy_tasks(4, 9)
+    lam = mf.train.meta_train(prob, model, tr, steps=300, outer_lr=0.05)
+    lam = mf.train.newton_refine(prob, lam, tr, tol=1e-12, max_steps=40)
+    res = quiet_effects(prob, lam, tr, target=tg, solver="direct", newton_check=8)
+    chk = res.diagnostics["newton_check"]
+    items = chk["items"]
+    truth = mf.evaluate.leave_one_out(prob, lam, tr, tg, indices=items)
+    first = torch.tensor(chk["first_order"], dtype=torch.float64)
+    retrained = torch.tensor(chk["retrained"], dtype=torch.float64)
+    assert torch.allclose(first, res.scores[items], rtol=1e-8, atol=1e-14)
+    # two backtracking Newton steps get most of the way on removals this large
+    assert rel(retrained, truth) < 0.7 * rel(first, truth), (
+        rel(retrained, truth),
+        rel(first, truth),
+    )
+    assert float(torch.tensor(chk["residual"]).median()) < 0.2
+    assert res.diagnostics["lambda_min"] > 0
+    assert chk["nonlinear"] == (chk["expected_spearman"] < TRACK_BELOW)
+    assert res.diagnostics["regime"] == ("nonlinear" if chk["nonlinear"] else "linear")
+
+
+def test_bad_arguments_are_named(closed):
+    tasks, target, _, _, lam = closed
+    with pytest.raises(ValueError, match="support_response"):
+        mf.removal_effects(problem(D, REG, DAMP), lam, tasks, target=target, support_response="x")
+    with pytest.raises(ValueError, match="newton_check"):
+        mf.removal_effects(problem(D, REG, DAMP), lam, tasks, target=target, newton_check=-1)
+
+
+def test_param_influence_support_points_exact_newton_step(closed):
+    tasks, _, cf, _, lam = closed
+    prob = problem(D, REG, DAMP)
+    group = [(0, 1), (3, 2), (3, 4)]
+    W = cf.W.clone()
+    for k, j in group:
+        W[k, j] = 0
+    b = cf.grad(lam) - torch.func.grad(lambda x: cf.F(x, W=W))(lam)
+    want = torch.linalg.solve(cf.hessian(lam), b)
+    got = mf.param_influence(prob, lam, tasks, remove={"support_point": group}, solver="direct")
+    assert rel(prob.spec.flatten(got), want) < 1e-8
+    lin = mf.param_influence(
+        prob,
+        lam,
+        tasks,
+        remove={"support_point": group},
+        solver="direct",
+        support_response="linear",
+    )
+    assert rel(prob.spec.flatten(lin), want) > 1e-3  # the derivative is not the exact change
+    with pytest.raises(ValueError, match="support_response"):
+        mf.param_influence(prob, lam, tasks, remove={"task": [0]}, support_response="nope")
+
+
+def test_expected_spearman_counts_rank_changes():
+    scores = torch.arange(10, dtype=torch.float64)  # ranks 0..9
+    same = expected_spearman(scores, scores[[0, 5, 9]], scores[[0, 5, 9]])
+    assert same == 1.0
+    # item 5 would move past 3 others, item 0 past 2: mean d² = (4 + 9 + 0) / 3
+    moved = expected_spearman(scores, scores[[0, 5, 9]], torch.tensor([2.5, 8.5, 9.0]))
+    assert abs(moved - (1 - 6 * (13 / 3) / 99)) < 1e-12
