@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -60,6 +61,27 @@ def test_whole_group_removal_first_order_and_delta_lambda(toy):
     # the same through a process pool (fork) gives the same numbers
     df2 = mf.evaluate.leave_group_out(prob, lam, tasks, target, groups[:3], items="task", workers=2)
     assert torch.allclose(df2, df[:3], rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork pool on posix only")
+def test_dead_worker_is_noticed_and_the_rest_runs_here(toy):
+    """A worker that dies (as a child forked while another thread held a lock can) must not
+    hang the pool: a warning, then the groups are retrained in this process."""
+    prob, lam, tasks, target, _ = toy
+    groups = [[k] for k in range(4)]
+    parent, base = os.getpid(), mf.evaluate.newton_retrain(prob)
+
+    def dies_in_a_child(batch, start):
+        if os.getpid() != parent:
+            os._exit(3)
+        return base(batch, start)
+
+    serial = mf.evaluate.leave_group_out(prob, lam, tasks, target, groups, items="task")
+    with pytest.warns(RuntimeWarning, match="worker process died"):
+        got = mf.evaluate.leave_group_out(
+            prob, lam, tasks, target, groups, items="task", workers=2, retrain=dies_in_a_child
+        )
+    assert torch.equal(got, serial)
 
 
 def test_group_validation(toy):

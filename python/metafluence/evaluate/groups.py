@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import torch
@@ -126,6 +129,33 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+def _pooled(
+    n: int, chunk_size: int, store: ProgressStore | None, bar: Any, workers: int
+) -> list[dict[str, Tensor]] | None:
+    """:func:`map_chunks` over a fork pool; ``None`` if a worker died (the caller then finishes
+    in this process: chunks already saved to ``store`` are not recomputed).
+
+    A ``concurrent.futures`` pool notices a worker that dies (e.g. a child forked while another
+    thread of this process held a lock) instead of waiting for its result forever.
+    """
+    ctx = mp.get_context("fork")
+    n_chunks = -(-n // max(int(chunk_size), 1))
+    try:
+        with ProcessPoolExecutor(
+            min(workers, n_chunks), mp_context=ctx, initializer=_init_worker
+        ) as pool:
+            return map_chunks(
+                _chunk, n, chunk_size, store, imap=lambda f, rs: pool.map(f, rs), progress=bar
+            )
+    except BrokenProcessPool as exc:
+        warnings.warn(
+            f"leave_group_out: a worker process died ({exc}); finishing in this process",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
 def leave_group_out(
     problem: MetaProblem,
     meta_params: ParamsLike,
@@ -181,19 +211,10 @@ def leave_group_out(
         store = ProgressStore(checkpoint_dir, config)
     bar = progress_bar(n, progress, "leave-group-out")
     try:
+        chunks = None
         if workers > 1 and n > 1 and "fork" in mp.get_all_start_methods():
-            ctx = mp.get_context("fork")
-            n_chunks = -(-n // max(int(chunk_size), 1))
-            with ctx.Pool(min(int(workers), n_chunks), initializer=_init_worker) as pool:
-                chunks = map_chunks(
-                    _chunk,
-                    n,
-                    chunk_size,
-                    store,
-                    imap=lambda f, rs: pool.imap(f, rs, chunksize=1),
-                    progress=bar,
-                )
-        else:
+            chunks = _pooled(n, chunk_size, store, bar, int(workers))
+        if chunks is None:
             chunks = map_chunks(_chunk, n, chunk_size, store, progress=bar)
     finally:
         _STATE.clear()
