@@ -404,31 +404,39 @@ def read_rows(csv_path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def series(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
+    """``(rule, kind, rows by increasing M)`` for every rule and kind that has rows."""
+    out = []
+    for rule in RULES:
+        for kind in KINDS:
+            rs = [r for r in rows if r["rule"] == rule and r["kind"] == kind]
+            if rs:
+                out.append((rule, kind, sorted(rs, key=lambda r: r["M"])))
+    return out
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 7))
     styles = {"job": "-", "epochs": "--"}
     colors = {"task": "C0", "support_point": "C1", "query_point": "C2"}
-    for rule in RULES:
-        for kind in KINDS:
-            rs = sorted(
-                (r for r in rows if r["rule"] == rule and r["kind"] == kind), key=lambda r: r["M"]
-            )
-            if not rs:
-                continue
-            Ms = [r["M"] for r in rs]
-            lab = f"{kind} ({rule} rule)"
-            kw = dict(ls=styles[rule], color=colors[kind], marker="o", label=lab)
-            ax1.plot(Ms, [r["speedup"] for r in rs], **kw)
-            ax2.plot(Ms, [r["gap_edit_full"] for r in rs], **kw)
-            if kind == "task":
-                wc = "C3" if rule == "job" else "C4"
-                wkw = dict(kw, marker="x", color=wc, label=f"warm retrain, tasks ({rule})")
-                ax2.plot(Ms, [r["gap_warm_full"] for r in rs], **wkw)
+    for rule, kind, rs in series(rows):
+        Ms = [r["M"] for r in rs]
+        lab = f"{kind} ({rule} rule)"
+        kw = dict(ls=styles[rule], color=colors[kind], marker="o", label=lab)
+        ax1.plot(Ms, [r["speedup"] for r in rs], **kw)
+        ax2.plot(Ms, [r["gap_edit_full"] for r in rs], **kw)
+        spread = [r["gap_full_alt"] for r in rs]
+        skw = dict(color=colors[kind], marker="s", mfc="none", ls="none", alpha=0.7)
+        ax2.plot(Ms, spread, **skw, label=f"full retrain seed + 1 − seed, {kind} ({rule})")
+        if kind == "task":
+            wc = "C3" if rule == "job" else "C4"
+            wkw = dict(kw, marker="x", color=wc, label=f"warm retrain, tasks ({rule})")
+            ax2.plot(Ms, [r["gap_warm_full"] for r in rs], **wkw)
     ax1.axhline(100, color="C0", lw=0.8, ls=":", label="target tasks 100×")
     ax1.axhline(1000, color="C1", lw=0.8, ls=":", label="target points 1000×")
     ax1.axhline(1, color="k", lw=0.6)
@@ -442,14 +450,35 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax in (ax1, ax2):
         ax.set_xticks(ms, [str(m) for m in ms])
         ax.minorticks_off()
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7)
+    ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def readme(rows: list[dict], info: dict, args: argparse.Namespace, wall: float, path: Path) -> None:
+def summary(rows: list[dict]) -> str:
+    """Per rule and kind: speed-up over M against its target; gaps against 0.005 and against the
+    spread of retraining itself."""
+    out = []
+    for rule, kind, rs in series(rows):
+        target = 100.0 if kind == "task" else 1000.0
+        speeds = ", ".join(f"{r['speedup']:.2f}× (M={int(r['M'])})" for r in rs)
+        met = sum(r["speedup"] >= target for r in rs)
+        gaps = ", ".join(f"{r['gap_edit_full']:+.3f}" for r in rs)
+        ok = sum(abs(r["gap_edit_full"]) <= 0.005 for r in rs)
+        spread = ", ".join(f"{r['gap_full_alt']:+.3f}" for r in rs)
+        out.append(
+            f"- {kind}, {rule} rule: speed-up {speeds}: ≥ {target:.0f}× in {met} of {len(rs)};"
+            f" gap edit − full {gaps}: |gap| ≤ 0.005 in {ok} of {len(rs)} (retraining's own"
+            f" spread, seed + 1 − seed: {spread})."
+        )
+    return "\n".join(out)
+
+
+def readme(
+    rows: list[dict], info: dict, args: argparse.Namespace, running: bool, path: Path
+) -> None:
     head = (
         "| rule | M | kind | steps (epochs) | acc base | edit | full | warm | full, seed + 1 |"
         " gap edit−full | t_score | t_edit | t_full | t_warm | speed-up | target met |\n"
@@ -460,7 +489,7 @@ def readme(rows: list[dict], info: dict, args: argparse.Namespace, wall: float, 
     diag: list[str] = []
     done = path.parent / "runs.txt"
     runs = "".join(f"- {ln}" for ln in (done.read_text().splitlines(True) if done.exists() else []))
-    if not math.isfinite(wall):
+    if running:
         runs += (
             f"- {info['date']} commit {info['commit']}: in progress: python "
             f"benchmarks/fidelity_speed.py {' '.join(args.argv)}\n"
@@ -535,11 +564,17 @@ step count (no gradient-norm test); the full retrain uses the same initialisatio
 the warm retrain (tasks only) runs the job's {args.retrain_steps} steps from λ* with seed + 1.
 Speed-up = t_full / (t_score + t_edit); the gap is the edit's test accuracy minus the full
 retrain's. "full, seed + 1" is the same full retrain with the next seed (same initialisation,
-another mini-batch order): its distance to "full" is the spread of retraining itself.
+another mini-batch order): its distance to "full" is the spread of retraining itself (where
+at most {args.meta_batch} tasks remain, every step takes all of them, the seed changes nothing
+and the spread is 0 by construction).
 Targets (issue 6): speed-up ≥ 100× (tasks) / ≥ 1000× (points), |gap| ≤ 0.005.
 Times in seconds, single measurements (t_step and t_hvp are medians).
 
 {head}{chr(10).join(lines)}
+
+Summary (from the rows above):
+
+{summary(rows)}
 
 ## Where the time goes
 
@@ -570,13 +605,13 @@ def ordered(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def finish(args: argparse.Namespace, info: dict, wall: float) -> None:
+def finish(args: argparse.Namespace, info: dict, running: bool) -> None:
     csv_path = args.out / "fidelity_speed.csv"
     if not csv_path.exists():
         return
     rows = read_rows(csv_path)
     plot(rows, args.out / "fidelity_speed.png")
-    readme(rows, info, args, wall, args.out / "README.md")
+    readme(rows, info, args, running, args.out / "README.md")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -587,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     if args.plot_only:
-        finish(args, info, float("nan"))
+        finish(args, info, running=False)
         return 0
     csv_path = args.out / "fidelity_speed.csv"
     runs = args.out / "runs.txt"
@@ -611,14 +646,14 @@ def main(argv: list[str] | None = None) -> int:
                 for r in rows:
                     gap = r["gap_edit_full"]
                     log(f"  {r['kind']}: speed-up {r['speedup']:.2f}x, gap {gap:+.3f}")
-        finish(args, info, float("nan"))
+        finish(args, info, running=True)
     wall = time.perf_counter() - t_all
     with runs.open("a") as fh:
         fh.write(
             f"{info['date']} commit {info['commit']}, {wall / 60:.1f} min: "
             f"python benchmarks/fidelity_speed.py {' '.join(args.argv)}\n"
         )
-    finish(args, info, wall)
+    finish(args, info, running=False)
     log(f"done in {wall / 60:.1f} min")
     return 0
 
