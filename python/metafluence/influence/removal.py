@@ -439,11 +439,10 @@ def _with_check(
         diag["regime"] = regime_from_check(check, diag["regime"])
     if check is not None and check["nonlinear"] and solve_damping == 0:
         notes.append(
-            f"Newton check: on {len(check['items'])} items retrained by Newton steps, the "
-            f"first-order effects are off by {check['shift']:.2g} × their spread (median, "
-            "after a common scale): removals are nonlinear here and the scores may misrank "
-            "leave-one-out retraining; consider solve_damping (proximal response) or "
-            "mf.edit(newton_steps=k)"
+            f"Newton check: {len(check['items'])} items retrained by Newton steps put the "
+            f"expected Spearman of the scores against retraining at "
+            f"{check['expected_spearman']:.2f} (< 0.9): removals are nonlinear here; consider "
+            "solve_damping (proximal response) or mf.edit(newton_steps=k)"
         )
     elif diag.get("regime") == "ill_conditioned":
         notes = diag.get("notes", [])
