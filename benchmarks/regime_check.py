@@ -43,11 +43,25 @@ def rows() -> list[dict]:
                         "n_truth": int(r["M"]),
                     }
                 )
-    with (HERE / "toy_map" / "fidelity_map.csv").open() as f:
+    for folder in ("toy_map", "toy_map_widths"):
+        out += _map_rows(HERE / folder / "fidelity_map.csv")
+    for r in out:
+        tracks = r["actual"] >= TRACK
+        r["check_right"] = (r["expected"] >= TRACK) == tracks
+        if r["solve_damping"] == 0:
+            r["condition_right"] = (r["condition"] <= 1e3) == tracks
+        else:
+            r["condition_right"] = ""  # the condition rule says "proximal" for δ' > 0
+    return out
+
+
+def _map_rows(path: Path) -> list[dict]:
+    out = []
+    with path.open() as f:
         for r in csv.DictReader(f):
             out.append(
                 {
-                    "run": f"toy map, M={r['M']}, δ={float(r['damping']):g}",
+                    "run": f"toy map, width {r['width']}, M={r['M']}, δ={float(r['damping']):g}",
                     "curvature": "exact",
                     "solve_damping": 0.0,
                     "condition": float(r["condition"]),
@@ -56,13 +70,6 @@ def rows() -> list[dict]:
                     "n_truth": int(float(r["n_items"])),
                 }
             )
-    for r in out:
-        tracks = r["actual"] >= TRACK
-        r["check_right"] = (r["expected"] >= TRACK) == tracks
-        if r["solve_damping"] == 0:
-            r["condition_right"] = (r["condition"] <= 1e3) == tracks
-        else:
-            r["condition_right"] = ""  # the condition rule says "proximal" for δ' > 0
     return out
 
 
@@ -96,9 +103,17 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(HERE / "regime_check.png", dpi=120)
     n0 = [r for r in table if r["solve_damping"] == 0]
+    miss = [r for r in n0 if r["expected"] >= TRACK > r["actual"]]
+    alarm = [r for r in n0 if r["actual"] >= TRACK > r["expected"]]
+    cmiss = [r for r in n0 if r["condition"] <= 1e3 and r["actual"] < TRACK]
+    calarm = [r for r in n0 if r["condition"] > 1e3 and r["actual"] >= TRACK]
+    err = sorted(abs(r["expected"] - r["actual"]) for r in table)
     print(
-        f"{len(table)} runs; δ'=0: check right {sum(r['check_right'] for r in n0)}/{len(n0)}, "
-        f"condition rule right {sum(bool(r['condition_right']) for r in n0)}/{len(n0)}"
+        f"{len(table)} runs, |expected − actual| median {err[len(err) // 2]:.3f}; δ'=0 runs: "
+        f"{len(n0)}: check right {sum(r['check_right'] for r in n0)} ({len(miss)} misses, "
+        f"{len(alarm)} false alarms), condition rule right "
+        f"{sum(bool(r['condition_right']) for r in n0)} ({len(cmiss)} misses, "
+        f"{len(calarm)} false alarms)"
     )
 
 
