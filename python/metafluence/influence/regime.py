@@ -121,13 +121,14 @@ def newton_check(
     retrained, resid = [], []
     for b, d, batch in zip(B, D, without, strict=True):
 
-        def grad_at(x: Tensor, batch=batch) -> Tensor:
-            return problem.point(x, batch).meta_grad().detach() + dp * (x - lam)
+        def at(x: Tensor, batch=batch) -> tuple[Tensor, BilevelPoint]:
+            q = problem.point(x, batch)
+            return q.meta_grad().detach() + dp * (x - lam), q
 
-        def step_at(x: Tensor, g: Tensor, batch=batch) -> Tensor:
-            return solve_at(problem.point(x, batch), g.unsqueeze(0), "exact").reshape(-1)
+        def step_at(q: BilevelPoint, g: Tensor) -> Tensor:
+            return solve_at(q, g.unsqueeze(0), "exact").reshape(-1)
 
-        x, r = newton_descent(grad_at, step_at, lam + d, newton_steps)
+        x, r = newton_descent(at, step_at, lam + d, newton_steps)
         retrained.append(f(x) - f0)
         resid.append(float(r.norm()) / max(float(b.norm()), 1e-300))
     first = [float(v) for v in _scores_at(scores, items, chosen)]

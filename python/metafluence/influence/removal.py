@@ -522,11 +522,12 @@ def edit(
         solver = kwargs.get("solver", "cg")
         solve_damping = float(kwargs.get("solve_damping", 0.0))
 
-        def step_at(x: Tensor, g: Tensor) -> Tensor:
-            pt = problem.point(x, batch)
-            return _solve(pt, g, curvature, solver, solve_damping, kwargs.get("solver_kwargs")).x
+        def at(x: Tensor) -> tuple[Tensor, BilevelPoint]:
+            q = problem.point(x, batch)
+            return q.meta_grad().detach(), q
 
-        new, _ = newton_descent(
-            lambda x: problem.point(x, batch).meta_grad().detach(), step_at, new, newton_steps
-        )
+        def step_at(q: BilevelPoint, g: Tensor) -> Tensor:
+            return _solve(q, g, curvature, solver, solve_damping, kwargs.get("solver_kwargs")).x
+
+        new, _ = newton_descent(at, step_at, new, newton_steps)
     return problem.unflat(new)
