@@ -50,13 +50,11 @@ def checked_items(scores: Any, items: str, k: int) -> list[Any]:
     ``scores`` is ``[M]`` for tasks (positions ``int``) or ``M`` tensors for points
     (positions ``(task, j)``). Fewer than ``k`` items: all of them.
     """
+    flat = _flat(scores, items)
     if items == "task":
-        flat = scores.detach().reshape(-1)
         pos: list[Any] = list(range(flat.numel()))
     else:
-        rows = [r.detach().reshape(-1) for r in scores]
-        flat = torch.cat(rows) if rows else torch.zeros(0)
-        pos = [(i, j) for i, r in enumerate(rows) for j in range(r.numel())]
+        pos = [(i, j) for i, r in enumerate(scores) for j in range(r.numel())]
     n = flat.numel()
     if n == 0 or k <= 0:
         return []
@@ -64,6 +62,15 @@ def checked_items(scores: Any, items: str, k: int) -> list[Any]:
     k = min(k, n)
     ranks = sorted({round(t * (n - 1) / max(k - 1, 1)) for t in range(k)})
     return [pos[order[r]] for r in ranks]
+
+
+def _flat(scores: Any, items: str) -> Tensor:
+    """All scores as one vector ``[n]``: ``[M]`` for tasks, the ``M`` rows concatenated for
+    points (in ``(task, j)`` order)."""
+    if items == "task":
+        return scores.detach().reshape(-1)
+    rows = [r.detach().reshape(-1) for r in scores]
+    return torch.cat(rows) if rows else torch.zeros(0)
 
 
 def newton_check(
@@ -105,7 +112,7 @@ def newton_check(
     (``expected_spearman < track_below``).
     """
     chosen = checked_items(scores, items, k)
-    flat = scores if items == "task" else torch.cat([r.reshape(-1) for r in scores])
+    flat = _flat(scores, items)
     if len(chosen) < 2 or flat.numel() < 2:
         return None
     lam = pt.lam.detach()

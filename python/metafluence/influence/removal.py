@@ -296,12 +296,7 @@ def removal_effects(
     """
     _check_items(items)
     newton_check = check_int(newton_check, "newton_check", minimum=0)
-    if support_response not in ("auto", "linear", "exact"):
-        raise ValueError(
-            f"support_response={support_response!r}: expected 'auto', 'linear' or 'exact'"
-        )
-    if support_response == "auto":
-        support_response = "exact" if items == "support_point" else "linear"
+    exact_support = _exact_support(support_response, items == "support_point")
     if query_method not in ("mixed", *QUERY_METHODS):
         raise ValueError(
             f"query_method={query_method!r}: expected 'mixed' or one of {QUERY_METHODS}"
@@ -354,7 +349,7 @@ def removal_effects(
         q_local = torch.cat(q_parts) if q_parts else s_vec.new_zeros(0, pt.item_widths()[1])
         q_sc = pt.reduce.cat(q_local.detach())
         t_sc, support = q_sc.sum(1), None
-    if support_response == "exact" and support is not None:
+    if exact_support and support is not None:
         support = list(exact_support_scores(pt, res.x).unbind(0))
     all_scores: dict[str, Any] = {
         "task": t_sc,
@@ -364,8 +359,8 @@ def removal_effects(
 
     # (c) diagnostics
     stored = ck.load_diagnostics(store, diagnostics, res.x) if store is not None else None
-    fresh = not (store is not None and ck.everywhere(pt, stored is not None) and stored)
-    if not fresh and stored is not None:
+    reuse = store is not None and ck.everywhere(pt, stored is not None)
+    if reuse and stored is not None:
         meta_grad_norm, diag = stored
     else:
         meta_grad_norm, diag = _diagnostics(
@@ -386,11 +381,11 @@ def removal_effects(
             solve_damping,
             curvature=curvature,
             k=newton_check,
-            exact_rhs=support_response == "exact" and items == "support_point",
+            exact_rhs=exact_support and items == "support_point",
         )
         diag = _with_check(diag, check, items, solve_damping)
-        fresh = True
-    if store is not None and fresh:
+        reuse = False
+    if store is not None and not reuse:
         ck.save_diagnostics(store, diagnostics, res.x, meta_grad_norm, diag)
         store.complete({"M": len(pt.ids)})
     for note in diag["notes"]:
@@ -432,11 +427,13 @@ def _with_check(
 ) -> dict[str, Any]:
     """``diag`` with the Newton check's result and the regime it implies."""
     diag = dict(diag)
-    notes = [n for n in diag.get("notes", []) if not n.startswith("H is ill-conditioned")]
     diag["newton_check"] = check
     diag["newton_check_items"] = items
     if "regime" in diag:
         diag["regime"] = regime_from_check(check, diag["regime"])
+    notes = list(diag.get("notes", []))
+    if diag.get("regime") != "ill_conditioned":  # the check's verdict replaced that rule's
+        notes = [n for n in notes if not n.startswith("H is ill-conditioned")]
     if check is not None and check["nonlinear"] and solve_damping == 0:
         notes.append(
             f"Newton check: {len(check['items'])} items retrained by Newton steps put the "
@@ -444,10 +441,18 @@ def _with_check(
             f"{check['expected_spearman']:.2f} (< 0.9): removals are nonlinear here; consider "
             "solve_damping (proximal response) or mf.edit(newton_steps=k)"
         )
-    elif diag.get("regime") == "ill_conditioned":
-        notes = diag.get("notes", [])
     diag["notes"] = notes
     return diag
+
+
+def _exact_support(support_response: str, auto_exact: bool) -> bool:
+    """Whether ``support_response`` asks for the exact support-point response (``"auto"``:
+    ``auto_exact``, i.e. when support points are what is scored or removed)."""
+    if support_response not in ("auto", "linear", "exact"):
+        raise ValueError(
+            f"support_response={support_response!r}: expected 'auto', 'linear' or 'exact'"
+        )
+    return support_response == "exact" or (support_response == "auto" and auto_exact)
 
 
 def _checked_removal(pt: BilevelPoint, remove: Mapping[str, Sequence[Any]]) -> dict[str, list]:
@@ -478,16 +483,9 @@ def param_influence(
     and ``"support_point"`` / ``"query_point"`` to ``[(k, j), ...]`` pairs. Returns a
     parameter dict.
     """
-    if support_response not in ("auto", "linear", "exact"):
-        raise ValueError(
-            f"support_response={support_response!r}: expected 'auto', 'linear' or 'exact'"
-        )
     pt = problem.point(meta_params, train_tasks)
     checked = _checked_removal(pt, remove)
-    exact = support_response == "exact" or (
-        support_response == "auto" and len(checked.get("support_point", [])) > 0
-    )
-    if exact:
+    if _exact_support(support_response, len(checked.get("support_point", [])) > 0):
         without = problem.batch(train_tasks, pt.lam).reweighted(checked, 0.0)
         b = pt.meta_grad() - problem.point(pt.lam, without).meta_grad()
     else:
