@@ -624,12 +624,7 @@ def protocol_corrections(args):
     M target evaluations); 1 and 2 dense Newton steps on the reweighted objective from ``λ*``
     (the retrainer stopped early: cost ≈ steps / (steps of a full retrain))."""
     log("corrections: per-item Newton steps vs influence")
-    tasks, target, _ = load_tasks(args, args.tasks, args.target, args.test, seed=21)
-    tasks, _ = mf.data.flip_labels(
-        tasks, fraction=args.flip, level="task", seed=1, where="support", ways=args.ways
-    )
-    model, prob = build(args, args.hidden, "unrolled", args.damping)
-    lam, _ = train(prob, model, tasks)
+    tasks, _, target, _, prob, lam, _ = d_problem(args)
     lamf = prob.flat(lam)
     idx = list(range(len(tasks)))
     f0 = mf.evaluate.target_value(prob, lamf, target)
