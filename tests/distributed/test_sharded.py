@@ -15,20 +15,13 @@ from torch import nn
 
 import metafluence as mf
 from metafluence.distributed import ShardedProblem, shard_range
+from tests.toy_tasks import random_tasks
 
 pytestmark = pytest.mark.distributed
 
 
 def tasks(M: int, seed: int) -> list[mf.Task]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        mf.Task(
-            support=(torch.randn(4, 3, generator=g), torch.randint(0, 2, (4,), generator=g)),
-            query=(torch.randn(5, 3, generator=g), torch.randint(0, 2, (5,), generator=g)),
-            id=f"t{i}",
-        )
-        for i in range(M)
-    ]
+    return random_tasks(M, seed, prefix="t")
 
 
 def build(inner: str) -> mf.MetaProblem:

@@ -9,18 +9,11 @@ import torch
 from torch import nn
 
 import metafluence as mf
+from tests.toy_tasks import random_tasks
 
 
 def tasks(M, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        mf.Task(
-            support=(torch.randn(4, 3, generator=g), torch.randint(0, 2, (4,), generator=g)),
-            query=(torch.randn(6, 3, generator=g), torch.randint(0, 2, (6,), generator=g)),
-            id=i,
-        )
-        for i in range(M)
-    ]
+    return random_tasks(M, seed, n_query=6)
 
 
 def run_once():

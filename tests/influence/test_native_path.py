@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import metafluence as mf
+from tests.toy_tasks import random_tasks
 
 pytestmark = pytest.mark.skipif(
     not mf.build_info()["native"]["loaded"], reason="the native extension is not built"
@@ -16,15 +17,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def tasks(M: int, seed: int) -> list[mf.Task]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        mf.Task(
-            support=(torch.randn(4, 3, generator=g), torch.randint(0, 3, (4,), generator=g)),
-            query=(torch.randn(5, 3, generator=g), torch.randint(0, 3, (5,), generator=g)),
-            id=i,
-        )
-        for i in range(M)
-    ]
+    return random_tasks(M, seed, classes=3)
 
 
 def scores(monkeypatch, backend: str, query_method: str) -> torch.Tensor:

@@ -8,18 +8,11 @@ import torch
 from torch import nn
 
 import metafluence as mf
+from tests.toy_tasks import random_tasks
 
 
 def tasks(M: int, seed: int) -> list[mf.Task]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        mf.Task(
-            support=(torch.randn(4, 3, generator=g), torch.randint(0, 3, (4,), generator=g)),
-            query=(torch.randn(5, 3, generator=g), torch.randint(0, 3, (5,), generator=g)),
-            id=i,
-        )
-        for i in range(M)
-    ]
+    return random_tasks(M, seed, classes=3)
 
 
 INNERS = {

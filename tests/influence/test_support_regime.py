@@ -11,8 +11,8 @@ from torch import nn
 import metafluence as mf
 from metafluence.bilevel.source import TaskSource
 from metafluence.influence.regime import TRACK_BELOW, checked_items, expected_spearman
+from tests.toy_tasks import random_tasks
 
-from ..distributed.test_sharded import tasks as toy_tasks
 from .closed_form import ClosedForm, make_tasks, problem
 
 D, REG, DAMP = 5, 1.0, 0.01
@@ -120,7 +120,7 @@ def _mlp_problem(inner, damping=1e-1):
 )
 def test_exact_support_scores_streamed_and_brute_force(inner):
     model, prob = _mlp_problem(inner)
-    tr, tg = toy_tasks(7, 0), toy_tasks(3, 9)
+    tr, tg = random_tasks(7, 0, prefix="t"), random_tasks(3, 9, prefix="t")
     # any λ will do: both sides use the same solve s (training the implicit map is slow)
     lam = prob.init_params()
     kw = dict(
@@ -168,7 +168,7 @@ def test_newton_check_retrains_like_leave_one_out():
     retrains are closer to actual leave-one-out retraining than first order, and the regime
     follows its statistic."""
     model, prob = _mlp_problem(mf.inner.Unrolled(steps=1, lr=0.5), damping=1e-2)
-    tr, tg = toy_tasks(8, 4), toy_tasks(4, 9)
+    tr, tg = random_tasks(8, 4, prefix="t"), random_tasks(4, 9, prefix="t")
     lam = mf.train.meta_train(prob, model, tr, steps=300, outer_lr=0.05)
     lam = mf.train.newton_refine(prob, lam, tr, tol=1e-12, max_steps=40)
     res = quiet_effects(prob, lam, tr, target=tg, solver="direct", newton_check=8)

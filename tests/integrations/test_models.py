@@ -10,6 +10,7 @@ from torch import nn
 
 import metafluence as mf
 from metafluence.integrations.models import FunctionalModel, inner_from_maml, unwrap
+from tests.toy_tasks import random_tasks
 
 LR = 0.3
 
@@ -28,15 +29,7 @@ class MAML(nn.Module):
 
 
 def tasks(M, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        mf.Task(
-            support=(torch.randn(4, 3, generator=g), torch.randint(0, 2, (4,), generator=g)),
-            query=(torch.randn(5, 3, generator=g), torch.randint(0, 2, (5,), generator=g)),
-            id=i,
-        )
-        for i in range(M)
-    ]
+    return random_tasks(M, seed)
 
 
 def scores(model, inner, lam):
