@@ -8,6 +8,7 @@ import torch
 
 import metafluence as mf
 from metafluence.data import FewShotDataset
+from tests._close import assert_close_normwise
 
 
 def _toy(classes=12, per=6, size=5):
@@ -122,8 +123,9 @@ def test_conv4_under_vmap(pool, norm):
 
     g = vmap(grad(loss), in_dims=(None, 0, 0))(p, x, y)
     g0 = grad(loss)(p, x[0], y[0])
-    for k in p:
-        torch.testing.assert_close(g[k][0], g0[k], rtol=1e-4, atol=1e-6)
+    # norm-wise over all parameters: the conv biases before BatchNorm have a structurally zero
+    # gradient, so element-wise both sides are float32 rounding noise that depends on the CPU
+    assert_close_normwise({k: v[0] for k, v in g.items()}, g0, rtol=1e-5, what=f"{pool}-{norm}")
     assert "head.weight" in p
     m84 = Conv4(ways=5, in_channels=3, image_size=84, width=4, pool=pool)
     assert m84(torch.rand(2, 3, 84, 84)).shape == (2, 5)

@@ -11,6 +11,8 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from tests._close import assert_close_maxnorm
+
 #: modest example counts, no deadline (the machine is shared; timings vary)
 FAST = settings(
     max_examples=40,
@@ -48,17 +50,8 @@ layouts = st.sampled_from(["c", "s", "t"])
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    """``|out - ref| <= RTOL[dtype] * max(1, |ref|_max)`` elementwise, shapes and dtype equal."""
-    assert out.shape == ref.shape, f"{what}: shape {list(out.shape)} vs {list(ref.shape)}"
-    assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} vs {ref.dtype}"
-    if ref.numel() == 0:
-        return
-    if ref.dtype == torch.bool:
-        assert torch.equal(out, ref), what
-        return
-    scale = float(ref.abs().max().clamp_min(1.0))
-    err = float((out - ref).abs().max())
-    assert err <= RTOL[dtype] * scale, f"{what}: max err {err:.3e} (scale {scale:.3e})"
+    """``max|out - ref| <= RTOL[dtype] * max(1, max|ref|)`` (``tests/_close.py``)."""
+    assert_close_maxnorm(out, ref, RTOL[dtype], what)
 
 
 def require_kanjivg() -> None:

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from metafluence import solvers
+from tests._close import rel_err
 
 from ._strategies import FAST, FEW, dtypes, randn, seeds
 
@@ -50,15 +51,13 @@ def _mv(A):
     return lambda v: v @ A.T  # [P] -> [P], [k', P] -> [k', P]
 
 
-def _rel(x, ref):
-    return float(torch.linalg.vector_norm(x.double() - ref) / torch.linalg.vector_norm(ref))
-
-
 def _check(res, b, ref, dtype, what, tol_scale=1.0):
     assert res.x.shape == b.shape and res.x.dtype == b.dtype, what
     want_res_shape = () if b.dim() == 1 else (b.shape[0],)
     assert tuple(res.residual.shape) == want_res_shape, what
-    assert _rel(res.x, ref) <= TOL[dtype] * tol_scale, f"{what}: rel err {_rel(res.x, ref):.2e}"
+    assert rel_err(res.x, ref) <= TOL[dtype] * tol_scale, (
+        f"{what}: rel err {rel_err(res.x, ref):.2e}"
+    )
 
 
 @FAST
@@ -142,7 +141,7 @@ def test_woodbury_batched_matches_per_task(M, P, r, k, seed):
     res = solvers.solve_woodbury_batched(U, v, 0.4)
     for m in range(M):
         ref = _exact(U[m] @ U[m].T, v[m], 0.4)
-        assert _rel(res.x[m], ref) <= TOL[dtype], f"task {m}"
+        assert rel_err(res.x[m], ref) <= TOL[dtype], f"task {m}"
 
 
 @FEW
@@ -173,7 +172,7 @@ def test_ekfac_solve_inverts_its_dense_matrix(layers, n, k, damping, correct, se
         D = solvers.ekfac_matvec(f, blocks, damping=damping)[j].reshape(o * i, o * i).T
         ref = torch.linalg.solve(D, b.reshape(-1, o * i).T).T.reshape(b.shape)
         assert x.shape == b.shape
-        assert _rel(x, ref) <= 1e-8, f"layer {j}: rel err {_rel(x, ref):.2e}"
+        assert rel_err(x, ref) <= 1e-8, f"layer {j}: rel err {rel_err(x, ref):.2e}"
 
 
 # ---- bad inputs ---------------------------------------------------------------------------------

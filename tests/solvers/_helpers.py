@@ -41,10 +41,6 @@ def row_matvec(A: Tensor) -> Callable[[Tensor], Tensor]:
     return mv
 
 
-def rel_err(x: Tensor, ref: Tensor) -> float:
-    return float((torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref)).item())
-
-
 def dense_solve(A: Tensor, b: Tensor, damping: float = 0.0) -> Tensor:
     """Reference ``(A + damping I)⁻¹ b`` for ``b`` ``[P]`` or ``[k, P]`` (rows)."""
     M = A + damping * torch.eye(A.shape[0], dtype=A.dtype)

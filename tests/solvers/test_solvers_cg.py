@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from metafluence.solvers import solve_cg
+from tests._close import rel_err
 
-from ._helpers import dense_solve, randn, rel_err, row_matvec, spd
+from ._helpers import dense_solve, randn, row_matvec, spd
 
 
 @pytest.mark.parametrize("cond", [1e2, 1e4, 1e6])

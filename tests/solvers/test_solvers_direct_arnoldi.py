@@ -11,8 +11,9 @@ from metafluence.solvers import (
     solve_arnoldi,
     solve_direct,
 )
+from tests._close import rel_err
 
-from ._helpers import dense_solve, randn, rel_err, row_matvec, spd
+from ._helpers import dense_solve, randn, row_matvec, spd
 
 # ----------------------------------------------------------------------------- direct
 

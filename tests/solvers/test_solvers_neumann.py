@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from metafluence.solvers import estimate_top_eigenvalue, solve_neumann
+from tests._close import rel_err
 
-from ._helpers import dense_solve, randn, rel_err, row_matvec, spd
+from ._helpers import dense_solve, randn, row_matvec, spd
 
 
 def _true_rel_residual(A: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
