@@ -1,5 +1,6 @@
 """Bilevel layer: tasks, inner maps, total gradients and total-Hessian operators."""
 
+from .curvature import Curvature, fit_curvature
 from .inner import HeadOnly, Implicit, Unrolled
 from .params import ParamSpec
 from .point import CURVATURES, BilevelPoint
@@ -10,6 +11,7 @@ from .tasks import Task, TaskBatch
 __all__ = [
     "CURVATURES",
     "BilevelPoint",
+    "Curvature",
     "HeadOnly",
     "Implicit",
     "MetaProblem",
@@ -18,4 +20,5 @@ __all__ = [
     "TaskBatch",
     "TaskSource",
     "Unrolled",
+    "fit_curvature",
 ]

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
+from .._progress import digest
 from ._func import jvp, vjp
 from .inner import Implicit
 from .losses import logit_hessian_vp
@@ -101,6 +102,7 @@ class BilevelPoint:
             self._batch, self.source, self._engines = None, tasks, None
         self._gamma: float | None = None
         self._ids: list[Any] | None = None
+        self._fingerprint: dict[str, Any] | None = None
 
     # ---- tasks ---------------------------------------------------------------------------
     @property
@@ -151,6 +153,32 @@ class BilevelPoint:
             local = self._batch.ids if self._batch is not None else self._source_ids()
             self._ids = self.reduce.objects(list(local))
         return self._ids
+
+    def tasks_fingerprint(self) -> dict[str, Any]:
+        """What identifies this point's tasks (cached). Stacked: a digest of every tensor, weight
+        and id (ids by ``repr``). Streamed: the ids, ``M`` and a digest of the first chunk
+        (reading them all would cost a full pass)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._tasks_fingerprint()
+        return self._fingerprint
+
+    def _tasks_fingerprint(self) -> dict[str, Any]:
+        def batch_digest(b: Any) -> str | None:
+            blocks = [b.xs, b.ys, b.xq, b.yq, b.task_weight, b.support_weight, b.query_weight]
+            return digest({"tensors": blocks, "ids": [repr(i) for i in b.ids]})
+
+        if self.source is None:
+            return {"kind": "stacked", "batch": batch_digest(self.batch), "M": self.num_local}
+        src = self.source
+        first = next(src.chunks(self.chunk_size, self.lam.dtype, self.lam.device), None)
+        lo = src.offset
+        return {
+            "kind": "streamed",
+            "ids": digest([repr(i) for i in src.ids[lo : lo + src.num_tasks]]),
+            "M": src.total_tasks,
+            "shard": [lo, lo + src.num_tasks],
+            "first_chunk": None if first is None else batch_digest(first),
+        }
 
     def _source_ids(self) -> list[Any]:
         assert self.source is not None

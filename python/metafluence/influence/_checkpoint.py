@@ -34,28 +34,6 @@ SOLVE, DIAG, NO_DIAG = "solve", "diagnostics", "no-diagnostics"
 Blocks = tuple[Tensor, Tensor, Tensor]
 
 
-def _tasks_fingerprint(pt: BilevelPoint) -> dict[str, Any]:
-    """Stacked tasks: a digest of every tensor, weight and id (ids by ``repr``). Streamed: the
-    ids, ``M`` and a digest of the first chunk (reading them all would cost a full pass)."""
-
-    def batch_digest(b: Any) -> str | None:
-        blocks = [b.xs, b.ys, b.xq, b.yq, b.task_weight, b.support_weight, b.query_weight]
-        return digest({"tensors": blocks, "ids": [repr(i) for i in b.ids]})
-
-    if pt.source is None:
-        return {"kind": "stacked", "batch": batch_digest(pt.batch), "M": pt.num_local}
-    src = pt.source
-    first = next(src.chunks(pt.chunk_size, pt.lam.dtype, pt.lam.device), None)
-    lo = src.offset
-    return {
-        "kind": "streamed",
-        "ids": digest([repr(i) for i in src.ids[lo : lo + src.num_tasks]]),
-        "M": src.total_tasks,
-        "shard": [lo, lo + src.num_tasks],
-        "first_chunk": None if first is None else batch_digest(first),
-    }
-
-
 def is_callable_target(target: Any) -> bool:
     """A callable ``f(meta_params)`` rather than target tasks."""
     return callable(target) and not isinstance(target, Sequence)
@@ -74,45 +52,32 @@ def scores_config(
     pt: BilevelPoint,
     target: Any,
     grad_f: Tensor | None,
-    curvature: str,
-    solver: str,
-    solve_damping: float,
-    solver_kwargs: Mapping[str, Any] | None,
+    curvature: Any,
     lanczos_steps: int,
     newton_check: int = 0,
 ) -> dict[str, Any]:
     """The config a removal-effects store is bound to.
 
-    λ*, the tasks (:func:`_tasks_fingerprint`), the chunking, the target (list-like: a digest of
-    its tasks; callable: its name and a digest of ``∇f(λ*)``, passed as ``grad_f``), curvature,
-    solver and its arguments, ``δ'``, the Lanczos steps, the Newton-check size and the
+    λ*, the tasks (:meth:`BilevelPoint.tasks_fingerprint`), the chunking, the target (list-like:
+    a digest of its tasks; callable: its name and a digest of ``∇f(λ*)``, passed as ``grad_f``),
+    the curvature (:meth:`Curvature.config`: kind, method, solver and its arguments, ``δ'``, a
+    digest of a fitted factorisation), the Lanczos steps, the Newton-check size and the
     problem's ``repr`` (model type, loss, inner map, damping, ``P``). ``items`` is not part of
     it: every run stores all three score kinds. A solver argument that cannot be fingerprinted
-    (e.g. a callable) is recorded
-    by its type only: use a new directory when changing it.
+    (e.g. a callable) is recorded by its type only: use a new directory when changing it.
     """
-    kw = {str(k): _plain_or_digest(v) for k, v in dict(solver_kwargs or {}).items()}
     return {
         "stage": "removal_effects",
         "problem": repr(problem),
         "meta_params": digest(pt.lam),
         "dtype": str(pt.lam.dtype),
-        "train_tasks": _tasks_fingerprint(pt),
+        "train_tasks": pt.tasks_fingerprint(),
         "chunk_size": pt.chunk_size,
         "target": _target_fingerprint(target, grad_f),
-        "curvature": curvature,
-        "solver": solver,
-        "solve_damping": float(solve_damping),
-        "solver_kwargs": kw,
+        **curvature.config(),
         "lanczos_steps": int(lanczos_steps),
         "newton_check": int(newton_check),
     }
-
-
-def _plain_or_digest(v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    return digest(v, strict=False) or f"<{type(v).__qualname__}>"
 
 
 def open_store(

@@ -31,10 +31,11 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int
-from ..bilevel.point import BilevelPoint, check_curvature
+from ..bilevel.curvature import Curvature, as_curvature, resolve_auto
+from ..bilevel.point import BilevelPoint
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
 from ..bilevel.tasks import check_items
-from ..solvers import SolveResult, get_solver, lanczos_extreme_eigenvalues
+from ..solvers import SolveResult, lanczos_extreme_eigenvalues
 from . import _checkpoint as ck
 from ._newton import newton_descent
 from .query import QUERY_METHODS, query_point_scores
@@ -123,45 +124,21 @@ def _finite_target_gradient(g: Tensor) -> Tensor:
     return g
 
 
-def _solve(
-    pt: BilevelPoint,
-    b: Tensor,
-    curvature: str,
-    solver: str,
-    solve_damping: float,
-    solver_kwargs: Mapping[str, Any] | None,
-) -> SolveResult:
-    check_curvature(curvature)
-    if not (float(solve_damping) >= 0 and math.isfinite(float(solve_damping))):
-        raise ValueError(f"solve_damping={solve_damping}: expected a finite δ' >= 0")
-    fn = get_solver(solver)
-    # always [k, P]: solvers then apply the operator to all basis/Krylov rows in one batched
-    # call (a 1-D b makes them call matvec once per row, i.e. one pass over the tasks each)
-    one = b.dim() == 1
-    res = fn(
-        pt.matvec(curvature),
-        b.unsqueeze(0) if one else b,
-        damping=float(solve_damping),
-        **dict(solver_kwargs or {}),
-    )
-    if one:
-        cc = res.column_converged
-        res = dataclasses.replace(
-            res,
-            x=res.x[0],
-            residual=res.residual.reshape(()),
-            column_converged=None if cc is None else cc.reshape(()),
-        )
-    _warn_unconverged(res, solver, curvature, stacklevel=4)
+def _solve(pt: BilevelPoint, b: Tensor, curv: Curvature, purpose: str) -> SolveResult:
+    """``(H + δ'I)⁻¹ b`` with ``curv`` (rows of ``b [k, P]`` in one batched solve); warns, naming
+    ``purpose``, when it did not converge."""
+    res = curv.solve(pt, b)
+    _warn_unconverged(res, curv, purpose, stacklevel=4)
     return res
 
 
-def _warn_unconverged(res: SolveResult, solver: str, curvature: str, stacklevel: int) -> None:
+def _warn_unconverged(res: SolveResult, curv: Curvature, purpose: str, stacklevel: int) -> None:
     if not res.converged:
         warnings.warn(
-            f"total solve ({solver}, curvature={curvature}) did not converge: relative residual "
-            f"{_fmt(res.residual)} after {res.iters} iterations; scores are approximate "
-            "(raise maxiter, add solve_damping, or use solver='direct' for small P)",
+            f"{purpose} ({curv.solver}, curvature={curv.kind}, solve_damping="
+            f"{curv.solve_damping:g}) did not converge: relative residual {_fmt(res.residual)} "
+            f"after {res.iters} iterations; scores are approximate (raise maxiter, add "
+            "solve_damping, or fit a curvature: mf.fit_curvature)",
             RuntimeWarning,
             stacklevel=stacklevel,
         )
@@ -173,48 +150,59 @@ def _fmt(t: Tensor) -> str:
 
 def diagnose(
     pt: BilevelPoint,
-    curvature: str,
-    solve_damping: float,
+    curvature: str | Curvature,
+    solve_damping: float = 0.0,
     steps: int = 20,
     seed: int = 0,
     ill_conditioned_above: float = 1e3,
 ) -> dict[str, Any]:
-    """Extreme-eigenvalue estimates of ``H + δ'I`` (Lanczos) and the regime they imply.
+    """Extreme eigenvalues of ``H + δ'I`` and the regime they imply.
 
-    The smallest Ritz value is an *upper bound* on ``λ_min``; the largest a lower bound on
-    ``λ_max``. Regimes: ``"indefinite"`` (``λ_min ≤ 0``: influence undefined without damping),
-    ``"proximal"`` (``δ' > 0``: scores predict ``argmin F_{-e}(λ) + δ'/2‖λ − λ*‖²``, not plain
-    retraining), ``"ill_conditioned"`` (``λ_max/λ_min > ill_conditioned_above``: near-flat
-    directions; whole removals may not follow first-order predictions), ``"well_conditioned"``.
+    Exact from a dense curvature fit (``method="dense"``, the default for ``P ≤ 1024``);
+    otherwise Lanczos estimates: the smallest Ritz value is an *upper bound* on ``λ_min`` (so
+    the condition number is a lower bound: ``condition_exact`` says which) and the largest a
+    lower bound on ``λ_max``. Regimes: ``"indefinite"`` (``λ_min ≤ 0``: influence undefined
+    without damping), ``"proximal"`` (``δ' > 0``: scores predict ``argmin F_{-e}(λ) +
+    δ'/2‖λ − λ*‖²``, not plain retraining), ``"ill_conditioned"`` (``λ_max/λ_min >
+    ill_conditioned_above``: near-flat directions; whole removals may not follow first-order
+    predictions), ``"well_conditioned"``.
 
     The default threshold 1e3 is empirical (benchmarks/results/fidelity_tables.md, tests): on
     small MAMLs, Spearman against plain leave-one-out was 0.38 at condition 2.8e3 and 0.88 at
     1.3e3, but 0.97–1.0 at condition ≤ 2.2e2.
     """
+    curv = as_curvature(curvature, "cg", solve_damping) if isinstance(curvature, str) else curvature
     P = pt.lam.shape[0]
-    mv = pt.matvec(curvature, solve_damping)
-    lo, hi = lanczos_extreme_eigenvalues(
-        mv, P, dtype=pt.lam.dtype, device=pt.lam.device, steps=min(int(steps), P), seed=seed
-    )
+    exact = curv.extreme_eigenvalues() if curv.fits(pt) else None
+    if exact is not None:
+        lo, hi = exact
+        used = 0
+    else:
+        used = min(int(steps), P)
+        lo, hi = lanczos_extreme_eigenvalues(
+            curv.operator(pt), P, dtype=pt.lam.dtype, device=pt.lam.device, steps=used, seed=seed
+        )
+    dp = curv.solve_damping
     notes: list[str] = []
+    bound = "" if exact is not None else " (Lanczos: at least)"
     if lo <= 0:
         regime = "indefinite"
         notes.append(
             f"H + δ'I is not positive definite (λ_min ≈ {lo:.3g}): scores are unreliable; "
             "use curvature='gauss_newton' or a positive solve_damping"
         )
-    elif solve_damping > 0:
+    elif dp > 0:
         regime = "proximal"
         notes.append(
-            f"solve_damping={solve_damping:g}: scores predict the proximal response "
+            f"solve_damping={dp:g}: scores predict the proximal response "
             "argmin_λ F_-e(λ) + δ'/2‖λ − λ*‖², not plain leave-one-out retraining"
         )
     elif hi / lo > ill_conditioned_above:
         regime = "ill_conditioned"
         notes.append(
-            f"H is ill-conditioned (λ_max/λ_min ≈ {hi / lo:.3g}): along near-flat directions "
-            "whole removals may not track first-order predictions; newton_check=8 tests it, "
-            "solve_damping predicts the proximal response"
+            f"H is ill-conditioned (λ_max/λ_min ≈ {hi / lo:.3g}{bound}): along near-flat "
+            "directions whole removals may not track first-order predictions; newton_check=8 "
+            "tests it, solve_damping predicts the proximal response"
         )
     else:
         regime = "well_conditioned"
@@ -222,7 +210,8 @@ def diagnose(
         "lambda_min": lo,
         "lambda_max": hi,
         "condition": hi / lo if lo > 0 else math.inf,
-        "lanczos_steps": min(int(steps), P),
+        "condition_exact": exact is not None,
+        "lanczos_steps": used,
         "regime": regime,
         "notes": notes,
     }
@@ -234,8 +223,8 @@ def removal_effects(
     train_tasks: TasksLike,
     target: TargetLike | None = None,
     items: str = "task",
-    curvature: str = "exact",
-    solver: str = "cg",
+    curvature: str | Curvature = "exact",
+    solver: str = "auto",
     solve_damping: float = 0.0,
     solver_kwargs: Mapping[str, Any] | None = None,
     diagnostics: bool = True,
@@ -245,6 +234,7 @@ def removal_effects(
     query_method: str = "mixed",
     newton_check: int = 0,
     support_response: str = "auto",
+    targets: Sequence[TargetLike] | None = None,
 ) -> InfluenceResult:
     """Predicted change of ``target`` when each item is removed (math.md §3 sign convention).
 
@@ -254,10 +244,21 @@ def removal_effects(
         train_tasks: the ``M`` meta-training tasks (a list of :class:`Task` or a TaskBatch).
         target: held-out target tasks (``f`` = their mean post-adaptation query loss), or
             ``callable(meta_params) -> scalar``.
+        targets: instead of ``target``, a list of ``T`` targets (each as ``target``; e.g. one
+            per test point): one multi-right-hand-side solve, and scores with a last dimension
+            ``T`` (``[M, T]`` for tasks; ``M`` tensors ``[n, T]`` / ``[m, T]`` for points) —
+            the score matrix of dattri/kronfluence. Not with ``checkpoint_dir`` or
+            ``newton_check``.
         items: ``"task"`` (scores ``[M]``), ``"support_point"`` or ``"query_point"``
             (list of ``M`` tensors ``[n]`` / ``[m]``).
-        curvature: ``"exact" | "gauss_newton" | "gamma"``.
-        solver: ``"cg" | "neumann" | "direct" | "arnoldi"``.
+        curvature: a :class:`~metafluence.bilevel.curvature.Curvature` from
+            :func:`mf.fit_curvature` (fitted once, reused by every solve; it carries the
+            solver and ``δ'``), or ``"exact" | "gauss_newton" | "gamma"`` for an unfitted one
+            built from ``solver``, ``solve_damping`` and ``solver_kwargs``.
+        solver: ``"auto"`` (default: a dense eigendecomposition, exact and reused by every
+            solve of the call, for ``P ≤ 1024``; CG above) or ``"cg" | "neumann" | "direct" |
+            "arnoldi"``. Earlier versions defaulted to ``"cg"`` (often unconverged at
+            ``maxiter=100`` on small ill-conditioned problems).
         solve_damping: ``δ'`` added to ``H`` in the solve only (predicts the proximal response).
         checkpoint_dir: a progress directory: the total solve, the scores of every chunk of
             ``problem.chunk_size`` tasks and the diagnostics are saved there atomically (with
@@ -294,102 +295,69 @@ def removal_effects(
     ``lanczos_steps`` HVPs for the diagnostics, and for the Newton check one
     ``newton_check``-column solve plus ``2·newton_check`` single solves.
     """
+    # (0) validate every argument once
     _check_items(items)
     newton_check = check_int(newton_check, "newton_check", minimum=0)
+    lanczos_steps = check_int(lanczos_steps, "lanczos_steps", minimum=1)
     exact_support = _exact_support(support_response, items == "support_point")
-    if query_method not in ("mixed", *QUERY_METHODS):
-        raise ValueError(
-            f"query_method={query_method!r}: expected 'mixed' or one of {QUERY_METHODS}"
-        )
-    if query_method != "mixed" and (items == "support_point" or checkpoint_dir is not None):
-        raise ValueError(
-            f"query_method={query_method!r} serves items='task'/'query_point' without "
-            "checkpoint_dir; support-point scores and checkpoints use query_method='mixed'"
-        )
+    _check_query_method(query_method, items, checkpoint_dir)
+    curv = as_curvature(curvature, solver, solve_damping, solver_kwargs)
+    many = _check_targets(target, targets, checkpoint_dir, newton_check)
     pt = problem.point(meta_params, train_tasks, task_weight)
-    store = None
-    grad_f: Tensor | None = None
-    if checkpoint_dir is not None:
-        if ck.is_callable_target(target):  # fingerprinted by its gradient
-            grad_f = _finite_target_gradient(target_gradient(problem, pt.lam, target))
-        config = ck.scores_config(
-            problem,
-            pt,
-            target,
-            grad_f,
-            curvature,
-            solver,
-            solve_damping,
-            solver_kwargs,
-            lanczos_steps,
-            newton_check if diagnostics else 0,
+    curv = resolve_auto(curv, pt)
+    if many is not None:  # T targets: one multi-RHS solve, no store, no Newton check
+        grad_f, res, all_scores = _multi_target(
+            problem, pt, curv, many, exact_support, query_method
         )
-        store = ck.open_store(checkpoint_dir, pt, config)
-
-    # (a) the target gradient and the total solve
-    got = store.get(ck.SOLVE) if store is not None else None
-    if store is not None and ck.everywhere(pt, got is not None) and got is not None:
-        grad_f, res = ck.load_solve(got, pt.lam)
-        check_curvature(curvature)
-        _warn_unconverged(res, solver, curvature, stacklevel=3)
-    else:
-        if grad_f is None:
-            grad_f = _finite_target_gradient(target_gradient(problem, pt.lam, target))
-        res = _solve(pt, grad_f, curvature, solver, solve_damping, solver_kwargs)
-        if store is not None:
-            ck.save_solve(store, grad_f, res)
-
+        meta_grad_norm, diag = _diagnostics(pt, res, curv, diagnostics, lanczos_steps)
+        return _result(all_scores, items, res, meta_grad_norm, diag, pt, grad_f)
+    store, grad_f = _open_store(
+        problem, pt, target, curv, checkpoint_dir, lanczos_steps, newton_check if diagnostics else 0
+    )
+    # (a) the target gradient ∇f(λ*) and the total solve s = (H + δ'I)⁻¹ ∇f
+    grad_f, res = _target_solve(problem, pt, target, curv, store, grad_f)
     # (b) every item's score: one mixed product per chunk of tasks
-    if query_method == "mixed":
-        t_sc, s_sc, q_sc = ck.chunked_item_scores(pt, res.x.detach(), store)
-        support: list[Tensor] | None = list(s_sc.unbind(0))
-    else:
-        s_vec = res.x.detach()
-        q_parts = [query_point_scores(problem, e, s_vec, query_method) for e in pt.engines]
-        q_local = torch.cat(q_parts) if q_parts else s_vec.new_zeros(0, pt.item_widths()[1])
-        q_sc = pt.reduce.cat(q_local.detach())
-        t_sc, support = q_sc.sum(1), None
-    if exact_support and support is not None:
-        support = list(exact_support_scores(pt, res.x).unbind(0))
-    all_scores: dict[str, Any] = {
-        "task": t_sc,
-        "support_point": support,
-        "query_point": list(q_sc.unbind(0)),
-    }
-
-    # (c) diagnostics
-    stored = ck.load_diagnostics(store, diagnostics, res.x) if store is not None else None
-    reuse = store is not None and ck.everywhere(pt, stored is not None)
-    if reuse and stored is not None:
-        meta_grad_norm, diag = stored
-    else:
-        meta_grad_norm, diag = _diagnostics(
-            pt, res, curvature, solve_damping, diagnostics, lanczos_steps
-        )
+    all_scores = _item_scores(problem, pt, res.x.detach(), store, query_method, exact_support)
+    # (c) diagnostics: ‖∇F(λ*)‖, spectrum of H + δ'I, inner and solve health
+    meta_grad_norm, diag, reuse = _stored_or_new_diagnostics(
+        pt, res, curv, store, diagnostics, lanczos_steps
+    )
+    # (d) the Newton check of the regime (opt-in)
     if diagnostics and newton_check > 0 and diag.get("newton_check_items") != items:
         # (also when stored diagnostics checked another item kind: a store keeps all kinds)
         assert target is not None  # target_gradient refused None
-        check = newton_check_fn(
+        check = _newton_check(
             problem,
             pt,
             train_tasks,
             task_weight,
-            lambda x: target_value(problem, x, target),
+            target,
             all_scores[items],
             items,
-            lambda q, B, curv: _solve(q, B, curv, solver, solve_damping, solver_kwargs).x,
-            solve_damping,
-            curvature=curvature,
-            k=newton_check,
-            exact_rhs=exact_support and items == "support_point",
+            curv,
+            newton_check,
+            exact_support,
         )
-        diag = _with_check(diag, check, items, solve_damping)
+        diag = _with_check(diag, check, items, curv.solve_damping)
         reuse = False
     if store is not None and not reuse:
         ck.save_diagnostics(store, diagnostics, res.x, meta_grad_norm, diag)
         store.complete({"M": len(pt.ids)})
+    return _result(all_scores, items, res, meta_grad_norm, diag, pt, grad_f)
+
+
+def _result(
+    all_scores: dict[str, Any],
+    items: str,
+    res: SolveResult,
+    meta_grad_norm: float,
+    diag: dict[str, Any],
+    pt: BilevelPoint,
+    grad_f: Tensor,
+) -> InfluenceResult:
+    """The result, after warning each of the diagnostics' notes."""
     for note in diag["notes"]:
-        warnings.warn(note, UserWarning, stacklevel=2)
+        warnings.warn(note, UserWarning, stacklevel=3)
     return InfluenceResult(
         scores=all_scores[items],
         items=items,
@@ -402,24 +370,214 @@ def removal_effects(
     )
 
 
+def _check_query_method(query_method: str, items: str, checkpoint_dir: Any) -> None:
+    if query_method not in ("mixed", *QUERY_METHODS):
+        raise ValueError(
+            f"query_method={query_method!r}: expected 'mixed' or one of {QUERY_METHODS}"
+        )
+    if query_method != "mixed" and (items == "support_point" or checkpoint_dir is not None):
+        raise ValueError(
+            f"query_method={query_method!r} serves items='task'/'query_point' without "
+            "checkpoint_dir; support-point scores and checkpoints use query_method='mixed'"
+        )
+
+
+def _check_targets(
+    target: TargetLike | None,
+    targets: Sequence[TargetLike] | None,
+    checkpoint_dir: Any,
+    newton_check: int,
+) -> list[TargetLike] | None:
+    """``targets`` as a non-empty list (``None`` when a single ``target`` is scored)."""
+    if targets is None:
+        return None
+    if target is not None:
+        raise ValueError("give target= (one) or targets= (several), not both")
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence) or not targets:
+        raise ValueError("targets must be a non-empty list of targets (tasks or callables)")
+    if checkpoint_dir is not None or newton_check:
+        raise ValueError("targets= is not supported with checkpoint_dir or newton_check")
+    return list(targets)
+
+
+def _open_store(
+    problem: MetaProblem,
+    pt: BilevelPoint,
+    target: TargetLike | None,
+    curv: Curvature,
+    checkpoint_dir: str | os.PathLike | None,
+    lanczos_steps: int,
+    newton_check: int,
+) -> tuple[Any, Tensor | None]:
+    """The progress store bound to this computation (``None`` without ``checkpoint_dir``), and
+    ``∇f`` when a callable target had to be differentiated to fingerprint it."""
+    if checkpoint_dir is None:
+        return None, None
+    grad_f = None
+    if ck.is_callable_target(target):  # fingerprinted by its gradient
+        grad_f = _finite_target_gradient(target_gradient(problem, pt.lam, target))
+    config = ck.scores_config(problem, pt, target, grad_f, curv, lanczos_steps, newton_check)
+    return ck.open_store(checkpoint_dir, pt, config), grad_f
+
+
+def _target_solve(
+    problem: MetaProblem,
+    pt: BilevelPoint,
+    target: TargetLike | None,
+    curv: Curvature,
+    store: Any,
+    grad_f: Tensor | None,
+) -> tuple[Tensor, SolveResult]:
+    """``(∇f(λ*) [P], SolveResult of s = (H + δ'I)⁻¹ ∇f)``, loaded from ``store`` if there."""
+    got = store.get(ck.SOLVE) if store is not None else None
+    if store is not None and ck.everywhere(pt, got is not None) and got is not None:
+        grad_f, res = ck.load_solve(got, pt.lam)
+        _warn_unconverged(res, curv, "total solve for the target (s-test)", stacklevel=4)
+        return grad_f, res
+    if grad_f is None:
+        grad_f = _finite_target_gradient(target_gradient(problem, pt.lam, target))
+    res = _solve(pt, grad_f, curv, "total solve for the target (s-test)")
+    if store is not None:
+        ck.save_solve(store, grad_f, res)
+    return grad_f, res
+
+
+def _item_scores(
+    problem: MetaProblem,
+    pt: BilevelPoint,
+    s: Tensor,
+    store: Any,
+    query_method: str,
+    exact_support: bool,
+) -> dict[str, Any]:
+    """All three kinds from ``s``: task ``c_k sᵀ g_k [M]``, support points ``w_kj c_k
+    ∂_{w_kj}(sᵀ g_k)`` (or the exact response), query points ``v_kq (c_k/m) sᵀ D_λ ℓ_q``."""
+    if query_method == "mixed":
+        t_sc, s_sc, q_sc = ck.chunked_item_scores(pt, s, store)
+        support: list[Tensor] | None = list(s_sc.unbind(0))
+    else:
+        q_parts = [query_point_scores(problem, e, s, query_method) for e in pt.engines]
+        q_local = torch.cat(q_parts) if q_parts else s.new_zeros(0, pt.item_widths()[1])
+        q_sc = pt.reduce.cat(q_local.detach())
+        t_sc, support = q_sc.sum(1), None
+    if exact_support and support is not None:
+        support = list(exact_support_scores(pt, s).unbind(0))
+    return {"task": t_sc, "support_point": support, "query_point": list(q_sc.unbind(0))}
+
+
+def _multi_target(
+    problem: MetaProblem,
+    pt: BilevelPoint,
+    curv: Curvature,
+    targets: list[TargetLike],
+    exact_support: bool,
+    query_method: str,
+) -> tuple[Tensor, SolveResult, dict[str, Any]]:
+    """``(∇f rows [T, P], the solve, scores)`` against ``T`` targets: ``S = (H + δ'I)⁻¹ [∇f_1;
+    …; ∇f_T]`` in one batched solve, then each kind's scores with a trailing ``T`` dimension."""
+    G = torch.stack([_finite_target_gradient(target_gradient(problem, pt.lam, t)) for t in targets])
+    res = _solve(pt, G, curv, f"total solve for {len(targets)} targets")
+    cols = [_item_scores(problem, pt, s.detach(), None, query_method, exact_support) for s in res.x]
+    all_scores: dict[str, Any] = {"task": torch.stack([c["task"] for c in cols], -1)}
+    for kind in ("support_point", "query_point"):
+        all_scores[kind] = None
+        if cols[0][kind] is not None:
+            all_scores[kind] = [
+                torch.stack([c[kind][k] for c in cols], -1) for k in range(len(pt.ids))
+            ]
+    return G, res, all_scores
+
+
+def _stored_or_new_diagnostics(
+    pt: BilevelPoint,
+    res: SolveResult,
+    curv: Curvature,
+    store: Any,
+    diagnostics: bool,
+    lanczos_steps: int,
+) -> tuple[float, dict[str, Any], bool]:
+    """``(‖∇F(λ*)‖, diagnostics, loaded from the store?)``."""
+    stored = ck.load_diagnostics(store, diagnostics, res.x) if store is not None else None
+    if store is not None and ck.everywhere(pt, stored is not None) and stored is not None:
+        return stored[0], stored[1], True
+    return (*_diagnostics(pt, res, curv, diagnostics, lanczos_steps), False)
+
+
+def _newton_check(
+    problem: MetaProblem,
+    pt: BilevelPoint,
+    train_tasks: TasksLike,
+    task_weight: Tensor | None,
+    target: TargetLike,
+    scores: Any,
+    items: str,
+    curv: Curvature,
+    k: int,
+    exact_support: bool,
+) -> dict[str, Any] | None:
+    """:func:`metafluence.influence.regime.newton_check` with this call's curvature; its own
+    solves' warnings are counted in ``check["solve_warnings"]`` instead of shown (they are
+    Newton steps of a retraining stand-in, not the scores' solve)."""
+    exact = curv if curv.kind == "exact" else dataclasses.replace(curv.unfitted(), kind="exact")
+    seen: list[str] = []
+
+    def solve_at(q: BilevelPoint, B: Tensor, kind: str) -> Tensor:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x = (curv if kind == curv.kind else exact).solve(q, B).x
+        seen.extend(str(w.message) for w in caught)
+        return x
+
+    check = newton_check_fn(
+        problem,
+        pt,
+        train_tasks,
+        task_weight,
+        lambda x: target_value(problem, x, target),
+        scores,
+        items,
+        solve_at,
+        curv.solve_damping,
+        curvature=curv.kind,
+        k=k,
+        exact_rhs=exact_support and items == "support_point",
+    )
+    if check is not None:
+        check["solve_warnings"] = len(seen)
+    return check
+
+
 def _diagnostics(
     pt: BilevelPoint,
     res: SolveResult,
-    curvature: str,
-    solve_damping: float,
+    curv: Curvature,
     diagnostics: bool,
     lanczos_steps: int,
 ) -> tuple[float, dict[str, Any]]:
-    """``(‖∇F(λ*)‖, diagnostics dict)``: Lanczos (if ``diagnostics``), inner and solve health."""
+    """``(‖∇F(λ*)‖, diagnostics dict)``: spectrum (if ``diagnostics``), inner and solve health."""
     meta_grad_norm = float(pt.meta_grad().norm())
     diag: dict[str, Any] = {"notes": []}
     if diagnostics:
-        diag = diagnose(pt, curvature, solve_damping, steps=lanczos_steps)
+        diag = diagnose(pt, curv, steps=lanczos_steps)
     diag.update(pt.inner_report())
     diag["solve_converged"] = res.converged
+    diag["solve"] = solve_summary(res, curv)
     if res.negative_curvature:
         diag["notes"].append("the total solve met negative curvature")
     return meta_grad_norm, diag
+
+
+def solve_summary(res: SolveResult, curv: Curvature) -> dict[str, Any]:
+    """A JSON-able line of what a solve did (for reports): method, iterations, residual."""
+    return {
+        "curvature": curv.kind,
+        "method": curv.method,
+        "solver": curv.solver,
+        "solve_damping": float(curv.solve_damping),
+        "iters": int(res.iters),
+        "residual": float(res.residual.max()) if res.residual.numel() else 0.0,
+        "converged": bool(res.converged),
+    }
 
 
 def _with_check(
@@ -466,8 +624,8 @@ def param_influence(
     meta_params: ParamsLike,
     train_tasks: TasksLike,
     remove: Mapping[str, Sequence[Any]],
-    curvature: str = "exact",
-    solver: str = "cg",
+    curvature: str | Curvature = "exact",
+    solver: str = "auto",
     solve_damping: float = 0.0,
     solver_kwargs: Mapping[str, Any] | None = None,
     return_result: bool = False,
@@ -480,19 +638,35 @@ def param_influence(
     ``R``, exact in the inner map's response to removed support points). The two agree for
     tasks and query points, which enter linearly; ``"auto"`` (default) is ``"exact"`` when
     ``remove`` has support points. ``remove`` maps ``"task"`` to task positions ``[k, ...]``
-    and ``"support_point"`` / ``"query_point"`` to ``[(k, j), ...]`` pairs. Returns a
-    parameter dict.
+    and ``"support_point"`` / ``"query_point"`` to ``[(k, j), ...]`` pairs. ``curvature``,
+    ``solver``, ``solve_damping`` and ``solver_kwargs`` as in :func:`removal_effects` (pass the
+    job's fitted :class:`Curvature` to reuse it). Returns a parameter dict.
     """
+    curv = as_curvature(curvature, solver, solve_damping, solver_kwargs)
     pt = problem.point(meta_params, train_tasks)
+    curv = resolve_auto(curv, pt)
+    delta, res = _param_step(problem, pt, train_tasks, remove, curv, support_response)
+    out = problem.unflat(delta)
+    return (out, res) if return_result else out
+
+
+def _param_step(
+    problem: MetaProblem,
+    pt: BilevelPoint,
+    train_tasks: TasksLike,
+    remove: Mapping[str, Sequence[Any]],
+    curv: Curvature,
+    support_response: str,
+) -> tuple[Tensor, SolveResult]:
+    """``(Δλ [P], its solve)`` for removing ``remove`` (see :func:`param_influence`)."""
     checked = _checked_removal(pt, remove)
     if _exact_support(support_response, len(checked.get("support_point", [])) > 0):
         without = problem.batch(train_tasks, pt.lam).reweighted(checked, 0.0)
         b = pt.meta_grad() - problem.point(pt.lam, without).meta_grad()
     else:
         b = pt.removal_rhs(checked)
-    res = _solve(pt, b.detach(), curvature, solver, solve_damping, solver_kwargs)
-    out = problem.unflat(res.x)
-    return (out, res) if return_result else out
+    res = _solve(pt, b.detach(), curv, "total solve for the edit (Δλ)")
+    return res.x, res
 
 
 def edit(
@@ -501,31 +675,38 @@ def edit(
     train_tasks: TasksLike,
     remove: Mapping[str, Sequence[Any]],
     newton_steps: int = 0,
-    **kwargs: Any,
+    curvature: str | Curvature = "exact",
+    solver: str = "auto",
+    solve_damping: float = 0.0,
+    solver_kwargs: Mapping[str, Any] | None = None,
+    support_response: str = "auto",
 ) -> dict[str, Tensor]:
     """Meta-parameters with ``remove`` taken out, without retraining: ``λ* + Δλ``.
 
+    ``Δλ`` is :func:`param_influence` with the same ``curvature`` (a fitted :class:`Curvature`
+    from :func:`mf.fit_curvature` makes the edit's solve reuse the job's factorisation).
     ``newton_steps > 0`` then applies that many Newton corrections on the objective without the
     removed items, ``λ ← λ − (H_{-R}(λ) + δ'I)⁻¹ ∇F_{-R}(λ)``, each one total solve with the same
-    solver: the first-order edit becomes a (locally quadratically convergent) approximation of
-    actual retraining started at ``λ*``, at the cost of ``newton_steps`` extra solves.
+    curvature kind and solver at the new point: the first-order edit becomes a (locally
+    quadratically convergent) approximation of actual retraining started at ``λ*``, at the cost
+    of ``newton_steps`` extra solves.
     """
+    newton_steps = check_int(newton_steps, "newton_steps", minimum=0)
+    curv = as_curvature(curvature, solver, solve_damping, solver_kwargs)
     lam = problem.flat(meta_params)
-    delta = param_influence(problem, lam, train_tasks, remove, **kwargs)
-    assert isinstance(delta, dict)
-    new = lam + problem.spec.flatten(delta)
-    if int(newton_steps) > 0:
+    pt = problem.point(lam, train_tasks)
+    curv = resolve_auto(curv, pt)
+    delta, _ = _param_step(problem, pt, train_tasks, remove, curv, support_response)
+    new = lam + delta
+    if newton_steps > 0:
         batch = problem.batch(train_tasks, lam).reweighted(remove, 0.0)
-        curvature = kwargs.get("curvature", "exact")
-        solver = kwargs.get("solver", "cg")
-        solve_damping = float(kwargs.get("solve_damping", 0.0))
 
         def at(x: Tensor) -> tuple[Tensor, BilevelPoint]:
             q = problem.point(x, batch)
             return q.meta_grad().detach(), q
 
         def step_at(q: BilevelPoint, g: Tensor) -> Tensor:
-            return _solve(q, g, curvature, solver, solve_damping, kwargs.get("solver_kwargs")).x
+            return _solve(q, g, curv, "Newton correction of the edit").x
 
         new, _ = newton_descent(at, step_at, new, newton_steps)
     return problem.unflat(new)
