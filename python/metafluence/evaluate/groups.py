@@ -40,7 +40,8 @@ from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
 from ..bilevel.source import TaskSource
 from ..bilevel.tasks import TaskBatch
 from ..influence.removal import ITEMS, TargetLike
-from ..train.meta_train import meta_train, progress_bar
+from ..train._bar import progress_bar
+from ..train.meta_train import meta_train
 from .loo import Retrain, newton_retrain, stage_fingerprint, target_value
 
 Group = Mapping[str, Sequence[Any]] | Sequence[Any]

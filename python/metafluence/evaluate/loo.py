@@ -21,7 +21,8 @@ from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
 from ..bilevel.source import TaskSource
 from ..bilevel.tasks import Task, TaskBatch
 from ..influence.removal import ITEMS, TargetLike, target_value
-from ..train.meta_train import newton_refine, progress_bar
+from ..train._bar import progress_bar
+from ..train.meta_train import newton_refine
 
 Retrain = Callable[[TaskBatch | TaskSource, dict[str, Tensor]], dict[str, Tensor]]
 

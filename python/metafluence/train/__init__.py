@@ -1,5 +1,14 @@
-"""Meta-training loops."""
+"""Meta-training loops: first-order training, then a stationarity phase."""
 
 from .meta_train import OPTIMIZERS, TrainState, grad_norm, meta_train, newton_refine
+from .stationary import StationarityReport, make_stationary
 
-__all__ = ["OPTIMIZERS", "TrainState", "grad_norm", "meta_train", "newton_refine"]
+__all__ = [
+    "OPTIMIZERS",
+    "StationarityReport",
+    "TrainState",
+    "grad_norm",
+    "make_stationary",
+    "meta_train",
+    "newton_refine",
+]

@@ -32,6 +32,8 @@ from .._checks import check_float, check_int
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
 from ..bilevel.source import TaskSource
 from ..bilevel.tasks import TaskBatch
+from ._bar import progress_bar
+from .stationary import make_stationary
 
 OPTIMIZERS = ("adam", "sgd", "lbfgs", "newton")
 
@@ -122,17 +124,6 @@ def _restore(
         opt.load_state_dict(sd)
 
 
-def progress_bar(total: int, enabled: bool, desc: str) -> Any:
-    """A tqdm bar of ``total`` units (None when disabled or tqdm is missing)."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, leave=False)
-
-
 def meta_train(
     problem: MetaProblem,
     model: torch.nn.Module | None,
@@ -150,6 +141,9 @@ def meta_train(
     history: list[float] | None = None,
     state: TrainState | None = None,
     on_step: Callable[[int, Callable[[], TrainState]], None] | None = None,
+    stationary_tol: float | None = None,
+    stationary_evals: int = 200,
+    info: dict[str, Any] | None = None,
 ) -> dict[str, Tensor]:
     """Train meta-parameters; returns them as a dict (model parameter order).
 
@@ -171,6 +165,12 @@ def meta_train(
         on_step: ``on_step(done, snapshot)`` after each step (``done`` steps finished);
             ``snapshot()`` builds the :class:`TrainState` (call it only when saving: it copies
             the optimizer state). Not called for ``"newton"``.
+        stationary_tol: after the ``steps``, a stationarity phase on the full task set
+            (:func:`metafluence.train.stationary.make_stationary`: full-batch L-BFGS until
+            ``‖∇F‖ ≤ stationary_tol``, at most ``stationary_evals`` gradient evaluations).
+            ``None`` (default): no such phase.
+        info: if given, ``info["stationarity"]`` receives the phase's
+            :class:`~metafluence.train.stationary.StationarityReport` as a dict.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
@@ -269,6 +269,13 @@ def meta_train(
         lam = x.detach()
     if bar is not None:
         bar.close()
+    if stationary_tol is not None:
+        out, report = make_stationary(
+            problem, lam, full, stationary_tol, max_evals=stationary_evals, progress=progress
+        )
+        if info is not None:
+            info["stationarity"] = report.as_dict()
+        return out
     return problem.unflat(lam)
 
 

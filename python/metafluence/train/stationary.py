@@ -1,0 +1,155 @@
+"""The stationarity phase: a ``λ*`` that influence can stand on.
+
+Every formula of math.md assumes ``∇F(λ*) = 0``. First-order meta-training (Adam on
+mini-batches, a fixed number of steps) stops wherever its budget ends; on the glyph job
+``‖∇F‖`` was 1.3 there. :func:`make_stationary` continues from that point on the *fixed* task
+set with full-batch L-BFGS (two-loop recursion over ``history_size`` pairs, backtracking Armijo
+line search; a pair is kept only when ``sᵀy > 0``) until
+
+    ‖∇F(λ)‖₂ ≤ tol      (or ``max_evals`` evaluations of ``(F, ∇F)``),
+
+and reports what it did (:class:`StationarityReport`). Every retraining used as ground truth
+(leave-out, warm, full) should stop by the same rule (``meta_train(..., stationary_tol=tol)``),
+so that an edit and a retrain are compared at the same tolerance.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import Tensor
+
+from .._checks import check_float, check_int
+from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
+from ._bar import progress_bar
+
+
+@dataclass
+class StationarityReport:
+    """What the stationarity phase did: ``‖∇F‖`` and ``F`` before and after, the number of
+    ``(F, ∇F)`` evaluations (each one full meta-gradient over the tasks), the wall time, and
+    whether ``‖∇F‖ ≤ tol`` was reached."""
+
+    tol: float
+    grad_norm_before: float
+    grad_norm_after: float
+    objective_before: float
+    objective_after: float
+    evaluations: int
+    seconds: float
+    converged: bool
+    method: str = "lbfgs"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def line(self) -> str:
+        """One line for reports."""
+        state = "reached" if self.converged else "NOT reached"
+        return (
+            f"stationarity ({self.method}): ‖∇F‖ {self.grad_norm_before:.3g} → "
+            f"{self.grad_norm_after:.3g} (tol {self.tol:.3g} {state}), F "
+            f"{self.objective_before:.4g} → {self.objective_after:.4g}, "
+            f"{self.evaluations} gradient evaluations, {self.seconds:.1f} s"
+        )
+
+
+def make_stationary(
+    problem: MetaProblem,
+    meta_params: ParamsLike,
+    tasks: TasksLike,
+    tol: float,
+    max_evals: int = 200,
+    history_size: int = 20,
+    task_weight: Tensor | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Tensor], StationarityReport]:
+    """Full-batch L-BFGS from ``meta_params`` until ``‖∇F‖₂ ≤ tol`` (module docstring).
+
+    Args:
+        tol: ``> 0``, the gradient-norm tolerance (2-norm, damping term included).
+        max_evals: at most this many ``(F, ∇F)`` evaluations (line-search trials and the
+            first evaluation included).
+        history_size: L-BFGS memory.
+
+    Returns ``(meta_params, report)``. Deterministic on CPU for a fixed thread count.
+    """
+    tol = check_float(tol, "stationary_tol", positive=True)
+    max_evals = check_int(max_evals, "stationary_evals", minimum=1)
+    history_size = check_int(history_size, "history_size", minimum=1)
+    t0 = time.perf_counter()
+    lam = problem.flat(meta_params).detach().clone()
+    batch = problem.batch(tasks, lam, task_weight)
+    evals = 0
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor]:
+        nonlocal evals
+        evals += 1
+        pt = problem.point(x, batch)
+        return pt.objective().detach(), pt.meta_grad().detach()
+
+    x, (f_t, g) = lam, value_and_grad(lam)
+    f, gn = float(f_t), float(g.norm())
+    f_before, gn_before = f, gn
+    S: list[Tensor] = []
+    Y: list[Tensor] = []
+    bar = progress_bar(max_evals, progress, "stationarity (L-BFGS)")
+    while gn > tol and evals < max_evals:
+        d = -_two_loop(g, S, Y)
+        slope = float(g @ d)
+        if not slope < 0:  # not a descent direction: forget the memory
+            S.clear(), Y.clear()
+            d, slope = -g / max(gn, 1.0), -(gn**2) / max(gn, 1.0)
+        t, before, accepted = 1.0, evals, False
+        while evals < max_evals:  # backtracking (Armijo, c1 = 1e-4)
+            f_new_t, g_new = value_and_grad(x + t * d)
+            f_new = float(f_new_t)
+            if f_new <= f + 1e-4 * t * slope:
+                accepted = True
+                break
+            t *= 0.5
+        if bar is not None:
+            bar.update(evals - before)
+        if not accepted:
+            break
+        s_k, y_k = t * d, g_new - g
+        if float(s_k @ y_k) > 1e-10 * float(s_k.norm() * y_k.norm()):
+            S.append(s_k), Y.append(y_k)
+            if len(S) > history_size:
+                S.pop(0), Y.pop(0)
+        x, f, g = x + s_k, f_new, g_new
+        gn = float(g.norm())
+        if bar is not None:
+            bar.set_postfix(grad=gn, F=f)
+    if bar is not None:
+        bar.close()
+    report = StationarityReport(
+        tol=tol,
+        grad_norm_before=gn_before,
+        grad_norm_after=gn,
+        objective_before=f_before,
+        objective_after=f,
+        evaluations=evals,
+        seconds=time.perf_counter() - t0,
+        converged=gn <= tol,
+    )
+    return problem.unflat(x.detach()), report
+
+
+def _two_loop(g: Tensor, S: list[Tensor], Y: list[Tensor]) -> Tensor:
+    """The L-BFGS inverse-Hessian product ``H_k g`` (two-loop recursion, ``H_0 = γI`` with
+    ``γ = sᵀy / yᵀy`` of the newest pair; without pairs ``g`` itself)."""
+    q = g.clone()
+    alphas = []
+    for s_i, y_i in zip(reversed(S), reversed(Y), strict=True):
+        a = float(s_i @ q) / float(y_i @ s_i)
+        alphas.append(a)
+        q = q - a * y_i
+    if S:
+        q = q * (float(S[-1] @ Y[-1]) / float(Y[-1] @ Y[-1]))
+    for (s_i, y_i), a in zip(zip(S, Y, strict=True), reversed(alphas), strict=True):
+        b = float(y_i @ q) / float(y_i @ s_i)
+        q = q + (a - b) * s_i
+    return q
