@@ -112,8 +112,11 @@ def _pil():
     return Image
 
 
-def _decoder(size: int | None, mode: str) -> Callable[[Any], np.ndarray]:
+def _decoder(
+    size: int | None, mode: str, container: Path | None = None
+) -> Callable[[Any], np.ndarray]:
     """``source (path | bytes) -> uint8 array`` in ``mode`` ("L"/"RGB"), resized to size×size.
+    ``container``: the file that holds encoded sources (named in errors).
 
     16-bit images are rescaled from 0-65535 by :func:`as_uint8_images` (Pillow would clip them
     at 255), with one warning naming the first such file; 32-bit ("I", "F") images are refused.
@@ -125,19 +128,18 @@ def _decoder(size: int | None, mode: str) -> Callable[[Any], np.ndarray]:
         image_mod = _pil()
         encoded = isinstance(src, (bytes, bytearray, np.ndarray))
         fh = io.BytesIO(bytes(src)) if encoded else src
+        name = f"encoded image in {container}" if encoded else str(src)
         try:
             with image_mod.open(fh) as im:
                 if im.mode in ("I", "F"):
                     raise DatasetLayoutError(
-                        f"{src if not encoded else 'encoded image'}: {im.mode}-mode (32-bit) "
-                        "pixels; expected 8- or 16-bit images"
+                        f"{name}: {im.mode}-mode (32-bit) pixels; expected 8- or 16-bit images"
                     )
                 if im.mode.startswith("I;16"):
                     with warnings.catch_warnings():
                         if warned:
                             warnings.simplefilter("ignore")
-                        where = src if not encoded else "encoded image"
-                        (px,) = as_uint8_images([(np.asarray(im), where)], "image", bits=16)
+                        (px,) = as_uint8_images([(np.asarray(im), name)], "image", bits=16)
                     warned = True
                     im = image_mod.fromarray(px)
                 im = im.convert(mode)  # decodes everything: a truncated file fails here
@@ -147,7 +149,7 @@ def _decoder(size: int | None, mode: str) -> Callable[[Any], np.ndarray]:
         except DatasetLayoutError:
             raise
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-            where = f"{len(bytes(src))} encoded bytes" if encoded else str(src)
+            where = f"{len(bytes(src))} encoded bytes in {container}" if encoded else str(src)
             raise DatasetLayoutError(f"cannot decode image {where}: {_one_line(e)}") from None
 
     return decode
@@ -359,8 +361,9 @@ def load_mini_imagenet(
     }
     per_split: dict[str, tuple[Any, list[str], np.ndarray]] = {}
     if all(pkl.values()):
-        for s, p in pkl.items():
-            d = safe_unpickle(p)  # type: ignore[arg-type]
+        pkl_files = {s: p for s, p in pkl.items() if p is not None}
+        for s, p in pkl_files.items():
+            d = safe_unpickle(p)
             if not isinstance(d, dict) or "image_data" not in d or "class_dict" not in d:
                 raise _err("mini-imagenet", p, "pickle lacks image_data/class_dict", MINI_LAYOUT)
             with _reading("mini-imagenet", p, MINI_LAYOUT):
@@ -368,12 +371,16 @@ def load_mini_imagenet(
                 wnids = list(d["class_dict"])
                 lab = np.full(len(data), -1, dtype=np.int64)
                 for i, w in enumerate(wnids):
-                    rows = as_labels(d["class_dict"][w], p, "mini-imagenet", f"class_dict[{w!r}]")
-                    lab[rows] = i
+                    members = as_labels(
+                        d["class_dict"][w], p, "mini-imagenet", f"class_dict[{w!r}]"
+                    )
+                    lab[members] = i
             if (lab < 0).any():
                 raise _err("mini-imagenet", p, "rows not covered by class_dict", MINI_LAYOUT)
             per_split[s] = (data, wnids, lab)
-        pixels = as_uint8_images([(per_split[s][0], pkl[s]) for s in per_split], "mini-imagenet")
+        pixels = as_uint8_images(
+            [(per_split[s][0], f) for s, f in pkl_files.items()], "mini-imagenet"
+        )
         for s, data in zip(list(per_split), pixels, strict=True):
             per_split[s] = (data, *per_split[s][1:])
         layout = "pickle"
@@ -529,7 +536,7 @@ def load_tiered_imagenet(
             npz_of[s] = npz_p
         else:
             raw = safe_unpickle(png_p, encoding="bytes")  # type: ignore[arg-type]
-            data = LazyImages(list(raw), _decoder(size, "RGB"))
+            data = LazyImages(list(raw), _decoder(size, "RGB", png_p))
         if len(data) != len(lab):
             raise _err(
                 "tiered-imagenet",
@@ -712,7 +719,7 @@ NPZ_LAYOUT = (
 
 
 # IDX type byte -> element dtype (big-endian); data.md §2.6 (MNIST uses 0x08)
-_IDX_TYPES = {
+_IDX_TYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype("u1"),
     0x09: np.dtype("i1"),
     0x0B: np.dtype(">i2"),
