@@ -1,8 +1,11 @@
 """Deterministic mode: the same seed gives bit-identical scores, on the CPU and on a GPU.
 
-On the CPU every metafluence computation is deterministic already (fixed reduction orders, our
-C++ kernels sum partial results in a fixed order whatever the thread count). On a GPU three
-things can change the last bits of a score between runs:
+On the CPU every metafluence computation is deterministic already for a fixed thread count
+(fixed reduction orders; our C++ kernels sum partial results in a fixed order whatever the thread
+count). torch's own CPU kernels (convolutions, matrix products) split their sums by thread, so a
+different ``torch.get_num_threads()`` can change the last bits of a score: same seed, same thread
+count, same machine and build give identical scores. On a GPU three things can change the last
+bits of a score between runs:
 
 * PyTorch kernels that accumulate with atomics (``index_add``, ``scatter_add``, the backward of
   ``index_select`` / ``gather``, some convolution algorithms);

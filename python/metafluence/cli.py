@@ -12,6 +12,86 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+
+# ---- user input: every error is one line naming the option, exit code 2 -------------------------
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` whose usage errors are one line on stderr (``<prog>: error: ...``, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _float_in(
+    low: float, high: float = float("inf"), low_open: bool = False
+) -> Callable[[str], float]:
+    """An argparse ``type``: a finite float in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
+    where = f"{'(' if low_open else '['}{low:g}, {high:g}]" if high < float("inf") else None
+    want = where or (f"> {low:g}" if low_open else f">= {low:g}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        ok = value == value and value != float("inf") and value <= high
+        if not ok or value < low or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"expected a finite number {want}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    """An argparse ``type``: a torch device that exists here (cpu, cuda[:i] or mps)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda, cuda:<index> or mps")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: no CUDA device is available here (torch.cuda.is_available() is "
+                "False); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: only {count} CUDA device(s) visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here; use --device cpu")
+    return text
+
+
+def _check_run(args: argparse.Namespace) -> None:
+    """Checks of ``run`` that argparse types cannot make; a ``ValueError`` is a user error."""
+    from .data import parse_spec
+
+    try:
+        parse_spec(args.dataset, must_exist=True)
+    except ValueError as e:
+        raise ValueError(f"--dataset: {e}") from None
+    if args.remove is not None and args.remove > args.tasks:
+        raise ValueError(f"--remove {args.remove}: expected <= --tasks ({args.tasks})")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -89,46 +169,57 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
     d = RunConfig()
     a = p.add_argument
+    positive, nonneg = _int_at_least(1), _int_at_least(0)
     a(
         "--dataset",
         default=d.dataset,
         help="'glyphs' (embedded) or '<kind>:<path>', kind one of "
         "omniglot, mini-imagenet, tiered-imagenet, cifar-fs, fc100, cub, idx, npz, folder",
     )
-    a("--ways", type=int, default=d.ways)
-    a("--shots", type=int, default=d.shots)
-    a("--queries", type=int, default=d.queries, help="query points per class")
-    a("--tasks", type=int, default=d.tasks, help="meta-training tasks")
-    a("--target-tasks", type=int, default=d.target_tasks, help="target tasks (val split)")
-    a("--eval-tasks", type=int, default=d.eval_tasks, help="evaluation tasks (test split)")
-    a("--noise", type=float, default=d.noise, help="fraction of tasks with flipped labels")
+    a("--ways", type=_int_at_least(2), default=d.ways)
+    a("--shots", type=positive, default=d.shots)
+    a("--queries", type=positive, default=d.queries, help="query points per class")
+    a("--tasks", type=positive, default=d.tasks, help="meta-training tasks")
+    a("--target-tasks", type=positive, default=d.target_tasks, help="target tasks (val split)")
+    a("--eval-tasks", type=positive, default=d.eval_tasks, help="evaluation tasks (test split)")
+    a(
+        "--noise",
+        type=_float_in(0.0, 1.0),
+        default=d.noise,
+        help="fraction of tasks with flipped labels",
+    )
     a("--inner", choices=INNERS, default=d.inner, help="inner map")
-    a("--inner-steps", type=int, default=d.inner_steps)
-    a("--inner-lr", type=float, default=d.inner_lr)
+    a("--inner-steps", type=positive, default=d.inner_steps)
+    a("--inner-lr", type=_float_in(0.0, low_open=True), default=d.inner_lr)
     a("--model", choices=["conv4", "mlp"], default=d.model)
-    a("--width", type=int, default=d.width, help="Conv-4 filters / MLP width")
+    a("--width", type=positive, default=d.width, help="Conv-4 filters / MLP width")
     a("--curvature", choices=["exact", "gauss_newton", "gamma"], default=d.curvature)
     a("--solver", choices=["cg", "neumann", "direct", "arnoldi"], default=d.solver)
-    a("--maxiter", type=int, default=d.maxiter, help="iterations of the total solve")
-    a("--damping", type=float, default=d.damping, help="damping δ of the meta-objective")
-    a("--solve-damping", type=float, default=d.solve_damping, help="δ' added in the solve only")
-    a("--steps", type=int, default=d.steps, help="meta-training steps")
-    a("--outer-lr", type=float, default=d.outer_lr)
-    a("--meta-batch", type=int, default=d.meta_batch, help="tasks per meta-training step")
-    a("--retrain-steps", type=int, default=d.retrain_steps)
-    a("--remove", type=int, default=None, help="tasks to remove (default: number flipped)")
-    a("--glyph-classes", type=int, default=d.glyph_classes)
-    a("--device", default=d.device)
+    a("--maxiter", type=positive, default=d.maxiter, help="iterations of the total solve")
+    a("--damping", type=_float_in(0.0), default=d.damping, help="damping δ of the meta-objective")
+    a(
+        "--solve-damping",
+        type=_float_in(0.0),
+        default=d.solve_damping,
+        help="δ' added in the solve only",
+    )
+    a("--steps", type=nonneg, default=d.steps, help="meta-training steps")
+    a("--outer-lr", type=_float_in(0.0, low_open=True), default=d.outer_lr)
+    a("--meta-batch", type=positive, default=d.meta_batch, help="tasks per meta-training step")
+    a("--retrain-steps", type=nonneg, default=d.retrain_steps)
+    a("--remove", type=nonneg, default=None, help="tasks to remove (default: number flipped)")
+    a("--glyph-classes", type=_int_at_least(3), default=d.glyph_classes)
+    a("--device", type=_device, default=d.device, help="cpu, cuda, cuda:<index> or mps")
     a("--dtype", choices=["float32", "float64"], default=d.dtype)
-    a("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch default)")
-    a("--chunk-size", type=int, default=d.chunk_size, help="tasks per batched engine call")
-    a("--seed", type=int, default=d.seed)
+    a("--threads", type=nonneg, default=d.threads, help="torch CPU threads (0: torch default)")
+    a("--chunk-size", type=positive, default=d.chunk_size, help="tasks per batched engine call")
+    a("--seed", type=nonneg, default=d.seed)
     a("--out", default=d.out, help="results folder (the report goes to <out>/<name>/)")
     a("--name", default=None, help="run name (default from the configuration)")
     a("--quiet", action="store_true", help="no progress bars")
     a(
         "--nproc",
-        type=int,
+        type=positive,
         default=1,
         help="worker processes sharing the tasks (torch.distributed on loopback; gloo on CPU, "
         "nccl with one GPU each); under torchrun the launcher's WORLD_SIZE is used",
@@ -142,9 +233,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .distributed.launch import in_worker, launch
     from .report.job import RunConfig, run
 
-    if args.nproc < 1:
-        print(f"metafluence run: error: --nproc {args.nproc}: expected >= 1", file=sys.stderr)
-        return 2
     where = ""
     if in_worker():  # started by torchrun or by --nproc below: this is one of the workers
         world = int(os.environ["WORLD_SIZE"])
@@ -238,7 +326,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="metafluence",
         description="Influence (removal effects) for meta-learning.",
     )
@@ -249,14 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.set_defaults(func=_cmd_info)
 
     p_demo = sub.add_parser("demo", help="tiny per-sample-gradient demo comparing backends")
-    p_demo.add_argument("--samples", type=int, default=97)
-    p_demo.add_argument("--device", default="cpu")
+    p_demo.add_argument("--samples", type=_int_at_least(1), default=97)
+    p_demo.add_argument("--device", type=_device, default="cpu")
     p_demo.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p_demo.set_defaults(func=_cmd_demo)
 
     p_run = sub.add_parser("run", help="the main job: influence of meta-training tasks")
     _add_run_args(p_run)
-    p_run.set_defaults(func=_cmd_run)
+    p_run.set_defaults(func=_cmd_run, check=_check_run)
 
     p_bench = sub.add_parser(
         "bench", help="run benchmark scripts (results appended under benchmarks/results/)"
@@ -268,9 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv``; returns the exit code (2: a user error, on one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed on one line)
+        return e.code if isinstance(e.code, int) else 2
     args.argv = argv
+    check: Callable[[argparse.Namespace], None] | None = getattr(args, "check", None)
+    if check is not None:
+        try:  # only the validation of user input: errors in the job itself keep their traceback
+            check(args)
+        except (ValueError, TypeError) as e:
+            print(f"metafluence {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)
 

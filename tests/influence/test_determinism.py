@@ -47,6 +47,21 @@ def test_same_seed_identical_scores():
     assert r1.diagnostics["lambda_min"] == r2.diagnostics["lambda_min"]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_seed_same_threads_identical_scores(threads):
+    """The README's promise, exactly: same seed and same thread count → identical scores. (A
+    different thread count may change the last bits: torch's CPU kernels split their sums by
+    thread; that is why the promise names the thread count.)"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = [run_once() for _ in range(2)]
+    finally:
+        torch.set_num_threads(before)
+    (lam1, r1), (lam2, r2) = runs
+    assert digest(lam1, r1) == digest(lam2, r2)
+
+
 # ---- across processes, in deterministic mode ---------------------------------------------------
 
 

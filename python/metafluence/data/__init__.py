@@ -7,6 +7,7 @@ user-supplied copy, with ``kind`` one of ``omniglot``, ``mini-imagenet``, ``tier
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .dataset import SPLITS, DatasetLayoutError, FewShotDataset, LazyImages
@@ -31,15 +32,14 @@ from .stream import TaskDataset
 EMBEDDED = ("glyphs",)
 
 
-def load(spec: str, **kwargs: Any) -> FewShotDataset:
-    """``"glyphs"`` or ``"<kind>:<path>"`` → :class:`FewShotDataset`.
+def parse_spec(spec: str, must_exist: bool = False) -> tuple[str, str]:
+    """``"glyphs"`` → ``("glyphs", "")``; ``"<kind>:<path>"`` → ``(kind, path)``, checked.
 
-    Keyword arguments go to the loader (e.g. ``strict=False``, ``size=28``; for glyphs
-    ``num_classes``, ``samples``, ``seed``). A wrong path or layout raises
-    :class:`DatasetLayoutError` whose one-line message names the expected layout.
+    Raises :class:`DatasetLayoutError` (one line, naming the expected form or layout) for an
+    unknown kind, a missing path, or -- with ``must_exist`` -- a path that does not exist.
     """
     if spec in ("glyphs", "glyphs:"):
-        return load_glyphs(**kwargs)
+        return "glyphs", ""
     kind, sep, path = spec.partition(":")
     kind = kind.strip().lower()
     if not sep or kind not in LOADERS:
@@ -51,6 +51,23 @@ def load(spec: str, **kwargs: Any) -> FewShotDataset:
         raise DatasetLayoutError(
             f"dataset {spec!r}: missing path; expected layout: {LAYOUTS[kind]}"
         )
+    if must_exist and not Path(path).expanduser().exists():
+        raise DatasetLayoutError(
+            f"dataset {spec!r}: {path} does not exist; expected layout: {LAYOUTS[kind]}"
+        )
+    return kind, path
+
+
+def load(spec: str, **kwargs: Any) -> FewShotDataset:
+    """``"glyphs"`` or ``"<kind>:<path>"`` → :class:`FewShotDataset`.
+
+    Keyword arguments go to the loader (e.g. ``strict=False``, ``size=28``; for glyphs
+    ``num_classes``, ``samples``, ``seed``). A wrong path or layout raises
+    :class:`DatasetLayoutError` whose one-line message names the expected layout.
+    """
+    kind, path = parse_spec(spec)
+    if kind == "glyphs":
+        return load_glyphs(**kwargs)
     return LOADERS[kind](path, **kwargs)
 
 
@@ -75,6 +92,7 @@ __all__ = [
     "load_npz",
     "load_omniglot",
     "load_tiered_imagenet",
+    "parse_spec",
     "read_idx",
     "safe_unpickle",
     "sample_tasks",

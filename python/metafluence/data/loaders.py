@@ -19,6 +19,7 @@ import pickle
 import re
 import shutil
 import struct
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -27,6 +28,14 @@ from typing import Any
 import numpy as np
 
 from . import splits as S
+from .checks import (
+    as_labels,
+    as_uint8_images,
+    check_inflation,
+    check_npz,
+    check_zip,
+    declared_nbytes,
+)
 from .dataset import (
     DatasetLayoutError,
     FewShotDataset,
@@ -103,21 +112,44 @@ def _pil():
     return Image
 
 
-def _decoder(size: int | None, mode: str) -> Callable[[Any], np.ndarray]:
-    """``source (path | bytes) -> uint8 array`` in ``mode`` ("L"/"RGB"), resized to size×size."""
+def _decoder(
+    size: int | None, mode: str, container: Path | None = None
+) -> Callable[[Any], np.ndarray]:
+    """``source (path | bytes) -> uint8 array`` in ``mode`` ("L"/"RGB"), resized to size×size.
+    ``container``: the file that holds encoded sources (named in errors).
+
+    16-bit images are rescaled from 0-65535 by :func:`as_uint8_images` (Pillow would clip them
+    at 255), with one warning naming the first such file; 32-bit ("I", "F") images are refused.
+    """
+    warned = False
 
     def decode(src: Any) -> np.ndarray:
+        nonlocal warned
         image_mod = _pil()
         encoded = isinstance(src, (bytes, bytearray, np.ndarray))
         fh = io.BytesIO(bytes(src)) if encoded else src
+        name = f"encoded image in {container}" if encoded else str(src)
         try:
             with image_mod.open(fh) as im:
+                if im.mode in ("I", "F"):
+                    raise DatasetLayoutError(
+                        f"{name}: {im.mode}-mode (32-bit) pixels; expected 8- or 16-bit images"
+                    )
+                if im.mode.startswith("I;16"):
+                    with warnings.catch_warnings():
+                        if warned:
+                            warnings.simplefilter("ignore")
+                        (px,) = as_uint8_images([(np.asarray(im), name)], "image", bits=16)
+                    warned = True
+                    im = image_mod.fromarray(px)
                 im = im.convert(mode)  # decodes everything: a truncated file fails here
                 if size is not None and im.size != (size, size):
                     im = im.resize((size, size), image_mod.Resampling.LANCZOS)
                 return np.asarray(im, dtype=np.uint8)
+        except DatasetLayoutError:
+            raise
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-            where = f"{len(bytes(src))} encoded bytes" if encoded else str(src)
+            where = f"{len(bytes(src))} encoded bytes in {container}" if encoded else str(src)
             raise DatasetLayoutError(f"cannot decode image {where}: {_one_line(e)}") from None
 
     return decode
@@ -151,6 +183,7 @@ def _extract_zip(z: Path, part: str, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with _reading("omniglot", z, OMNIGLOT_LAYOUT), zipfile.ZipFile(z) as zf:
+            check_zip(zf, z, "omniglot")
             zf.extractall(tmp)
         inner = tmp / part if (tmp / part).is_dir() else tmp
         os.replace(inner, out)
@@ -328,19 +361,28 @@ def load_mini_imagenet(
     }
     per_split: dict[str, tuple[Any, list[str], np.ndarray]] = {}
     if all(pkl.values()):
-        for s, p in pkl.items():
-            d = safe_unpickle(p)  # type: ignore[arg-type]
+        pkl_files = {s: p for s, p in pkl.items() if p is not None}
+        for s, p in pkl_files.items():
+            d = safe_unpickle(p)
             if not isinstance(d, dict) or "image_data" not in d or "class_dict" not in d:
                 raise _err("mini-imagenet", p, "pickle lacks image_data/class_dict", MINI_LAYOUT)
             with _reading("mini-imagenet", p, MINI_LAYOUT):
-                data = np.asarray(d["image_data"], dtype=np.uint8)
+                data = np.asarray(d["image_data"])
                 wnids = list(d["class_dict"])
                 lab = np.full(len(data), -1, dtype=np.int64)
                 for i, w in enumerate(wnids):
-                    lab[np.asarray(d["class_dict"][w], dtype=np.int64)] = i
+                    members = as_labels(
+                        d["class_dict"][w], p, "mini-imagenet", f"class_dict[{w!r}]"
+                    )
+                    lab[members] = i
             if (lab < 0).any():
                 raise _err("mini-imagenet", p, "rows not covered by class_dict", MINI_LAYOUT)
             per_split[s] = (data, wnids, lab)
+        pixels = as_uint8_images(
+            [(per_split[s][0], f) for s, f in pkl_files.items()], "mini-imagenet"
+        )
+        for s, data in zip(list(per_split), pixels, strict=True):
+            per_split[s] = (data, *per_split[s][1:])
         layout = "pickle"
     elif (
         all((root / f"{s}.csv").is_file() for s in ("train", "val", "test"))
@@ -406,7 +448,6 @@ def load_mini_imagenet(
                 f"{int(counts.min())}-{int(counts.max())} images",
                 MINI_LAYOUT,
             )
-    import warnings
 
     if strict and any(set(per_split[s][1]) != set(S.MINI_IMAGENET[s]) for s in per_split):
         warnings.warn(
@@ -466,6 +507,7 @@ def load_tiered_imagenet(
     if not root.is_dir():
         raise _err("tiered-imagenet", root, "not a directory", TIERED_LAYOUT)
     per_split: dict[str, tuple[Any, list[str], np.ndarray]] = {}
+    npz_of: dict[str, Path] = {}  # the splits stored as decoded arrays, and their files
     expect = {"train": 351, "val": 97, "test": 160}
     for s in ("train", "val", "test"):
         lab_p = _split_file(root, "", s, "_labels.pkl")
@@ -478,8 +520,7 @@ def load_tiered_imagenet(
             raise _err(
                 "tiered-imagenet", lab_p, "labels pickle lacks label_specific", TIERED_LAYOUT
             )
-        with _reading("tiered-imagenet", lab_p, TIERED_LAYOUT):
-            lab = np.asarray(meta["label_specific"], dtype=np.int64).reshape(-1)
+        lab = as_labels(meta["label_specific"], lab_p, "tiered-imagenet", "label_specific")
         if len(lab) == 0:
             raise _err("tiered-imagenet", lab_p, "no labels", TIERED_LAYOUT)
         uniq = np.unique(lab)
@@ -488,12 +529,14 @@ def load_tiered_imagenet(
             names = [str(u) for u in range(int(uniq.max()) + 1)]
         if npz_p is not None:
             with _reading("tiered-imagenet", npz_p, TIERED_LAYOUT):
+                check_npz(npz_p, "tiered-imagenet")
                 with np.load(npz_p, allow_pickle=False) as z:
                     key = "images" if "images" in z.files else z.files[0]
-                    data: Any = np.asarray(z[key], dtype=np.uint8)
+                    data: Any = np.asarray(z[key])
+            npz_of[s] = npz_p
         else:
             raw = safe_unpickle(png_p, encoding="bytes")  # type: ignore[arg-type]
-            data = LazyImages(list(raw), _decoder(size, "RGB"))
+            data = LazyImages(list(raw), _decoder(size, "RGB", png_p))
         if len(data) != len(lab):
             raise _err(
                 "tiered-imagenet",
@@ -504,6 +547,9 @@ def load_tiered_imagenet(
         if strict and len(uniq) != expect[s]:
             raise _err("tiered-imagenet", root, f"{s} has {len(uniq)} classes", TIERED_LAYOUT)
         per_split[s] = (data, [str(n) for n in names], lab)
+    pixels = as_uint8_images([(per_split[s][0], f) for s, f in npz_of.items()], "tiered-imagenet")
+    for s, data in zip(list(npz_of), pixels, strict=True):
+        per_split[s] = (data, *per_split[s][1:])
     return _concat_splits("tiered-imagenet", per_split, {"path": str(root)})
 
 
@@ -546,29 +592,41 @@ def load_cifar_fewshot(
             f = root / f"FC100_{s}.pickle"
             d = safe_unpickle(f)
             with _reading(kind, f, CIFAR_LAYOUT):
-                lab = np.asarray(_get(d, "labels"), dtype=np.int64).reshape(-1)
+                lab = as_labels(_get(d, "labels"), f, kind)
                 uniq, inv = np.unique(lab, return_inverse=True)
-                per[s] = (np.asarray(_get(d, "data"), np.uint8), [f"fine{u}" for u in uniq], inv)
+                per[s] = (np.asarray(_get(d, "data")), [f"fine{u}" for u in uniq], inv)
+        pixels = as_uint8_images([(per[s][0], root / f"FC100_{s}.pickle") for s in per], kind)
+        for s, data in zip(list(per), pixels, strict=True):
+            per[s] = (data, *per[s][1:])
         return _concat_splits("fc100", per, {"path": str(root), "layout": "FC100 pickles"})
     files = {n: root / n for n in ("train", "test", "meta")}
     if not all(f.is_file() for f in files.values()):
         raise _err(kind, root, "missing train/test/meta", CIFAR_LAYOUT)
     meta = safe_unpickle(files["meta"], encoding="bytes")
     parts = [safe_unpickle(files[n], encoding="bytes") for n in ("train", "test")]
+    pairs = list(zip(parts, (files["train"], files["test"]), strict=True))
     try:
         fine_names = _names(_get(meta, "fine_label_names"))
         coarse_names = _names(_get(meta, "coarse_label_names"))
-        data = np.concatenate([np.asarray(_get(p, "data"), np.uint8) for p in parts])
-        fine = np.concatenate([np.asarray(_get(p, "fine_labels"), np.int64) for p in parts])
-        coarse = np.concatenate([np.asarray(_get(p, "coarse_labels"), np.int64) for p in parts])
+        fine = np.concatenate(
+            [as_labels(_get(p, "fine_labels"), f, kind, "fine_labels") for p, f in pairs]
+        )
+        coarse = np.concatenate(
+            [as_labels(_get(p, "coarse_labels"), f, kind, "coarse_labels") for p, f in pairs]
+        )
+        raw = [(np.asarray(_get(p, "data")), f) for p, f in pairs]
     except KeyError as e:
         raise _err(kind, root, f"pickle lacks key {e}", CIFAR_LAYOUT) from None
+    except DatasetLayoutError:
+        raise
     except (TypeError, ValueError) as e:
         raise _err(
             kind, root, f"unreadable pickle contents ({_one_line(e)})", CIFAR_LAYOUT
         ) from None
-    if data.ndim != 2 or data.shape[1] != 3072:
-        raise _err(kind, root, f"data has shape {data.shape}, not [N, 3072]", CIFAR_LAYOUT)
+    for a, f in raw:
+        if a.ndim != 2 or a.shape[1] != 3072:
+            raise _err(kind, f, f"data has shape {a.shape}, not [N, 3072]", CIFAR_LAYOUT)
+    data = np.concatenate(as_uint8_images(raw, kind))
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
     counts = np.bincount(fine, minlength=len(fine_names))
     if strict and (len(fine_names) != 100 or (counts != 600).any()):
@@ -660,35 +718,83 @@ NPZ_LAYOUT = (
 )
 
 
+# IDX type byte -> element dtype (big-endian); data.md §2.6 (MNIST uses 0x08)
+_IDX_TYPES: dict[int, np.dtype[Any]] = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def _read_exact(fh: Any, n: int, p: Path, what: str) -> bytes:
+    data = fh.read(n)
+    if len(data) != n:
+        raise _err("idx", p, f"truncated {what} ({len(data)} of {n} bytes)", IDX_LAYOUT)
+    return data
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """One IDX file (optionally gzipped): big-endian magic, dims, then uint8 data."""
+    """One IDX file (optionally gzipped): magic ``0 0 <type> <ndim>``, ``ndim`` big-endian uint32
+    dims, then the data (type 0x08 uint8 for MNIST; also int8/int16/int32/float32/float64).
+
+    The size the header declares is computed in exact integers and checked before the data is
+    read: against the file size (plain files), against deflate's largest ratio (gzip) and
+    against :data:`~metafluence.data.checks.MAX_DECLARED_BYTES`. A gzip is inflated as a stream,
+    never past the declared size plus one byte (which, if present, is an error)."""
     p = Path(path)
-    opener = gzip.open if p.suffix == ".gz" else open
+    gz = p.suffix == ".gz"
+    opener: Callable[..., Any] = gzip.open if gz else open
     with _reading("idx", p, IDX_LAYOUT), opener(p, "rb") as fh:
-        raw = fh.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DatasetLayoutError(
-            f"idx: {p} is not an unsigned-byte IDX file (bad magic); expected layout: {IDX_LAYOUT}"
-        )
-    ndim = raw[3]
-    if len(raw) < 4 + 4 * ndim:
-        raise _err("idx", p, f"truncated header ({len(raw)} bytes for {ndim} dims)", IDX_LAYOUT)
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise DatasetLayoutError(
-            f"idx: {p} holds {data.size} bytes for shape {dims}; expected layout: {IDX_LAYOUT}"
-        )
-    return data.reshape(dims)
+        stored = p.stat().st_size
+        magic = fh.read(4)
+        if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in _IDX_TYPES or not magic[3]:
+            raise _err("idx", p, f"not an IDX file (bad magic {magic.hex()!r})", IDX_LAYOUT)
+        dtype, ndim = _IDX_TYPES[magic[2]], magic[3]
+        dims = struct.unpack(f">{ndim}I", _read_exact(fh, 4 * ndim, p, "header"))
+        declared = declared_nbytes(dims, dtype.itemsize, p, "idx")
+        if gz:
+            check_inflation(declared, stored, p, "idx")
+        elif stored != 4 + 4 * ndim + declared:
+            raise _err(
+                "idx",
+                p,
+                f"{stored - 4 - 4 * ndim:,} data bytes for shape {dims} of {dtype.name} "
+                f"({declared:,} declared)",
+                IDX_LAYOUT,
+            )
+        raw = _read_exact(fh, declared, p, f"data for shape {dims}")
+        if gz and fh.read(1):
+            raise _err("idx", p, f"more data than shape {dims} declares", IDX_LAYOUT)
+    return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=False).reshape(dims)
+
+
+# one part of an x/y dataset: images, labels and the files (or ``file[key]``) they came from
+_XYPart = tuple[np.ndarray, np.ndarray, str, str]
 
 
 def _xy_dataset(
-    name: str, parts: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict[str, Any], seed: int
+    name: str, parts: dict[str, _XYPart], meta: dict[str, Any], seed: int
 ) -> FewShotDataset:
-    """Pool ``{part: (x, y)}``. ≥ 20 classes: seeded class split 60/20/20; fewer: instance split
-    (train part → train; test part → split in halves into val and test)."""
-    xs = [np.asarray(x, np.uint8) for x, _ in parts.values()]
-    ys = [np.asarray(y).reshape(-1).astype(np.int64) for _, y in parts.values()]
+    """Pool ``{part: (x, y, x source, y source)}``, checked (labels by :func:`as_labels`, pixels
+    by :func:`as_uint8_images`; errors name the source). ≥ 20 classes: seeded class split
+    60/20/20; fewer: instance split (train part → train; test part → split in halves into val
+    and test)."""
+    ys = []
+    for k, (x, y, x_src, y_src) in parts.items():
+        lab = as_labels(y, y_src, name)
+        if len(x) != len(lab):
+            raise DatasetLayoutError(
+                f"{name}: {k}: {len(x)} images in {x_src} but {len(lab)} labels in {y_src}"
+            )
+        if x.ndim not in (3, 4):
+            raise DatasetLayoutError(
+                f"{name}: {x_src}: images have shape {list(x.shape)}, expected [N, H, W(, C)]"
+            )
+        ys.append(lab)
+    xs = as_uint8_images([(x, x_src) for x, _, x_src, _ in parts.values()], name)
     x, y = np.concatenate(xs), np.concatenate(ys)
     uniq, y = np.unique(y, return_inverse=True)
     names = [str(u) for u in uniq]
@@ -721,8 +827,6 @@ def _xy_dataset(
                 "test": np.sort(perm[int(0.8 * n) :]),
             }
         meta["split"] = "instance (few classes: every split shares the classes)"
-    if x.ndim not in (3, 4):
-        raise DatasetLayoutError(f"{name}: images have shape {x.shape}, expected [N, H, W(, C)]")
     return FewShotDataset(name, x, y, names, splits, meta=meta)
 
 
@@ -742,14 +846,14 @@ def load_idx(path: str | os.PathLike, seed: int = 0, strict: bool = True) -> Few
             emnist |= bool(m.group(1))
             part = "train" if m.group(3) == "train" else "test"
             found.setdefault(part, {})["x" if m.group(4).startswith("images") else "y"] = f
-    parts = {}
+    parts: dict[str, _XYPart] = {}
     for part, d in found.items():
         if set(d) != {"x", "y"}:
             raise _err("idx", root, f"{part} images or labels missing", IDX_LAYOUT)
         x, y = read_idx(d["x"]), read_idx(d["y"])
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise _err("idx", root, f"{part}: images {x.shape} vs labels {y.shape}", IDX_LAYOUT)
-        parts[part] = (x.transpose(0, 2, 1) if emnist else x, y)
+        if x.ndim != 3:
+            raise _err("idx", d["x"], f"images have shape {x.shape}, not [N, H, W]", IDX_LAYOUT)
+        parts[part] = (x.transpose(0, 2, 1) if emnist else x, y, str(d["x"]), str(d["y"]))
     if not parts:
         raise _err("idx", root, "no IDX files", IDX_LAYOUT)
     return _xy_dataset("idx", parts, {"path": str(root), "emnist_transposed": emnist}, seed)
@@ -757,22 +861,28 @@ def load_idx(path: str | os.PathLike, seed: int = 0, strict: bool = True) -> Few
 
 def _npz_first(path: Path) -> np.ndarray:
     """The first array of an ``.npz`` (``arr_0``), read fully; errors name the file."""
-    with _reading("npz", path, NPZ_LAYOUT), np.load(path, allow_pickle=False) as z:
-        if not z.files:
-            raise _err("npz", path, "no arrays", NPZ_LAYOUT)
-        return np.asarray(z[z.files[0]])
+    with _reading("npz", path, NPZ_LAYOUT):
+        check_npz(path, "npz")
+        with np.load(path, allow_pickle=False) as z:
+            if not z.files:
+                raise _err("npz", path, "no arrays", NPZ_LAYOUT)
+            return np.asarray(z[z.files[0]])
+
+
+# the (images, labels) key pairs of a single .npz, in the order they are tried
+_NPZ_KEYS = (("x", "y"), ("images", "labels"), ("X", "y"), ("x_train", "y_train"))
 
 
 def load_npz(path: str | os.PathLike, seed: int = 0, strict: bool = True) -> FewShotDataset:
     """Arrays from ``.npz`` files (KMNIST/K49 pairs, MedMNIST, or x/y, images/labels)."""
     p = Path(path).expanduser()
-    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    parts: dict[str, _XYPart] = {}
     if p.is_dir():
         for part in ("train", "test"):
             xs = sorted(p.glob(f"*-{part}-imgs.npz"))
             ys = sorted(p.glob(f"*-{part}-labels.npz"))
             if xs and ys:
-                parts[part] = (_npz_first(xs[0]), _npz_first(ys[0]))
+                parts[part] = (_npz_first(xs[0]), _npz_first(ys[0]), str(xs[0]), str(ys[0]))
         if not parts:
             single = sorted(p.glob("*.npz"))
             if len(single) == 1:
@@ -780,32 +890,28 @@ def load_npz(path: str | os.PathLike, seed: int = 0, strict: bool = True) -> Few
     if not parts:
         if not p.is_file():
             raise _err("npz", p, "no .npz file", NPZ_LAYOUT)
-        try:
+        keys: dict[str, tuple[str, str]] = {}
+        with _reading("npz", p, NPZ_LAYOUT):
+            check_npz(p, "npz")
             with np.load(p, allow_pickle=False) as z:
                 files = set(z.files)
                 if {"train_images", "train_labels"} <= files:
-                    for s in ("train", "val", "test"):
-                        if f"{s}_images" in files:
-                            parts[s] = (z[f"{s}_images"], z[f"{s}_labels"])
+                    keys = {
+                        s: (f"{s}_images", f"{s}_labels")
+                        for s in ("train", "val", "test")
+                        if f"{s}_images" in files
+                    }
                 else:
-                    for xk, yk in (
-                        ("x", "y"),
-                        ("images", "labels"),
-                        ("X", "y"),
-                        ("x_train", "y_train"),
-                    ):
+                    for xk, yk in _NPZ_KEYS:
                         if {xk, yk} <= files:
-                            parts["train"] = (z[xk], z[yk])
+                            keys["train"] = (xk, yk)
                             if xk == "x_train" and {"x_test", "y_test"} <= files:
-                                parts["test"] = (z["x_test"], z["y_test"])
+                                keys["test"] = ("x_test", "y_test")
                             break
-        except Exception as e:  # BadZipFile, zlib.error, EOFError, OSError, ValueError...
-            raise _err("npz", p, f"unreadable file ({_one_line(e)})", NPZ_LAYOUT) from None
+                for s, (xk, yk) in keys.items():
+                    parts[s] = (z[xk], z[yk], f"{p}[{xk}]", f"{p}[{yk}]")
     if not parts:
         raise _err("npz", p, "no image/label arrays", NPZ_LAYOUT)
-    for k, (x, y) in parts.items():
-        if len(x) != len(np.asarray(y).reshape(-1)):
-            raise _err("npz", p, f"{k}: {len(x)} images, {len(y)} labels", NPZ_LAYOUT)
     return _xy_dataset("npz", parts, {"path": str(p)}, seed)
 
 

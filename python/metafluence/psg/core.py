@@ -28,7 +28,10 @@ with forward hooks capturing each parametrised module's input and output, one ba
 of :mod:`metafluence.psg.registry` for each module turns (activations, grad_outputs) into
 per-sample gradients / norms / dots. Modules without a rule use ``torch.func`` on that module.
 ``"func"``: ``torch.func`` for the whole model (``vmap(grad)``, or the exact Jacobian rows when
-batch statistics couple samples). ``"auto"`` picks ``hooks`` unless batch statistics are used.
+batch statistics couple samples). ``"auto"`` picks ``hooks`` unless batch statistics are used,
+or the call is being traced by ``torch.compile`` (forward hooks cannot be registered inside a
+graph: ``"func"`` is traced, ``"hooks"`` is not). Checks on values (label ranges) run eagerly
+only; under tracing just the shape, dtype and device checks run.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> 
         raise ValueError(f"y has {y.shape[0]} samples but x has {x.shape[0]}")
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}")
+    if torch.compiler.is_compiling():
+        return  # checks on values need the data: they run eagerly only (a graph cannot branch)
     stateful = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if loss == "cross_entropy" and not y.is_floating_point() and bool((y < 0).any()):
         raise ValueError(f"y has label {int(y[y < 0][0])} < 0")
@@ -251,6 +256,8 @@ def _method(model: nn.Module, method: Method) -> str:
                 "interact; use method='auto' or 'func' (exact cross-sample terms)"
             )
         return "exact"
+    if method == "auto" and torch.compiler.is_compiling():
+        return "func"  # forward hooks cannot be registered inside a traced graph
     return "hooks" if method == "auto" else "func"
 
 
