@@ -31,6 +31,8 @@ TINY = [
     "24",
     "--maxiter",
     "4",
+    "--stationary-evals",
+    "6",
     "--quiet",
 ]
 
@@ -70,6 +72,10 @@ def test_run_tiny_end_to_end_and_deterministic(tmp_path, glyph_cache, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["stage_seconds"]) >= {"data", "meta-train", "influence", "edit", "retrain"}
     assert 0.0 <= summary["detection"]["task_auc"] <= 1.0
+    st = summary["stationarity"]  # the λ* phase ran, within its budget, and is reported
+    assert 1 <= st["evaluations"] <= 6 and st["grad_norm_after"] <= st["grad_norm_before"]
+    assert "after the stationarity phase" in md and "total solve for the target" in md
+    assert summary["curvature"]["curvature"] == "gauss_newton"
     assert "report:" in capsys.readouterr().out
     # same seed → identical scores
     assert cli.main([*TINY, "--out", str(tmp_path), "--name", "b"]) == 0

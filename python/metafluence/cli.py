@@ -58,6 +58,15 @@ def _float_in(
     return parse
 
 
+def _optional(parse: Callable[[str], float]) -> Callable[[str], float | None]:
+    """An argparse ``type``: ``'none'`` for None, else ``parse``."""
+
+    def parse_or_none(text: str) -> float | None:
+        return None if text.strip().lower() == "none" else parse(text)
+
+    return parse_or_none
+
+
 def _device(text: str) -> str:
     """An argparse ``type``: a torch device that exists here (cpu, cuda[:i] or mps)."""
     import torch
@@ -165,6 +174,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
+    from .bilevel.curvature import METHODS, SOLVE_MODES
+    from .bilevel.point import CURVATURES
     from .report.job import INNERS, RunConfig
 
     d = RunConfig()
@@ -193,8 +204,21 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     a("--inner-lr", type=_float_in(0.0, low_open=True), default=d.inner_lr)
     a("--model", choices=["conv4", "mlp"], default=d.model)
     a("--width", type=positive, default=d.width, help="Conv-4 filters / MLP width")
-    a("--curvature", choices=["exact", "gauss_newton", "gamma"], default=d.curvature)
-    a("--solver", choices=["cg", "neumann", "direct", "arnoldi"], default=d.solver)
+    a(
+        "--curvature",
+        choices=CURVATURES,
+        default=d.curvature,
+        help="total Hessian of the solves (math.md §2)",
+    )
+    a(
+        "--curvature-method",
+        choices=(*METHODS, "auto"),
+        default=d.curvature_method,
+        help="what mf.fit_curvature builds once for every solve of the job: krylov (nothing), "
+        "dense (small P), lowrank (a rank --rank preconditioner), auto",
+    )
+    a("--rank", type=positive, default=d.rank, help="rank of a lowrank curvature fit")
+    a("--solver", choices=SOLVE_MODES, default=d.solver, help="total solver")
     a("--maxiter", type=positive, default=d.maxiter, help="iterations of the total solve")
     a("--damping", type=_float_in(0.0), default=d.damping, help="damping δ of the meta-objective")
     a(
@@ -204,6 +228,19 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="δ' added in the solve only",
     )
     a("--steps", type=nonneg, default=d.steps, help="meta-training steps")
+    a(
+        "--stationary-tol",
+        type=_optional(_float_in(0.0, low_open=True)),
+        default=d.stationary_tol,
+        help="after --steps, full-batch L-BFGS until ‖∇F‖ <= this (also for every retrain); "
+        "'none': no stationarity phase",
+    )
+    a(
+        "--stationary-evals",
+        type=positive,
+        default=d.stationary_evals,
+        help="gradient evaluations the stationarity phase may use",
+    )
     a("--outer-lr", type=_float_in(0.0, low_open=True), default=d.outer_lr)
     a("--meta-batch", type=positive, default=d.meta_batch, help="tasks per meta-training step")
     a("--retrain-steps", type=nonneg, default=d.retrain_steps)

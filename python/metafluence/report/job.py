@@ -5,13 +5,16 @@ Stages (each timed; the report lists the wall time of every one):
 1. data: load the dataset (embedded glyphs by default), sample ``tasks`` meta-training tasks
    from the train split, flip the support labels of ``noise`` of them (the injected harm),
    and sample target tasks (val split: the influence target) and evaluation tasks (test split);
-2. meta-train a Conv-4 on the noisy tasks;
-3. influence: one call gives removal effects of every task, support point and query point on
-   the target (mean post-adaptation query loss of the target tasks);
+2. meta-train a Conv-4 on the noisy tasks, then a stationarity phase (full-batch L-BFGS to
+   ``‖∇F‖ ≤ stationary_tol``: the λ* every formula assumes);
+3. influence: the job's curvature is fitted once (:func:`mf.fit_curvature`) and one call gives
+   removal effects of every task, support point and query point on the target (mean
+   post-adaptation query loss of the target tasks);
 4. detection: rank items from most harmful (most negative removal effect); AUC and recall@k
    against the injected noise;
 5. edit: remove the ``k`` most harmful tasks without retraining (``mf.edit``: ``λ* + Δλ``);
-6. retrain: meta-train without those tasks, warm-started at ``λ*``, to check the edit;
+6. retrain: meta-train without those tasks, warm-started at ``λ*``, to check the edit, and the
+   control (the same extra training on all tasks); both stop by λ*'s stationarity rule;
 7. report: ``report.md``, ``report.html``, PNG plots, CSV scores, ``summary.json``.
 
 Several processes: under ``torchrun`` (or ``metafluence run --nproc N``, which launches the
@@ -57,11 +60,15 @@ class RunConfig:
     model: str = "conv4"
     width: int = 32
     curvature: str = "gauss_newton"
+    curvature_method: str = "krylov"
+    rank: int = 32
     solver: str = "cg"
     maxiter: int = 15
     damping: float = 1e-3
     solve_damping: float = 1.0
     steps: int = 150
+    stationary_tol: float | None = 0.05
+    stationary_evals: int = 100
     outer_lr: float = 3e-3
     meta_batch: int | None = 32
     retrain_steps: int = 60
@@ -256,6 +263,7 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
                 problem = mf.distributed.ShardedProblem(problem)
             init = problem.init_params()
             history: list[float] = []
+            train_info: dict[str, Any] = {}
             lam = mf.train.meta_train(
                 problem,
                 model,
@@ -267,20 +275,26 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
                 batch_size=cfg.meta_batch,
                 progress=progress,
                 history=history,
+                stationary_tol=cfg.stationary_tol,
+                stationary_evals=cfg.stationary_evals,
+                info=train_info,
             )
         with stages("influence"), warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
-            res = mf.removal_effects(
+            # one curvature for the job: every solve (scores, edit) reuses it
+            curv = mf.fit_curvature(
                 problem,
                 lam,
                 tasks,
-                target=target,
-                items="task",
-                curvature=cfg.curvature,
+                kind=cfg.curvature,
+                method=cfg.curvature_method,
                 solver=cfg.solver,
                 solve_damping=cfg.solve_damping,
-                solver_kwargs={"maxiter": cfg.maxiter} if cfg.solver in ("cg", "neumann") else {},
-                lanczos_steps=10,
+                rank=cfg.rank,
+                options={"maxiter": cfg.maxiter} if cfg.solver in ("cg", "neumann") else {},
+            )
+            res = mf.removal_effects(
+                problem, lam, tasks, target=target, items="task", curvature=curv, lanczos_steps=10
             )
             caught += _messages(wlist)
         with stages("detection"):
@@ -311,22 +325,14 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
             removed = sorted(order[:k])
         with stages("edit"), warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
-            edited = mf.edit(
-                problem,
-                lam,
-                tasks,
-                remove={"task": removed},
-                curvature=cfg.curvature,
-                solver=cfg.solver,
-                solve_damping=cfg.solve_damping,
-                solver_kwargs={"maxiter": cfg.maxiter} if cfg.solver in ("cg", "neumann") else {},
-            )
+            edited = mf.edit(problem, lam, tasks, remove={"task": removed}, curvature=curv)
             caught += _messages(wlist)
         with stages("retrain"):
             keep = [t for i, t in enumerate(tasks) if i not in set(removed)]
 
             def warm_retrain(train: list) -> dict:
-                """``retrain_steps`` more Adam steps from λ* (same seed) on ``train``."""
+                """``retrain_steps`` more Adam steps from λ* (same seed) on ``train``, then the
+                same stationarity rule as λ* (edit and retrain compared at one tolerance)."""
                 return mf.train.meta_train(
                     problem,
                     model,
@@ -338,6 +344,8 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
                     batch_size=cfg.meta_batch,
                     init=lam,
                     progress=progress,
+                    stationary_tol=cfg.stationary_tol,
+                    stationary_evals=cfg.stationary_evals,
                 )
 
             retrained = warm_retrain(keep)
@@ -367,6 +375,7 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
                 for k2, v in res.diagnostics.items()
                 if isinstance(v, (int, float, str, bool, list))
             }
+            diag_solve = dict(res.diagnostics.get("solve", {}))
             summary: dict[str, Any] = {
                 "config": asdict(cfg),
                 "dataset": ds.summary(),
@@ -377,13 +386,9 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
                 "removed_flipped": int(m[removed].sum()),
                 "evaluation": evals,
                 "target_change": change,
-                "solve": {
-                    "iters": int(res.solve.iters)
-                    if not hasattr(res.solve.iters, "tolist")
-                    else res.solve.iters.tolist(),
-                    "residual": float(torch.as_tensor(res.solve.residual).max()),
-                    "converged": bool(torch.as_tensor(res.solve.converged).all()),
-                },
+                "solve": {"purpose": "total solve for the target (s-test)", **diag_solve},
+                "curvature": {**curv.config(), "fit": curv.fit_info},
+                "stationarity": train_info.get("stationarity"),
                 "meta_grad_norm": res.meta_grad_norm,
                 "diagnostics": diag,
                 "warnings": sorted(set(caught)),

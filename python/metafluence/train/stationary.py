@@ -8,7 +8,8 @@ line search; a pair is kept only when ``sᵀy > 0``) until
 
     ‖∇F(λ)‖₂ ≤ tol      (or ``max_evals`` evaluations of ``(F, ∇F)``),
 
-and reports what it did (:class:`StationarityReport`). Every retraining used as ground truth
+and returns the accepted iterate with the smallest ``‖∇F‖`` (F falls monotonically, the gradient
+norm need not), with what it did (:class:`StationarityReport`). Every retraining used as ground truth
 (leave-out, warm, full) should stop by the same rule (``meta_train(..., stationary_tol=tol)``),
 so that an edit and a retrain are compared at the same tolerance.
 """
@@ -93,6 +94,7 @@ def make_stationary(
     x, (f_t, g) = lam, value_and_grad(lam)
     f, gn = float(f_t), float(g.norm())
     f_before, gn_before = f, gn
+    best = (x, f, gn)  # the most stationary accepted iterate (‖∇F‖ need not fall monotonically)
     S: list[Tensor] = []
     Y: list[Tensor] = []
     bar = progress_bar(max_evals, progress, "stationarity (L-BFGS)")
@@ -121,10 +123,13 @@ def make_stationary(
                 S.pop(0), Y.pop(0)
         x, f, g = x + s_k, f_new, g_new
         gn = float(g.norm())
+        if gn < best[2]:
+            best = (x, f, gn)
         if bar is not None:
             bar.set_postfix(grad=gn, F=f)
     if bar is not None:
         bar.close()
+    x, f, gn = best
     report = StationarityReport(
         tol=tol,
         grad_norm_before=gn_before,
