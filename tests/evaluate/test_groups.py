@@ -90,3 +90,21 @@ def test_group_validation(toy):
         mf.evaluate.leave_group_out(prob, lam, tasks, target, [[0]])  # needs items=
     with pytest.raises(ValueError):
         mf.evaluate.leave_group_out(prob, lam, tasks, target, [{"task": [M]}])
+
+
+def test_leave_one_out_reports_each_retrains_convergence(toy):
+    """Every retrain is checked: converged ones are reported as such, a retrainer that stops
+    short is named in a warning with its ‖∇F_-e‖ (issue 16: Δf from an unconverged retrain
+    looked like ground truth)."""
+    prob, lam, tasks, target, _ = toy
+    details: list = []
+    mf.evaluate.leave_one_out(prob, lam, tasks, target, indices=[0, 3], details=details)
+    assert [d["item"] for d in details] == [0, 3]
+    assert all(d["converged"] and d["grad_norm"] <= 1e-6 for d in details)
+    short: list = []
+    with pytest.warns(RuntimeWarning, match=r"2 of 2 retrains did not reach.*0 \(‖∇F‖ ="):
+        df = mf.evaluate.leave_one_out(
+            prob, lam, tasks, target, indices=[0, 3], retrain=lambda b: lam, details=short
+        )
+    assert torch.equal(df, torch.zeros(2, dtype=df.dtype))
+    assert not any(d["converged"] for d in short) and all(d["grad_norm"] > 1e-6 for d in short)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,6 +87,8 @@ def leave_one_out(
     progress: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
     chunk_size: int = 1,
+    details: list[dict[str, Any]] | None = None,
+    stationary_tol: float = 1e-6,
 ) -> Tensor:
     """True ``Δf`` for each item in ``indices`` (default: all items of the kind) ``[len]``.
 
@@ -102,6 +105,11 @@ def leave_one_out(
     bound to ``items``, ``factor``, ``indices``, ``f(λ*)`` and fingerprints of λ*, the tasks and
     the target tasks; a different configuration raises ``ValueError``. The retrainer cannot be
     fingerprinted (only its name is recorded): use a new directory when changing it.
+
+    Every retrain is checked: ``‖∇F_{-e}(λ_e)‖`` (the retrained objective's gradient, one pass
+    over the tasks) is measured, a ``RuntimeWarning`` names the items whose retrain ended above
+    ``stationary_tol`` (their ``Δf`` is not that of a converged retrain), and ``details`` (a
+    list, if given) receives one dict per item: ``item``, ``df``, ``grad_norm``, ``converged``.
     """
     if items not in ITEMS:
         raise ValueError(f"items={items!r}: expected one of {ITEMS}")
@@ -125,11 +133,16 @@ def leave_one_out(
         store = ProgressStore(checkpoint_dir, config)
 
     def compute(r: tuple[int, int]) -> dict[str, Tensor]:
-        df = []
+        df, gn = [], []
         for item in idx[r[0] : r[1]]:
-            new = retrain(reweighted(batch, items, item, factor), start)
+            without = reweighted(batch, items, item, factor)
+            new = retrain(without, start)
             df.append(target_value(problem, new, target) - f0)
-        return {"df": torch.tensor(df, dtype=torch.float64)}
+            gn.append(float(problem.point(new, without).meta_grad().norm()))
+        return {
+            "df": torch.tensor(df, dtype=torch.float64),
+            "grad_norm": torch.tensor(gn, dtype=torch.float64),
+        }
 
     bar = progress_bar(len(idx), progress, f"leave-one-out ({items})")
     try:
@@ -139,7 +152,36 @@ def leave_one_out(
             bar.close()
     if not chunks:
         return torch.zeros(0, dtype=lam.dtype)
-    return torch.cat([c["df"] for c in chunks]).to(lam.dtype)
+    df = torch.cat([c["df"] for c in chunks])
+    gn = torch.cat([c.get("grad_norm", torch.full_like(c["df"], float("nan"))) for c in chunks])
+    _report_retrains(idx, df, gn, stationary_tol, details)
+    return df.to(lam.dtype)
+
+
+def _report_retrains(
+    idx: list[Any],
+    df: Tensor,
+    grad_norm: Tensor,
+    tol: float,
+    details: list[dict[str, Any]] | None,
+) -> None:
+    """Warn about retrains that did not reach ``‖∇F_{-e}‖ ≤ tol``; fill ``details``."""
+    bad = [(i, float(g)) for i, g in zip(idx, grad_norm.tolist(), strict=True) if not g <= tol]
+    if bad:
+        shown = ", ".join(f"{i} (‖∇F‖ = {g:.2g})" for i, g in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        warnings.warn(
+            f"leave_one_out: {len(bad)} of {len(idx)} retrains did not reach ‖∇F_-e‖ <= "
+            f"{tol:g}: {shown}{more}; their Δf is not that of a converged retrain (use a "
+            "retrainer that converges, e.g. more Newton steps)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if details is not None:
+        details.extend(
+            {"item": i, "df": float(d), "grad_norm": float(g), "converged": bool(g <= tol)}
+            for i, d, g in zip(idx, df.tolist(), grad_norm.tolist(), strict=True)
+        )
 
 
 def stage_fingerprint(
