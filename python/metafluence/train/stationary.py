@@ -8,10 +8,10 @@ line search; a pair is kept only when ``sᵀy > 0``) until
 
     ‖∇F(λ)‖₂ ≤ tol      (or ``max_evals`` evaluations of ``(F, ∇F)``),
 
-and returns the accepted iterate with the smallest ``‖∇F‖`` (F falls monotonically, the gradient
-norm need not), with what it did (:class:`StationarityReport`). Every retraining used as ground truth
-(leave-out, warm, full) should stop by the same rule (``meta_train(..., stationary_tol=tol)``),
-so that an edit and a retrain are compared at the same tolerance.
+and returns the accepted iterate with the smallest ``‖∇F‖`` (F falls monotonically, the
+gradient norm need not), with what it did (:class:`StationarityReport`). Every retraining used
+as ground truth (leave-out, warm, full) should stop by the same rule (``meta_train(...,
+stationary_tol=tol)``), so that an edit and a retrain are compared at the same tolerance.
 """
 
 from __future__ import annotations
