@@ -386,14 +386,11 @@ class BilevelPoint:
         Y = vmap(lambda dt: per_task(theta, dt, b.xq, b.yq, b.query_weight, b.task_weight))(dtheta)
         return e.theta_vjp(Y)
 
-    def matvec(self, curvature: str = "exact", extra_damping: float = 0.0):
-        """``x ↦ (H + δ'I) x`` as a solver ``matvec`` on ``[P]`` or ``[k, P]``."""
+    def matvec(self, curvature: str = "exact"):
+        """``x ↦ H x`` as a solver ``matvec`` on ``[P]`` or ``[k, P]`` (``δ'`` is added by the
+        solve: :class:`~metafluence.bilevel.curvature.Curvature`)."""
         check_curvature(curvature)
-
-        def mv(X: Tensor) -> Tensor:
-            return self.hvp(X, curvature) + extra_damping * X
-
-        return mv
+        return functools.partial(self.hvp, curvature=curvature)
 
     # ---- diagnostics ---------------------------------------------------------------------
     def inner_report(self) -> dict[str, Any]:
