@@ -68,7 +68,7 @@ class RunConfig:
     solve_damping: float = 1.0
     steps: int = 150
     stationary_tol: float | None = 0.05
-    stationary_evals: int = 100
+    stationary_evals: int = 30
     outer_lr: float = 3e-3
     meta_batch: int | None = 32
     retrain_steps: int = 60
