@@ -309,7 +309,9 @@ def removal_effects(
         grad_f, res, all_scores = _multi_target(
             problem, pt, curv, many, exact_support, query_method
         )
-        meta_grad_norm, diag = _diagnostics(pt, res, curv, diagnostics, lanczos_steps)
+        meta_grad_norm, diag = _diagnostics(
+            pt, res, curv, diagnostics, lanczos_steps, all_scores["task"]
+        )
         return _result(all_scores, items, res, meta_grad_norm, diag, pt, grad_f)
     store, grad_f = _open_store(
         problem, pt, target, curv, checkpoint_dir, lanczos_steps, newton_check if diagnostics else 0
@@ -320,7 +322,7 @@ def removal_effects(
     all_scores = _item_scores(problem, pt, res.x.detach(), store, query_method, exact_support)
     # (c) diagnostics: ‖∇F(λ*)‖, spectrum of H + δ'I, inner and solve health
     meta_grad_norm, diag, reuse = _stored_or_new_diagnostics(
-        pt, res, curv, store, diagnostics, lanczos_steps
+        pt, res, curv, store, diagnostics, lanczos_steps, all_scores["task"]
     )
     # (d) the Newton check of the regime (opt-in)
     if diagnostics and newton_check > 0 and diag.get("newton_check_items") != items:
@@ -495,12 +497,13 @@ def _stored_or_new_diagnostics(
     store: Any,
     diagnostics: bool,
     lanczos_steps: int,
+    task_scores: Tensor,
 ) -> tuple[float, dict[str, Any], bool]:
     """``(‖∇F(λ*)‖, diagnostics, loaded from the store?)``."""
     stored = ck.load_diagnostics(store, diagnostics, res.x) if store is not None else None
     if store is not None and ck.everywhere(pt, stored is not None) and stored is not None:
         return stored[0], stored[1], True
-    return (*_diagnostics(pt, res, curv, diagnostics, lanczos_steps), False)
+    return (*_diagnostics(pt, res, curv, diagnostics, lanczos_steps, task_scores), False)
 
 
 def _newton_check(
@@ -553,12 +556,30 @@ def _diagnostics(
     curv: Curvature,
     diagnostics: bool,
     lanczos_steps: int,
+    task_scores: Tensor,
 ) -> tuple[float, dict[str, Any]]:
-    """``(‖∇F(λ*)‖, diagnostics dict)``: spectrum (if ``diagnostics``), inner and solve health."""
-    meta_grad_norm = float(pt.meta_grad().norm())
+    """``(‖∇F(λ*)‖, diagnostics dict)``: spectrum (if ``diagnostics``), inner and solve health,
+    and how far λ* is from stationary *in units of the scores*: one Newton step to the
+    stationary point of the quadratic model, ``Δλ = −(H + δ'I)⁻¹∇F``, changes the target by
+    ``stationarity_shift = −sᵀ∇F(λ*)``; a note when that exceeds a typical task's score
+    (the median ``|score|``: at a stationary point the shift is 0, elsewhere it is about the sum
+    of all task scores)."""
+    g = pt.meta_grad().detach()
+    meta_grad_norm = float(g.norm())
     diag: dict[str, Any] = {"notes": []}
     if diagnostics:
         diag = diagnose(pt, curv, steps=lanczos_steps)
+    shift = -(res.x.detach().reshape(-1, g.numel()) @ g)
+    typical = float(task_scores.abs().median()) if task_scores.numel() else 0.0
+    diag["stationarity_shift"] = float(shift.abs().max()) if shift.numel() else 0.0
+    if diag["stationarity_shift"] > typical:
+        diag["notes"].append(
+            f"λ* is not stationary (‖∇F‖ = {meta_grad_norm:.3g}): one Newton step toward "
+            f"stationarity would change the target by {diag['stationarity_shift']:.3g}, more "
+            f"than a typical task's removal effect (median |score| {typical:.3g}); train to "
+            "stationarity first "
+            "(mf.train.meta_train(stationary_tol=...) or mf.train.make_stationary)"
+        )
     diag.update(pt.inner_report())
     diag["solve_converged"] = res.converged
     diag["solve"] = solve_summary(res, curv)
