@@ -75,6 +75,8 @@ def test_run_tiny_end_to_end_and_deterministic(tmp_path, glyph_cache, capsys):
     st = summary["stationarity"]  # the λ* phase ran, within its budget, and is reported
     assert 1 <= st["evaluations"] <= 6 and st["grad_norm_after"] <= st["grad_norm_before"]
     assert "after the stationarity phase" in md and "total solve for the target" in md
+    assert "ranked by their own query loss" in md and "- tasks: " in md
+    assert 0.0 <= summary["detection"]["task_auc_loss_baseline"] <= 1.0
     assert summary["curvature"]["curvature"] == "gauss_newton"
     assert "report:" in capsys.readouterr().out
     # same seed → identical scores

@@ -310,8 +310,11 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
             qry_mask = m[:, None].expand(-1, n_qry)
             k = int(cfg.remove) if cfg.remove is not None else int(m.sum())
             k = max(1, min(k, len(tasks) - 1))
+            # baseline: rank tasks by their own post-adaptation query loss (high = suspicious)
+            task_loss = problem.point(lam, tasks).task_losses().detach().double().cpu()
             detect = {
                 "task_auc": M.roc_auc(-task_scores, m),
+                "task_auc_loss_baseline": M.roc_auc(task_loss, m),
                 "support_point_auc": M.roc_auc(-sup.reshape(-1), sup_mask.reshape(-1)),
                 "query_point_auc": M.roc_auc(-qry.reshape(-1), qry_mask.reshape(-1)),
                 "k": k,

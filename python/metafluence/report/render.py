@@ -123,6 +123,35 @@ def _csvs(out: Path, ids, classes, task_scores, mask, sup, qry) -> list[str]:
     return ["task_scores.csv", "support_point_scores.csv", "query_point_scores.csv"]
 
 
+def _auc_verdict(auc: float, baseline: float | None) -> str:
+    """How an AUC compares with chance (0.5) and with the loss-ranking baseline."""
+    if auc != auc:
+        return "not defined (one class only)"
+    if abs(auc - 0.5) < 0.05:
+        head = "at chance: these scores do not find the injected noise"
+    elif auc < 0.5:
+        head = "below chance: the noisy items look helpful to the target"
+    else:
+        head = "above chance"
+    if baseline is None or baseline != baseline:
+        return head
+    rel = (
+        "better than" if auc > baseline + 0.02 else "worse than" if auc < baseline - 0.02 else "as"
+    )
+    tail = " good as" if rel == "as" else ""
+    return f"{head}; {rel}{tail} ranking by loss ({baseline:.3f})"
+
+
+def _auc_lines(d: dict) -> list[str]:
+    """One interpretation line per detection AUC."""
+    base = d.get("task_auc_loss_baseline")
+    return [
+        f"- tasks: {_auc_verdict(d['task_auc'], base)}.",
+        f"- support points: {_auc_verdict(d['support_point_auc'], None)}.",
+        f"- query points: {_auc_verdict(d['query_point_auc'], None)}.",
+    ]
+
+
 def _edit_vs_control(ch: dict) -> str:
     """One line: how much of retraining's difference from the control the edit recovers."""
     if "continued" not in ch:
@@ -205,6 +234,10 @@ def _markdown(summary: dict, pngs: list[str], csvs: list[str]) -> str:
         f"| tasks | **{d['task_auc']:.3f}** |",
         f"| support points (flipped task ⇒ flipped point) | {d['support_point_auc']:.3f} |",
         f"| query points (in a flipped task) | {d['query_point_auc']:.3f} |",
+        f"| tasks, ranked by their own query loss (baseline) | "
+        f"{d.get('task_auc_loss_baseline', float('nan')):.3f} |",
+        "",
+        *_auc_lines(d),
         "",
         f"Recall at k = {d['k']} (the number removed): **{d['recall_at_k']:.3f}**; at 2k: "
         f"{d['recall_at_2k']:.3f}. Tasks with negative removal effect: {d['harmful_predicted']}.",
