@@ -15,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.7.1
 BUILD_DEPS := scikit-build-core ninja
 RUN_DEPS := numpy scipy tqdm pillow matplotlib kanjivg safetensors
-TEST_DEPS := pytest hypothesis dattri==0.3.0 torchopt
+TEST_DEPS := pytest hypothesis dattri==0.3.0 torchopt build
 NATIVE_SRCS := CMakeLists.txt pyproject.toml $(shell find csrc -type f 2>/dev/null)
 CUDA_ARCHS ?= 80 90
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
