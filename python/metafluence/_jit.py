@@ -137,7 +137,11 @@ def _translation_units(root: Path) -> list[Path]:
 
 def _build_key(root: Path) -> str:
     h = hashlib.sha256()
-    torch_id = (torch.__version__, torch.version.git_version, torch.version.cuda or "")
+    torch_id = (
+        torch.__version__,
+        getattr(torch.version, "git_version", ""),
+        torch.version.cuda or "",
+    )
     for part in (str(RECIPE), *torch_id, sys.implementation.cache_tag, platform.machine()):
         h.update(part.encode() + b"\0")
     for path in sorted(p for p in root.rglob("*") if p.suffix in _HASHED_SUFFIXES):
