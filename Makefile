@@ -66,7 +66,8 @@ lint: install
 	$(VENV)/bin/ruff check python tests benchmarks
 	$(VENV)/bin/ruff format --check python tests benchmarks
 	$(VENV)/bin/mypy python/metafluence/ops python/metafluence/_build.py \
-	  python/metafluence/_loader.py python/metafluence/cli.py python/metafluence/kernels \
+	  python/metafluence/_loader.py python/metafluence/_jit.py python/metafluence/smoke.py \
+	  python/metafluence/cli.py python/metafluence/kernels \
 	  python/metafluence/reference
 
 format:

@@ -122,6 +122,18 @@ def test_missing_compiler_is_reported_with_the_fix(tmp_path):
     )
 
 
+def test_unwritable_cache_is_reported_with_the_fix(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    proc = _python(MISMATCH, blocker / "cache")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("NativeModuleWarning") == 1, proc.stderr
+    assert f"cannot write the cache {blocker / 'cache'}" in proc.stderr
+    assert "set METAFLUENCE_CACHE_DIR to a writable folder, then run: metafluence build" in (
+        proc.stderr
+    )
+
+
 def test_load_without_compiling_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv(_jit.ENV_CACHE, str(tmp_path))
     with pytest.raises(_jit.JitError, match="no native module compiled for torch") as err:

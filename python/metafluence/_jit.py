@@ -318,6 +318,16 @@ def ensure_built(*, retry_failed: bool = False, force: bool = False, verbose: bo
     """
     root = _root_or_raise()
     out = target_dir(root)
+    try:
+        return _build_locked(root, out, retry_failed, force, verbose)
+    except OSError as exc:  # cache not writable, disk full, ...
+        raise JitError(
+            f"cannot write the cache {cache_dir()}: {type(exc).__name__}: {exc}",
+            f"set {ENV_CACHE} to a writable folder, then run: {BUILD_FIX}",
+        ) from exc
+
+
+def _build_locked(root: Path, out: Path, retry_failed: bool, force: bool, verbose: bool) -> Path:
     with _locked(out.with_name(out.name + ".lock")):
         if _cached(out) is not None and not force:
             return out

@@ -79,6 +79,13 @@ def _import_prebuilt(cfg: dict[str, Any]) -> tuple[ModuleType | None, str | None
         return None, f"import of the prebuilt metafluence._C failed: {type(exc).__name__}: {exc}"
 
 
+def _unexpected(exc: Exception) -> _jit.JitError:
+    return _jit.JitError(
+        f"loading the native module failed unexpectedly: {type(exc).__name__}: {exc}",
+        f"run: {_jit.BUILD_FIX} --force (and report it if that fails too)",
+    )
+
+
 def _load() -> LoaderState:
     state = LoaderState()
     if os.environ.get(ENV_DISABLE, "").strip().lower() in _TRUTHY:
@@ -95,7 +102,8 @@ def _load() -> LoaderState:
     try:
         state.module, state.config, state.path = _jit.load(build=build)
         state.source = "jit"
-    except _jit.JitError as err:
+    except Exception as exc:  # JitError, or anything unforeseen: never break the import
+        err = exc if isinstance(exc, _jit.JitError) else _unexpected(exc)
         problems = "; ".join(p for p in (prebuilt_problem, err.problem) if p)
         fix = err.fix
         if prebuilt_problem is not None and _jit.is_source_checkout():
