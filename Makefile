@@ -3,7 +3,8 @@
 #   make test   install everything in .venv and run the whole test suite
 # Re-running is idempotent and fast: the venv is created once and each step leaves a stamp file
 # in .venv/.stamps; the extension is rebuilt only when csrc/, CMakeLists.txt or pyproject.toml
-# change.
+# change. The editable install is the CMake build (prebuilt module, CUDA kernels when possible);
+# its build folder is .venv/build (incremental rebuilds), never the source tree.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,9 +13,9 @@ STAMPS := $(VENV)/.stamps
 # torch FIRST and pinned: a bare `pip install torch` pulls a 5.5 GB CUDA build
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.7.1
-BUILD_DEPS := scikit-build-core pybind11 ninja
+BUILD_DEPS := scikit-build-core ninja
 RUN_DEPS := numpy scipy tqdm pillow matplotlib kanjivg safetensors
-TEST_DEPS := pytest hypothesis dattri==0.3.0 torchopt
+TEST_DEPS := pytest hypothesis dattri==0.3.0 torchopt build
 NATIVE_SRCS := CMakeLists.txt pyproject.toml $(shell find csrc -type f 2>/dev/null)
 CUDA_ARCHS ?= 80 90
 NVCC ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
@@ -36,7 +37,8 @@ $(STAMPS)/deps: | $(PY)
 	touch $@
 
 $(STAMPS)/install: $(STAMPS)/deps $(NATIVE_SRCS)
-	$(PIP) install -q --no-build-isolation -e '.[test]'
+	$(PIP) install -q --no-build-isolation --config-settings=build-dir=$(abspath $(VENV))/build \
+	  -e '.[test]'
 	touch $@
 
 demo: install
@@ -64,7 +66,8 @@ lint: install
 	$(VENV)/bin/ruff check python tests benchmarks
 	$(VENV)/bin/ruff format --check python tests benchmarks
 	$(VENV)/bin/mypy python/metafluence/ops python/metafluence/_build.py \
-	  python/metafluence/_loader.py python/metafluence/cli.py python/metafluence/kernels \
+	  python/metafluence/_loader.py python/metafluence/_jit.py python/metafluence/smoke.py \
+	  python/metafluence/cli.py python/metafluence/kernels \
 	  python/metafluence/reference
 
 format:
@@ -76,4 +79,4 @@ bench: install
 	$(PY) benchmarks/bench_psg_linear.py
 
 clean:
-	rm -rf build $(STAMPS)
+	rm -rf build dist $(VENV)/build $(STAMPS)

@@ -95,7 +95,9 @@ def test_without_compiled_module_native_request_explains():
     assert "triton:" in proc.stderr
 
 
-def test_torch_version_mismatch_is_reported_not_loaded():
+def test_torch_version_mismatch_is_reported_once_with_the_fix(tmp_path):
+    """A prebuilt module for another torch is never imported; with compiling at first use
+    turned off (METAFLUENCE_JIT=0) that is said once, with the commands that fix it."""
     code = (
         "import sys, torch\n"
         "torch.__version__ = '9.9.9'\n"
@@ -104,11 +106,14 @@ def test_torch_version_mismatch_is_reported_not_loaded():
         "print(mf.build_info()['native']['reason'])\n"
         "print(mf.psg_linear(torch.ones(1, 1, 2), torch.ones(1, 1, 3)).shape)\n"
     )
-    proc = _run_python(code)
+    proc = _run_python(code, METAFLUENCE_JIT="0", METAFLUENCE_CACHE_DIR=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     built = _loader.STATE.config["TORCH_VERSION"]
     assert f"built for torch {built}, running 9.9.9" in proc.stdout
-    assert "rebuild with: pip install --no-build-isolation -e ." in proc.stdout
+    assert "Fix: compile it with: metafluence build" in proc.stdout
+    assert "make install (pip install --no-build-isolation -e .)" in proc.stdout
+    assert proc.stderr.count("NativeModuleWarning") == 1, proc.stderr
+    assert f"built for torch {built}, running 9.9.9" in proc.stderr
     assert "torch.Size([1, 3, 2])" in proc.stdout
 
 

@@ -69,7 +69,8 @@ def build_info() -> dict[str, Any]:
         )
         cuda_kernels = "compile-only"
     else:
-        cuda.update(status="absent", reason="built with METAFLUENCE_CUDA=OFF or without nvcc")
+        default = "built with METAFLUENCE_CUDA=OFF or without nvcc"
+        cuda.update(status="absent", reason=cfg.get("CUDA_REASON", default))
         cuda_kernels = False
     if cuda_kernels is not True:
         missing["cuda"] = str(cuda["reason"])
@@ -91,7 +92,12 @@ def build_info() -> dict[str, Any]:
         "version": __version__,
         "torch_runtime": torch.__version__,
         "torch_built": c_info.get("torch_version", cfg.get("TORCH_VERSION")),
-        "native": {"loaded": state.loaded, "reason": state.reason},
+        "native": {
+            "loaded": state.loaded,
+            "reason": state.reason,
+            "source": state.source,
+            "path": None if state.path is None else str(state.path),
+        },
         "compiler": c_info.get("compiler", cfg.get("CXX_COMPILER")),
         "cuda": cuda,
         "kernel_families": list(c_info.get("kernel_families", cfg.get("KERNEL_FAMILIES", []))),

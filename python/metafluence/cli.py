@@ -1,8 +1,9 @@
 """The ``metafluence`` command.
 
-Subcommands: ``info`` (build information), ``demo`` (a tiny per-sample-gradient check across
-backends), ``run`` (the main influence job) and ``bench`` (the benchmark scripts of a source
-checkout, by family).
+Subcommands: ``info`` (build information), ``build`` (compile the native kernels for the running
+torch into the cache, showing the compiler's output), ``demo`` (a tiny per-sample-gradient check
+across backends), ``run`` (the main influence job) and ``bench`` (the benchmark scripts of a
+source checkout, by family).
 """
 
 from __future__ import annotations
@@ -124,6 +125,39 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for kind, why in info["missing"].items():
         print(f"  missing {kind:<6}: {why}")
     return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    import subprocess
+
+    import torch
+
+    from . import _jit, _loader
+
+    if _loader.STATE.source == "prebuilt" and not args.force:
+        print(
+            f"metafluence: the prebuilt native module matches torch {torch.__version__}; "
+            "nothing to compile (--force compiles into the cache anyway)"
+        )
+        return 0
+    try:
+        out = _jit.ensure_built(retry_failed=True, force=args.force, verbose=args.verbose)
+    except _jit.JitError as err:
+        print(f"metafluence build: {err.problem}\nFix: {err.fix}", file=sys.stderr)
+        if err.log is not None and not args.verbose:
+            print(f"--- {err.log} (last 40 lines) ---", file=sys.stderr)
+            print("\n".join(err.log.read_text().splitlines()[-40:]), file=sys.stderr)
+        return 1
+    # load it in a fresh process: this one may already hold an older module
+    check = "from metafluence import _loader as l; print(l.STATE.source, l.STATE.reason or '')"
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    source = proc.stdout.split(" ", 1)[0] if proc.returncode == 0 else ""
+    print(f"metafluence: native module for torch {torch.__version__} in {out}")
+    if source in ("jit", "prebuilt"):
+        print(f"metafluence: a new process loads it ({source})")
+        return 0
+    print(f"metafluence: a new process does not load it:\n{proc.stdout}{proc.stderr}")
+    return 1
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -372,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="show build information (compiled kernels, versions)")
     p_info.add_argument("--json", action="store_true", help="print the build_info() dict as JSON")
     p_info.set_defaults(func=_cmd_info)
+
+    p_build = sub.add_parser(
+        "build", help="compile the native kernels for the running torch (cached per user)"
+    )
+    p_build.add_argument("--force", action="store_true", help="recompile even if cached")
+    p_build.add_argument("--verbose", action="store_true", help="print compiler commands/output")
+    p_build.set_defaults(func=_cmd_build)
 
     p_demo = sub.add_parser("demo", help="tiny per-sample-gradient demo comparing backends")
     p_demo.add_argument("--samples", type=_int_at_least(1), default=97)

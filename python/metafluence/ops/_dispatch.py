@@ -85,11 +85,12 @@ def native_check(op: str, dtypes: tuple[torch.dtype, ...]) -> Check:
             return f"compiled module not loaded: {_loader.STATE.reason}"
         if not _loader.has_kernel(op, device.type):
             if device.type == "cuda":
-                mode = _loader.STATE.config.get("CUDA_MODE", "?")
-                return (
-                    f"no CUDA kernel registered for metafluence::{op} "
-                    f"(built with METAFLUENCE_CUDA={mode}; CUDA ops need a CUDA build of torch)"
+                cfg = _loader.STATE.config
+                why = cfg.get("CUDA_REASON") or (
+                    f"built with METAFLUENCE_CUDA={cfg.get('CUDA_MODE', '?')}; "
+                    "CUDA ops need a CUDA build of torch"
                 )
+                return f"no CUDA kernel registered for metafluence::{op} ({why})"
             return f"no {device.type} kernel registered for metafluence::{op}"
         if dtype not in dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
