@@ -153,21 +153,27 @@ def _auc_lines(d: dict) -> list[str]:
 
 
 def _edit_vs_control(ch: dict) -> str:
-    """One line: how much of retraining's difference from the control the edit recovers."""
+    """One line: where the edit's change of the target lies between the continued-training
+    control (0%) and retraining (100%)."""
     if "continued" not in ch:
         return "(no continued-training control was run)"
     gap = ch["retrained"] - ch["continued"]
     if abs(gap) < 1e-12:
         return "Retraining and the continued-training control end at the same target loss."
     frac = (ch["edited"] - ch["continued"]) / gap
-    verdict = (
-        "the edit is clearly more than training a little longer"
-        if frac >= 0.5
-        else "the edit cannot be told apart from training a little longer"
-    )
+    if frac < 0.5:
+        verdict = "it cannot be told apart from training a little longer"
+    elif frac <= 1.5:
+        verdict = "it tracks retraining, clearly beyond training a little longer"
+    else:
+        verdict = (
+            "it overshoots: the edit moves the target further from the control than retraining "
+            "does (retraining and the first-order edit disagree in sign or size)"
+        )
     return (
-        f"The edit recovers {100 * frac:.0f}% of the difference between retraining and the "
-        f"continued-training control ({verdict})."
+        f"On the scale control = 0%, retrained = 100%, the edit stands at {100 * frac:.0f}% "
+        f"(edit {ch['edited']:+.4f}, retrained {ch['retrained']:+.4f}, control "
+        f"{ch['continued']:+.4f}): {verdict}."
     )
 
 
