@@ -49,7 +49,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, vmap
 
-from ..solvers import compute_kfac_factors_batched, solve_cg, solve_ekfac
+from ..solvers import (
+    WoodburyFactor,
+    compute_kfac_factors_batched,
+    solve_cg,
+    solve_ekfac,
+    woodbury_apply,
+    woodbury_factor,
+)
 from ._func import jvp
 from .ekfac_inner import EKFACLayout
 from .functional import FunctionalModel
@@ -66,7 +73,7 @@ class ImplicitEngine:
         self.spec = fm.spec
         self.reg = float(inner.reg)
         self._dense: Tensor | None = None
-        self._wood: tuple[Tensor, Tensor] | None = None
+        self._wood: WoodburyFactor | None = None
         self._ekfac: Any = None
         self._ekfac_layout = EKFACLayout(fm, inner) if inner.solver == "ekfac" else None
         self.inner_solves = 0
@@ -206,8 +213,9 @@ class ImplicitEngine:
             A.diagonal(dim1=1, dim2=2).add_(self.reg)
         return A
 
-    def _woodbury_factors(self, theta: Tensor) -> tuple[Tensor, Tensor]:
-        """``U [M, p_a, n·C]`` with ``U Uᵀ = Σ_j (w_j/n) J_jᵀ ∇²ℓ_j J_j``; ``chol(γI + UᵀU)``."""
+    def _woodbury_factors(self, theta: Tensor) -> WoodburyFactor:
+        """``γI + U Uᵀ`` factored (:func:`metafluence.solvers.woodbury_factor`), with
+        ``U [M, p_a, n·C]``, ``U Uᵀ = Σ_j (w_j/n) J_jᵀ ∇²ℓ_j J_j`` (``L_j L_jᵀ = ∇²ℓ_j``)."""
         b = self.batch
         fixed, _ = self.spec.split(self.lam)
         loss_fn = self.fm.loss_fn
@@ -225,9 +233,7 @@ class ImplicitEngine:
             return U.reshape(t.shape[0], -1)
 
         U = vmap(one)(theta, self._fs, b.ys, b.support_weight)
-        r = U.shape[-1]
-        small = self.reg * torch.eye(r, dtype=U.dtype, device=U.device) + U.transpose(1, 2) @ U
-        return U, torch.linalg.cholesky(small)
+        return woodbury_factor(U, self.reg)
 
     def solve_A(self, B: Tensor, theta: Tensor | None = None) -> Tensor:
         """``A_k⁻¹ b_k`` for ``B [M, p_a]`` or ``[L, M, p_a]`` (batched over tasks and columns)."""
@@ -247,10 +253,8 @@ class ImplicitEngine:
             X = torch.cholesky_solve(rhs, self._dense).permute(2, 0, 1)
         elif method == "woodbury":
             assert self._wood is not None
-            U, chol = self._wood
-            UtB = torch.einsum("mpr,lmp->mrl", U, Bl)
-            Y = torch.cholesky_solve(UtB, chol)  # [M, r, L]
-            X = (Bl - torch.einsum("mpr,mrl->lmp", U, Y)) / self.reg
+            # (γI + UUᵀ)⁻¹ b = (b − U (γI_r + UᵀU)⁻¹ Uᵀ b) / γ, rows per task: [M, L, p]
+            X = woodbury_apply(self._wood, Bl.transpose(0, 1)).transpose(0, 1)
         elif method == "ekfac":
             assert self._ekfac_layout is not None
             lay = self._ekfac_layout

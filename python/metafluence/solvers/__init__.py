@@ -6,7 +6,8 @@ solving ``(A + damping I) x = b`` for a symmetric operator ``A`` given by ``matv
 ``b``). See :mod:`metafluence.solvers._base` and ``math.md`` §4.
 
 Total solves (``get_solver``): ``cg``, ``neumann``, ``direct``, ``arnoldi``.
-Inner (structured) solves: ``solve_woodbury`` / ``solve_woodbury_batched`` (``γI + UUᵀ``),
+Inner (structured) solves: ``solve_woodbury`` / ``solve_woodbury_batched`` (``γI + UUᵀ``; factored
+once with ``woodbury_factor``, applied with ``woodbury_apply``),
 ``solve_ekfac`` (Kronecker-factored curvature of linear layers).
 """
 
@@ -28,7 +29,13 @@ from .ekfac import (
     solve_ekfac,
 )
 from .neumann import solve_neumann
-from .woodbury import solve_woodbury, solve_woodbury_batched
+from .woodbury import (
+    WoodburyFactor,
+    solve_woodbury,
+    solve_woodbury_batched,
+    woodbury_apply,
+    woodbury_factor,
+)
 
 __all__ = [
     "SOLVERS",
@@ -36,6 +43,7 @@ __all__ = [
     "KFACLayerFactors",
     "Matvec",
     "SolveResult",
+    "WoodburyFactor",
     "compute_kfac_factors",
     "compute_kfac_factors_batched",
     "dense_matrix",
@@ -50,6 +58,8 @@ __all__ = [
     "solve_neumann",
     "solve_woodbury",
     "solve_woodbury_batched",
+    "woodbury_apply",
+    "woodbury_factor",
 ]
 
 SOLVERS: dict[str, Callable[..., SolveResult]] = {
