@@ -57,6 +57,7 @@ from ..solvers import (
     woodbury_apply,
     woodbury_factor,
 )
+from ..solvers.newton import damped_newton
 from ._func import jvp
 from .ekfac_inner import EKFACLayout
 from .functional import FunctionalModel
@@ -290,32 +291,24 @@ class ImplicitEngine:
             theta = lam_a.detach().expand(M, -1).clone()
             for _ in range(int(self.inner.steps)):
                 theta = theta - self.inner.lr * self._gradG(theta)
-            grad = self._gradG(theta)
-            norms = grad.norm(dim=-1)  # [M]
-            frozen = norms <= self.inner.tol  # solved, or stalled at the precision floor
+            grad0 = self._gradG(theta)
+            norms = grad0.norm(dim=-1)  # [M]
             # rounding floor of ‖∇_θ G‖: a Newton step there no longer halves the norm (float32
             # never reaches the default tol; without this every task would run newton_steps)
             floor = 1e3 * torch.finfo(theta.dtype).eps * norms.clamp_min(1.0)
-            for _ in range(int(self.inner.newton_steps)):
-                if bool(frozen.all()):
-                    break
-                step = self.solve_A(grad, theta=theta)
-                t = torch.ones_like(norms)
-                for _ in range(12):  # per-task backtracking on ‖∇_θ G_k‖ (damped Newton)
-                    cand = theta - t.unsqueeze(-1) * step
-                    cgrad = self._gradG(cand)
-                    cnorms = cgrad.norm(dim=-1)
-                    ok = (cnorms < norms) & ~frozen
-                    if bool((ok | frozen).all()):
-                        break
-                    t = torch.where(ok, t, 0.5 * t)
-                frozen = frozen | ~ok  # no decrease even with a tiny step: stalled
-                theta = torch.where(ok.unsqueeze(-1), cand, theta)
-                grad = torch.where(ok.unsqueeze(-1), cgrad, grad)
-                prev, norms = norms, torch.where(ok, cnorms, norms)
-                frozen = (
-                    frozen | (norms <= self.inner.tol) | ((prev <= floor) & (norms > 0.5 * prev))
-                )
+            # per-task damped Newton, backtracking on ‖∇_θ G_k‖ (12 step lengths)
+            res = damped_newton(
+                lambda th: (self._gradG(th), None),
+                lambda th, g, _aux: self.solve_A(g, theta=th),
+                theta,
+                self.inner.newton_steps,
+                trials=12,
+                tol=self.inner.tol,
+                floor=floor,
+                batched=True,
+                start=(grad0, None),
+            )
+            theta, norms = res.x, res.grad_norm
             gnorm = float(norms.max())
             self.inner_grad_norm = gnorm
             if self.inner.solver != "cg":

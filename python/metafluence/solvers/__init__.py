@@ -9,6 +9,7 @@ Total solves (``get_solver``): ``cg``, ``neumann``, ``direct``, ``arnoldi``.
 Inner (structured) solves: ``solve_woodbury`` / ``solve_woodbury_batched`` (``γI + UUᵀ``; factored
 once with ``woodbury_factor``, applied with ``woodbury_apply``),
 ``solve_ekfac`` (Kronecker-factored curvature of linear layers).
+Nonlinear: ``damped_newton`` (Newton steps with backtracking on ``‖∇‖``, a pluggable linear solve).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .ekfac import (
     solve_ekfac,
 )
 from .neumann import solve_neumann
+from .newton import NewtonResult, damped_newton
 from .woodbury import (
     WoodburyFactor,
     solve_woodbury,
@@ -42,10 +44,12 @@ __all__ = [
     "KFACFactors",
     "KFACLayerFactors",
     "Matvec",
+    "NewtonResult",
     "SolveResult",
     "WoodburyFactor",
     "compute_kfac_factors",
     "compute_kfac_factors_batched",
+    "damped_newton",
     "dense_matrix",
     "ekfac_matvec",
     "estimate_top_eigenvalue",
