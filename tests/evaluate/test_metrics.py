@@ -78,3 +78,22 @@ def test_plots_write_png(tmp_path):
     c = mf.evaluate.detection_curve(torch.randn(6), torch.tensor([1, 0, 0, 1, 0, 0]))
     q = mf.evaluate.plots.detection_plot({"x": c}, tmp_path / "d.png")
     assert p.stat().st_size > 0 and q.stat().st_size > 0
+
+
+def test_detection_ties_count_half_and_report_agrees():
+    """Ties: Mann-Whitney with average ranks (½ per tied pair), independent of item order; the
+    report's names give the same numbers (harm = −removal effect)."""
+    from metafluence.report import metrics as report_metrics
+
+    scores = torch.tensor([-1.0, -1.0, -1.0, 0.0])  # three tied most-harmful items
+    flipped = torch.tensor([False, True, False, True])
+    # pairs (flipped, clean): (1, 0) tie ½, (1, 2) tie ½, (3, 0) 0, (3, 2) 0 → 1/4
+    assert mf.evaluate.detection_auc(scores, flipped) == pytest.approx(0.25)
+    assert mf.evaluate.detection_auc(scores.flip(0), flipped.flip(0)) == pytest.approx(0.25)
+    c = mf.evaluate.detection_curve(scores, flipped)
+    assert float(torch.trapezoid(c["recall"], c["fpr"])) == pytest.approx(0.25)
+    # the tied group holds 1 of 2 flipped items: recall grows by ⅓·½ per item inspected in it
+    assert mf.evaluate.recall_at_k(scores, flipped, 1) == pytest.approx(1 / 6)
+    assert mf.evaluate.recall_at_k(scores, flipped, 3) == pytest.approx(0.5)
+    assert report_metrics.roc_auc(-scores, flipped) == mf.evaluate.detection_auc(scores, flipped)
+    assert report_metrics.recall_at_k(-scores, flipped, 1) == pytest.approx(1 / 6)

@@ -204,3 +204,34 @@ def test_native_cuda_non_contiguous_opcheck():
     torch.library.opcheck(
         torch.ops.metafluence.cg_update_.default, (x, r, v["curv_max"], p, Ap, v["rz"], act, 1e-3)
     )
+
+
+@pytest.mark.parametrize("backend", ["reference", None])
+def test_loop_forms_match_in_place_ops(backend):
+    """cg_update / cg_direction (what solve_cg calls) give the in-place ops' values (the
+    reference's exactly, an automatic backend's to rounding); the reference form leaves its
+    inputs untouched and lets a gradient through."""
+
+    def same(got, want):
+        if backend == "reference" or want.dtype == torch.bool:
+            assert torch.equal(got, want)
+        else:
+            _close(got, want, torch.float64)
+
+    x, r, p, z, Ap, v, act = _state(7, 37, torch.float64)
+    xs, rs, cm = x.clone(), r.clone(), v["curv_max"].clone()
+    rr, neg = solver_update.cg_update_(xs, rs, cm, p, Ap, v["rz"], act, 1e-2, backend="reference")
+    x2, r2, cm2 = x.clone(), r.clone(), v["curv_max"].clone()
+    out = solver_update.cg_update(x2, r2, cm2, p, Ap, v["rz"], act, 1e-2, backend=backend)
+    for got, want in zip(out, (xs, rs, cm, rr, neg), strict=True):
+        same(got, want)
+    if backend == "reference":
+        assert torch.equal(x2, x) and torch.equal(r2, r)  # out of place
+    ps = p.clone()
+    solver_update.cg_direction_(ps, z, rr, v["rz_old"], act & ~neg, backend="reference")
+    p2 = p.clone()
+    same(solver_update.cg_direction(p2, z, rr, v["rz_old"], act & ~neg, backend=backend), ps)
+    pg = p.clone().requires_grad_(True)  # a gradient forces the reference form
+    xg = solver_update.cg_update(x.clone(), r.clone(), cm2.clone(), pg, Ap, v["rz"], act, 1e-2)[0]
+    (grad,) = torch.autograd.grad(xg.sum(), pg)
+    assert torch.isfinite(grad).all()

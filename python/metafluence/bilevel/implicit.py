@@ -49,7 +49,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, vmap
 
-from ..solvers import compute_kfac_factors_batched, solve_cg, solve_ekfac
+from ..solvers import (
+    WoodburyFactor,
+    compute_kfac_factors_batched,
+    solve_cg,
+    solve_ekfac,
+    woodbury_apply,
+    woodbury_factor,
+)
+from ..solvers.newton import damped_newton
 from ._func import jvp
 from .ekfac_inner import EKFACLayout
 from .functional import FunctionalModel
@@ -66,7 +74,7 @@ class ImplicitEngine:
         self.spec = fm.spec
         self.reg = float(inner.reg)
         self._dense: Tensor | None = None
-        self._wood: tuple[Tensor, Tensor] | None = None
+        self._wood: WoodburyFactor | None = None
         self._ekfac: Any = None
         self._ekfac_layout = EKFACLayout(fm, inner) if inner.solver == "ekfac" else None
         self.inner_solves = 0
@@ -206,8 +214,9 @@ class ImplicitEngine:
             A.diagonal(dim1=1, dim2=2).add_(self.reg)
         return A
 
-    def _woodbury_factors(self, theta: Tensor) -> tuple[Tensor, Tensor]:
-        """``U [M, p_a, n·C]`` with ``U Uᵀ = Σ_j (w_j/n) J_jᵀ ∇²ℓ_j J_j``; ``chol(γI + UᵀU)``."""
+    def _woodbury_factors(self, theta: Tensor) -> WoodburyFactor:
+        """``γI + U Uᵀ`` factored (:func:`metafluence.solvers.woodbury_factor`), with
+        ``U [M, p_a, n·C]``, ``U Uᵀ = Σ_j (w_j/n) J_jᵀ ∇²ℓ_j J_j`` (``L_j L_jᵀ = ∇²ℓ_j``)."""
         b = self.batch
         fixed, _ = self.spec.split(self.lam)
         loss_fn = self.fm.loss_fn
@@ -225,9 +234,7 @@ class ImplicitEngine:
             return U.reshape(t.shape[0], -1)
 
         U = vmap(one)(theta, self._fs, b.ys, b.support_weight)
-        r = U.shape[-1]
-        small = self.reg * torch.eye(r, dtype=U.dtype, device=U.device) + U.transpose(1, 2) @ U
-        return U, torch.linalg.cholesky(small)
+        return woodbury_factor(U, self.reg)
 
     def solve_A(self, B: Tensor, theta: Tensor | None = None) -> Tensor:
         """``A_k⁻¹ b_k`` for ``B [M, p_a]`` or ``[L, M, p_a]`` (batched over tasks and columns)."""
@@ -247,10 +254,8 @@ class ImplicitEngine:
             X = torch.cholesky_solve(rhs, self._dense).permute(2, 0, 1)
         elif method == "woodbury":
             assert self._wood is not None
-            U, chol = self._wood
-            UtB = torch.einsum("mpr,lmp->mrl", U, Bl)
-            Y = torch.cholesky_solve(UtB, chol)  # [M, r, L]
-            X = (Bl - torch.einsum("mpr,mrl->lmp", U, Y)) / self.reg
+            # (γI + UUᵀ)⁻¹ b = (b − U (γI_r + UᵀU)⁻¹ Uᵀ b) / γ, rows per task: [M, L, p]
+            X = woodbury_apply(self._wood, Bl.transpose(0, 1)).transpose(0, 1)
         elif method == "ekfac":
             assert self._ekfac_layout is not None
             lay = self._ekfac_layout
@@ -286,32 +291,24 @@ class ImplicitEngine:
             theta = lam_a.detach().expand(M, -1).clone()
             for _ in range(int(self.inner.steps)):
                 theta = theta - self.inner.lr * self._gradG(theta)
-            grad = self._gradG(theta)
-            norms = grad.norm(dim=-1)  # [M]
-            frozen = norms <= self.inner.tol  # solved, or stalled at the precision floor
+            grad0 = self._gradG(theta)
+            norms = grad0.norm(dim=-1)  # [M]
             # rounding floor of ‖∇_θ G‖: a Newton step there no longer halves the norm (float32
             # never reaches the default tol; without this every task would run newton_steps)
             floor = 1e3 * torch.finfo(theta.dtype).eps * norms.clamp_min(1.0)
-            for _ in range(int(self.inner.newton_steps)):
-                if bool(frozen.all()):
-                    break
-                step = self.solve_A(grad, theta=theta)
-                t = torch.ones_like(norms)
-                for _ in range(12):  # per-task backtracking on ‖∇_θ G_k‖ (damped Newton)
-                    cand = theta - t.unsqueeze(-1) * step
-                    cgrad = self._gradG(cand)
-                    cnorms = cgrad.norm(dim=-1)
-                    ok = (cnorms < norms) & ~frozen
-                    if bool((ok | frozen).all()):
-                        break
-                    t = torch.where(ok, t, 0.5 * t)
-                frozen = frozen | ~ok  # no decrease even with a tiny step: stalled
-                theta = torch.where(ok.unsqueeze(-1), cand, theta)
-                grad = torch.where(ok.unsqueeze(-1), cgrad, grad)
-                prev, norms = norms, torch.where(ok, cnorms, norms)
-                frozen = (
-                    frozen | (norms <= self.inner.tol) | ((prev <= floor) & (norms > 0.5 * prev))
-                )
+            # per-task damped Newton, backtracking on ‖∇_θ G_k‖ (12 step lengths)
+            res = damped_newton(
+                lambda th: (self._gradG(th), None),
+                lambda th, g, _aux: self.solve_A(g, theta=th),
+                theta,
+                self.inner.newton_steps,
+                trials=12,
+                tol=self.inner.tol,
+                floor=floor,
+                batched=True,
+                start=(grad0, None),
+            )
+            theta, norms = res.x, res.grad_norm
             gnorm = float(norms.max())
             self.inner_grad_norm = gnorm
             if self.inner.solver != "cg":

@@ -1,43 +1,31 @@
-"""Per-sample losses ``ℓ(z; θ)`` and the weighted set losses of math.md §1.
+"""Weighted set losses of math.md §1 and the logit curvature of a per-sample loss.
 
 ``L(θ; S, w) = Σ_j w_j ℓ(z_j; θ) / n`` — a weighted *mean* over the set (``n`` = set size).
+The per-sample losses ``ℓ`` (``cross_entropy``, ``mse``) and ``resolve_loss`` (→ ``(fn, name)``)
+live in :mod:`metafluence.psg.losses`, the lower layer, and are re-exported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..psg.losses import LossFn, cross_entropy, mse
+from ..psg.losses import resolve_named_loss as resolve_loss
 from ._func import jvp
 
-PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
+__all__ = [
+    "PerSampleLoss",
+    "cross_entropy",
+    "logit_hessian_sqrt",
+    "logit_hessian_vp",
+    "mse",
+    "resolve_loss",
+    "weighted_mean",
+]
 
-
-def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    """``ℓ_j = −log softmax(logits_j)[y_j]``; logits ``[N, C]``, y ``[N]`` int → ``[N]``."""
-    return F.cross_entropy(logits, y, reduction="none")
-
-
-def mse(pred: Tensor, y: Tensor) -> Tensor:
-    """``ℓ_j = ‖pred_j − y_j‖²`` summed over output dims; pred ``[N, ...]`` → ``[N]``."""
-    if pred.dim() == y.dim() + 1 and pred.shape[-1] == 1:
-        pred = pred.squeeze(-1)
-    diff = (pred - y.to(pred.dtype)).reshape(pred.shape[0], -1)
-    return (diff * diff).sum(-1)
-
-
-def resolve_loss(loss: str | PerSampleLoss) -> tuple[PerSampleLoss, str]:
-    """Map ``"cross_entropy" | "mse" | callable`` to ``(fn, name)``."""
-    if callable(loss):
-        return loss, getattr(loss, "__name__", "custom")
-    if loss in ("cross_entropy", "ce"):
-        return cross_entropy, "cross_entropy"
-    if loss in ("mse", "squared"):
-        return mse, "mse"
-    raise ValueError(f"loss={loss!r}: expected 'cross_entropy', 'mse' or a callable(logits, y)")
+PerSampleLoss = LossFn
+"""A per-sample loss ``fn(logits, y) -> [N]`` (defined in :mod:`metafluence.psg.losses`)."""
 
 
 def weighted_mean(per_sample: Tensor, weight: Tensor) -> Tensor:

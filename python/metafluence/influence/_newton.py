@@ -1,4 +1,5 @@
-"""Newton steps with backtracking on ``‖∇‖``: shared by ``mf.edit`` and the regime check."""
+"""Newton steps with backtracking on ``‖∇‖`` for ``mf.edit`` and the regime check (the loop:
+:func:`metafluence.solvers.newton.damped_newton`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
+
+from ..solvers.newton import damped_newton
 
 
 def newton_descent(
@@ -21,18 +24,8 @@ def newton_descent(
     :class:`~metafluence.bilevel.point.BilevelPoint`), built once per iterate. ``t`` halves from
     1 until ``‖∇‖`` decreases (at most ``halvings`` times); without a decrease ``x`` is
     stationary to working precision and the loop stops. Returns ``(x, ∇(x))``.
+
+    A thin wrapper of :func:`metafluence.solvers.newton.damped_newton` (``trials = halvings``).
     """
-    g, point = at(x)
-    for _ in range(int(steps)):
-        step = step_at(point, g)
-        t = 1.0
-        for _ in range(int(halvings)):
-            cand = x - t * step
-            gc, pc = at(cand)
-            if float(gc.norm()) < float(g.norm()):
-                break
-            t *= 0.5
-        else:
-            break
-        x, g, point = cand, gc, pc
-    return x, g
+    res = damped_newton(at, lambda _x, g, point: step_at(point, g), x, steps, trials=int(halvings))
+    return res.x, res.grad

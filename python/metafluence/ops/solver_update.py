@@ -7,6 +7,12 @@ per-row scalars, so an iterative solver runs with no host synchronisation in the
 
 Backends (:mod:`metafluence.ops._dispatch`): ``native`` (C++ on CPU, CUDA on GPU), ``triton``
 and ``reference``. Not differentiable: in-place updates of tensors that require grad raise.
+
+``cg_update`` / ``cg_direction`` are the forms a solver loop calls: they return the updated
+tensors, computed in place by a fused kernel when one runs (the inputs are then the outputs)
+and out of place by the reference twin otherwise, always so when a gradient flows or a
+``torch.func`` transform wraps the inputs. :func:`fused_updates_backend` is the loop's choice of
+backend; no solver chooses one itself.
 """
 
 from __future__ import annotations
@@ -21,7 +27,15 @@ from .. import _loader
 from ..reference import solvers as _reference
 from . import _dispatch
 
-__all__ = ["cg_direction_", "cg_update_", "neumann_step_", "fused_backend"]
+__all__ = [
+    "cg_direction",
+    "cg_direction_",
+    "cg_update",
+    "cg_update_",
+    "fused_backend",
+    "fused_updates_backend",
+    "neumann_step_",
+]
 
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
 OPS = ("cg_update_", "cg_direction_", "neumann_step_")
@@ -132,6 +146,29 @@ def _choose(op: str, ref: Tensor, backend: str | None) -> str:
 def fused_backend(device: torch.device, dtype: torch.dtype, backend: str | None = None) -> str:
     """The backend the three ops would use for ``device`` / ``dtype`` (all three share it)."""
     return _dispatch.select_backend("cg_update_", CHECKS["cg_update_"], device, dtype, backend)
+
+
+def fused_updates_backend(b: Tensor, fused: bool | None = None) -> str | None:
+    """The backend of the fused vector updates for a solve with right-hand sides ``b``:
+    ``"native"`` or ``"triton"`` when one runs for ``b``'s device and dtype, ``None`` for the
+    plain-PyTorch loop (the reference twins): with ``fused=False``, when ``b`` requires grad or is
+    wrapped by a ``torch.func`` transform (the fused updates are in place and not
+    differentiable), with ``METAFLUENCE_BACKEND=reference``, and when a forced backend cannot
+    run here (the loop then falls back instead of raising)."""
+    if fused is False or _differentiable(b):
+        return None
+    try:
+        chosen = fused_backend(b.device, b.dtype)
+    except RuntimeError:  # a forced backend that cannot run here: use the plain loop
+        return None
+    return chosen if chosen in ("native", "triton") else None
+
+
+def _differentiable(*tensors: Tensor) -> bool:
+    """True if a gradient may flow through ``tensors`` (autograd or a ``torch.func`` wrapper)."""
+    return any(
+        t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors
+    )
 
 
 def _with_contiguous(mutated: list[Tensor], fn: Callable[[list[Tensor]], Any]) -> Any:
@@ -255,3 +292,52 @@ def neumann_step_(
             [x, r], lambda w: tri(w[0], w[1], b, Ax, active, thr, inv_sigma, advance)
         )
     return _reference.neumann_step_(x, r, b, Ax, active, thr, inv_sigma, advance)
+
+
+def cg_update(
+    x: Tensor,
+    r: Tensor,
+    curv_max: Tensor,
+    p: Tensor,
+    Ap: Tensor,
+    rz: Tensor,
+    active: Tensor,
+    curv_tol: float,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r""":func:`cg_update_` for a solver loop: returns ``(x, r, curv_max, rr, neg)``.
+
+    A fused backend updates ``x``, ``r``, ``curv_max`` in place and returns them; the reference
+    twin (:func:`metafluence.reference.solvers.cg_update`, out of place) runs for
+    ``backend="reference"`` and whenever a gradient may flow through the inputs.
+    """
+    if backend == "reference" or _differentiable(x, r, p, Ap, rz):
+        _validate(
+            "cg_update_",
+            {"x": x, "r": r, "p": p, "Ap": Ap},
+            {"curv_max": curv_max, "rz": rz},
+            active,
+        )
+        return _reference.cg_update(x, r, curv_max, p, Ap, rz, active, curv_tol)
+    rr, neg = cg_update_(x, r, curv_max, p, Ap, rz, active, curv_tol, backend=backend)
+    return x, r, curv_max, rr, neg
+
+
+def cg_direction(
+    p: Tensor,
+    z: Tensor,
+    rz_new: Tensor,
+    rz_old: Tensor,
+    active: Tensor,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    r""":func:`cg_direction_` for a solver loop: returns the new ``p`` (``z + beta p`` on active
+    rows), in place with a fused backend, out of place by the reference twin for
+    ``backend="reference"`` and whenever a gradient may flow through the inputs."""
+    if backend == "reference" or _differentiable(p, z, rz_new, rz_old):
+        _validate("cg_direction_", {"p": p, "z": z}, {"rz_new": rz_new, "rz_old": rz_old}, active)
+        return _reference.cg_direction(p, z, rz_new, rz_old, active)
+    cg_direction_(p, z, rz_new, rz_old, active, backend=backend)
+    return p

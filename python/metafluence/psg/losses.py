@@ -1,38 +1,66 @@
-"""Per-sample losses accepted by :mod:`metafluence.psg` (``"cross_entropy" | "mse" | callable``).
+"""Per-sample losses ``ℓ(z_j; θ)``: the one home of ``"cross_entropy" | "mse" | callable``.
 
-Same definitions as :mod:`metafluence.bilevel.losses` (kept here so that ``psg``, a lower layer,
-does not import ``bilevel``): ``cross_entropy``: ``ℓ_n = −log softmax(logits_n)[y_n]``;
-``mse``: ``ℓ_n = ‖pred_n − y_n‖²`` summed over output dims.
+``psg`` is the lowest layer that needs a loss, so the definitions live here and
+:mod:`metafluence.bilevel.losses` imports them (math.md §1):
+
+- ``cross_entropy``: ``ℓ_j = −log softmax(logits_j)[y_j]``, logits ``[N, C]``, y ``[N]`` int;
+- ``mse``: ``ℓ_j = ‖pred_j − y_j‖²`` summed over output dims, pred ``[N, ...]``.
+
+Both return ``[N]`` (no reduction over samples).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["LossFn", "LossSpec", "cross_entropy", "mse", "resolve_loss", "resolve_named_loss"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""A per-sample loss ``fn(logits, y) -> [N]``."""
 LossSpec = str | LossFn
+"""``"cross_entropy"`` (alias ``"ce"``), ``"mse"`` (alias ``"squared"``) or a :data:`LossFn`."""
 
 
-def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """``ℓ_j = −log softmax(logits_j)[y_j]``; logits ``[N, C]``, y ``[N]`` int → ``[N]``."""
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def _mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def mse(pred: Tensor, y: Tensor) -> Tensor:
+    """``ℓ_j = ‖pred_j − y_j‖²`` summed over output dims; pred ``[N, ...]`` → ``[N]``.
+
+    A trailing output dim of size 1 is squeezed when ``y`` has one dim less (``[N, 1]`` vs
+    ``[N]``), so a scalar regression head needs no reshaping.
+    """
     if pred.dim() == y.dim() + 1 and pred.shape[-1] == 1:
         pred = pred.squeeze(-1)
     diff = (pred - y.to(pred.dtype)).reshape(pred.shape[0], -1)
     return (diff * diff).sum(-1)
 
 
-def resolve_loss(loss: LossSpec) -> LossFn:
-    """``"cross_entropy"`` (alias ``"ce"``), ``"mse"`` or ``callable(logits, y) -> [N]``."""
+_NAMED: dict[str, tuple[LossFn, str]] = {
+    "cross_entropy": (cross_entropy, "cross_entropy"),
+    "ce": (cross_entropy, "cross_entropy"),
+    "mse": (mse, "mse"),
+    "squared": (mse, "mse"),
+}
+
+
+def resolve_named_loss(loss: LossSpec) -> tuple[LossFn, str]:
+    """Map ``"cross_entropy" | "ce" | "mse" | "squared" | callable`` to ``(fn, name)``.
+
+    A callable is returned as is, named by its ``__name__`` (``"custom"`` without one).
+    """
     if callable(loss):
-        return loss
-    if loss in ("cross_entropy", "ce"):
-        return _cross_entropy
-    if loss in ("mse", "squared"):
-        return _mse
+        return loss, getattr(loss, "__name__", "custom")
+    if isinstance(loss, str) and loss in _NAMED:
+        return _NAMED[loss]
     raise ValueError(f"loss={loss!r}: expected 'cross_entropy', 'mse' or a callable(logits, y)")
+
+
+def resolve_loss(loss: LossSpec) -> LossFn:
+    """The per-sample loss ``fn(logits, y) -> [N]`` of :func:`resolve_named_loss`."""
+    return resolve_named_loss(loss)[0]

@@ -1,60 +1,37 @@
-"""Detection metrics for harmful-item ranking: ROC AUC and recall at k."""
+"""The report's names for the detection metrics: thin wrappers of the evaluate ones.
+
+The report speaks of ``harm`` (larger = more suspicious, e.g. ``−removal_effect``) and a boolean
+``positive`` mask; each function is the evaluate one with ``harmful_first=False``, so the job and
+the library compute the same numbers (ties: average ranks, Mann-Whitney; see that module).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..evaluate import detection as _detection
+from ..evaluate.detection import ArrayLike
 
-def _arr(x) -> np.ndarray:
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            return x.detach().double().cpu().numpy().reshape(-1)
-    except ImportError:  # pragma: no cover
-        pass
-    return np.asarray(x, dtype=np.float64).reshape(-1)
+__all__ = ["recall_at_k", "recall_curve", "roc_auc", "roc_curve"]
 
 
-def roc_auc(harm: object, positive: object) -> float:
-    """Probability that a random positive outranks a random negative (ties count ½).
-
-    ``harm``: higher = more suspicious (use ``-removal_effect``); ``positive``: bool mask.
-    NaN when one class is empty.
-    """
-    s, y = _arr(harm), _arr(positive).astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    from scipy.stats import rankdata
-
-    r = rankdata(s)
-    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+def roc_auc(harm: ArrayLike, positive: ArrayLike) -> float:
+    """``P(h₊ > h₋) + ½ P(h₊ = h₋)`` (Mann-Whitney); NaN when one class is empty."""
+    return _detection.detection_auc(harm, positive, harmful_first=False)
 
 
-def roc_curve(harm: object, positive: object) -> tuple[np.ndarray, np.ndarray]:
-    """``(false positive rate, true positive rate)`` over thresholds, highest harm first."""
-    s, y = _arr(harm), _arr(positive).astype(bool)
-    order = np.argsort(-s, kind="stable")
-    y = y[order]
-    tp = np.r_[0, np.cumsum(y)] / max(1, int(y.sum()))
-    fp = np.r_[0, np.cumsum(~y)] / max(1, int((~y).sum()))
-    return fp, tp
+def roc_curve(harm: ArrayLike, positive: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(false positive rate, true positive rate)`` for ``k = 0..n`` items, highest harm first."""
+    c = _detection.detection_curve(harm, positive, harmful_first=False)
+    return c["fpr"].numpy(), c["recall"].numpy()
 
 
-def recall_at_k(harm: object, positive: object, k: int) -> float:
-    """Fraction of positives among the ``k`` highest-harm items' positives (recall@k)."""
-    s, y = _arr(harm), _arr(positive).astype(bool)
-    if int(y.sum()) == 0:
-        return float("nan")
-    top = np.argsort(-s, kind="stable")[: int(k)]
-    return float(y[top].sum() / y.sum())
+def recall_at_k(harm: ArrayLike, positive: ArrayLike, k: int) -> float:
+    """``TP_k / n₊``: share of the positives among the ``k`` highest-harm items."""
+    return _detection.recall_at_k(harm, positive, int(k), harmful_first=False)
 
 
-def recall_curve(harm: object, positive: object) -> tuple[np.ndarray, np.ndarray]:
+def recall_curve(harm: ArrayLike, positive: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """``(fraction inspected, recall)`` when inspecting items from most harmful down."""
-    s, y = _arr(harm), _arr(positive).astype(bool)
-    order = np.argsort(-s, kind="stable")
-    rec = np.r_[0, np.cumsum(y[order])] / max(1, int(y.sum()))
-    frac = np.arange(len(s) + 1) / max(1, len(s))
-    return frac, rec
+    c = _detection.detection_curve(harm, positive, harmful_first=False)
+    return c["fraction"].numpy(), c["recall"].numpy()

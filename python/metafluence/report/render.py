@@ -4,96 +4,60 @@ from __future__ import annotations
 
 import csv
 import html
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-from . import metrics as M
+from ..evaluate import detection, plots
 
 
 def _plots(out: Path, summary: dict, task_scores: Tensor, mask: Tensor, sup: Tensor) -> list[str]:
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    s, m = task_scores.numpy(), mask.numpy().astype(bool)
-    files = []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    bins = np.linspace(s.min(), s.max(), 31) if s.max() > s.min() else 10
-    axes[0].hist(s[~m], bins=bins, alpha=0.6, label=f"clean ({(~m).sum()})", color="tab:blue")
-    axes[0].hist(s[m], bins=bins, alpha=0.6, label=f"label-flipped ({m.sum()})", color="tab:red")
-    axes[0].axvline(0, color="k", lw=0.8)
-    axes[0].set(xlabel="task removal effect (< 0: harmful)", ylabel="tasks", title="Tasks")
-    axes[0].legend()
-    sp = sup.numpy()
-    sm = np.broadcast_to(m[:, None], sp.shape)
-    b2 = np.linspace(sp.min(), sp.max(), 31) if sp.max() > sp.min() else 10
-    axes[1].hist(sp[~sm], bins=b2, alpha=0.6, label="in clean tasks", color="tab:blue")
-    axes[1].hist(sp[sm], bins=b2, alpha=0.6, label="in flipped tasks", color="tab:red")
-    axes[1].axvline(0, color="k", lw=0.8)
-    axes[1].set(xlabel="support-point removal effect", ylabel="points", title="Support points")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(out / "scores.png", dpi=110)
-    plt.close(fig)
-    files.append("scores.png")
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    fp, tp = M.roc_curve(-s, m)
-    auc = summary["detection"]["task_auc"]
-    axes[0].plot(fp, tp, label=f"removal effect (AUC {auc:.3f})")
-    axes[0].plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
-    axes[0].set(
-        xlabel="false positive rate", ylabel="true positive rate", title="ROC: flipped tasks"
+    """The report's figures, drawn by :mod:`metafluence.evaluate.plots`: score histograms
+    (tasks, support points), detection (ROC and recall curve of the tasks) and the change of the
+    target after removing the ``k`` most harmful tasks."""
+    m = mask.bool()
+    sup_mask = m[:, None].expand_as(sup)
+    plots.score_histograms(
+        [
+            {
+                "scores": task_scores,
+                "flagged": m,
+                "title": "Tasks",
+                "xlabel": "task removal effect (< 0: harmful)",
+                "ylabel": "tasks",
+                "labels": ("clean ({n})", "label-flipped ({n})"),
+            },
+            {
+                "scores": sup,
+                "flagged": sup_mask,
+                "title": "Support points",
+                "xlabel": "support-point removal effect",
+                "ylabel": "points",
+                "labels": ("in clean tasks", "in flipped tasks"),
+            },
+        ],
+        out / "scores.png",
     )
-    axes[0].legend(loc="lower right")
-    frac, rec = M.recall_curve(-s, m)
-    axes[1].plot(frac, rec, label="ranked by removal effect")
-    axes[1].plot([0, 1], [0, 1], "k--", lw=0.8, label="random order")
-    p = m.mean()
-    axes[1].plot([0, p, 1], [0, 1, 1], ":", color="gray", label="perfect")
-    axes[1].set(
-        xlabel="fraction of tasks inspected (most harmful first)",
-        ylabel="recall",
-        title="Detection curve",
+    curve = detection.detection_curve(task_scores, m)  # most negative removal effect first
+    plots.detection_plot(
+        {"removal effect": curve},
+        out / "detection.png",
+        "flipped tasks",
+        roc=True,
+        positive_rate=float(m.double().mean()),
+        items="tasks",
     )
-    axes[1].legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "detection.png", dpi=110)
-    plt.close(fig)
-    files.append("detection.png")
-
-    ch = summary["target_change"]
     ev = summary["evaluation"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    names = list(ch)
-    vals = [ch[n] for n in names]
-    colors = ["tab:gray", "tab:orange", "tab:green", "tab:purple"][: len(names)]
-    axes[0].bar(names, vals, color=colors)
-    axes[0].axhline(0, color="k", lw=0.8)
-    axes[0].set(
-        ylabel="Δ target loss",
-        title=f"Removing the {summary['detection']['k']} most harmful tasks: predicted vs actual",
-    )
     models = [k for k in ev if k != "initial"]
-    x = np.arange(len(models))
-    axes[1].bar(x - 0.2, [ev[k]["target"]["accuracy"] for k in models], 0.4, label="target (val)")
-    axes[1].bar(x + 0.2, [ev[k]["test"]["accuracy"] for k in models], 0.4, label="test")
-    axes[1].set_xticks(x, [k.replace(" (all tasks)", "\n(all tasks)") for k in models])
-    lo = min(min(ev[k]["target"]["accuracy"], ev[k]["test"]["accuracy"]) for k in models)
-    axes[1].set_ylim(max(0.0, lo - 0.05), None)
-    axes[1].set(ylabel="accuracy after adaptation", title="Meta-test accuracy")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(out / "change.png", dpi=110)
-    plt.close(fig)
-    files.append("change.png")
-    return files
+    plots.change_plot(
+        summary["target_change"],
+        {k: (ev[k]["target"]["accuracy"], ev[k]["test"]["accuracy"]) for k in models},
+        out / "change.png",
+        f"Removing the {summary['detection']['k']} most harmful tasks: predicted vs actual",
+    )
+    return ["scores.png", "detection.png", "change.png"]
 
 
 def _csvs(out: Path, ids, classes, task_scores, mask, sup, qry) -> list[str]:

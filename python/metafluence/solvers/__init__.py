@@ -6,8 +6,10 @@ solving ``(A + damping I) x = b`` for a symmetric operator ``A`` given by ``matv
 ``b``). See :mod:`metafluence.solvers._base` and ``math.md`` §4.
 
 Total solves (``get_solver``): ``cg``, ``neumann``, ``direct``, ``arnoldi``.
-Inner (structured) solves: ``solve_woodbury`` / ``solve_woodbury_batched`` (``γI + UUᵀ``),
+Inner (structured) solves: ``solve_woodbury`` / ``solve_woodbury_batched`` (``γI + UUᵀ``; factored
+once with ``woodbury_factor``, applied with ``woodbury_apply``),
 ``solve_ekfac`` (Kronecker-factored curvature of linear layers).
+Nonlinear: ``damped_newton`` (Newton steps with backtracking on ``‖∇‖``, a pluggable linear solve).
 """
 
 from __future__ import annotations
@@ -28,16 +30,26 @@ from .ekfac import (
     solve_ekfac,
 )
 from .neumann import solve_neumann
-from .woodbury import solve_woodbury, solve_woodbury_batched
+from .newton import NewtonResult, damped_newton
+from .woodbury import (
+    WoodburyFactor,
+    solve_woodbury,
+    solve_woodbury_batched,
+    woodbury_apply,
+    woodbury_factor,
+)
 
 __all__ = [
     "SOLVERS",
     "KFACFactors",
     "KFACLayerFactors",
     "Matvec",
+    "NewtonResult",
     "SolveResult",
+    "WoodburyFactor",
     "compute_kfac_factors",
     "compute_kfac_factors_batched",
+    "damped_newton",
     "dense_matrix",
     "ekfac_matvec",
     "estimate_top_eigenvalue",
@@ -50,6 +62,8 @@ __all__ = [
     "solve_neumann",
     "solve_woodbury",
     "solve_woodbury_batched",
+    "woodbury_apply",
+    "woodbury_factor",
 ]
 
 SOLVERS: dict[str, Callable[..., SolveResult]] = {

@@ -186,23 +186,6 @@ class RowOperator:
         return y
 
 
-def fused_updates_backend(b: Tensor) -> str | None:
-    """The backend of the fused vector updates (:mod:`metafluence.ops.solver_update`) for a solve
-    with right-hand sides ``b``: ``"native"`` or ``"triton"`` when one runs for ``b``'s device and
-    dtype, ``None`` for the plain-PyTorch loop (reference path: also when ``b`` requires grad or
-    is wrapped by a ``torch.func`` transform, since the fused updates are in place and not
-    differentiable). ``METAFLUENCE_BACKEND=reference`` selects the plain loop."""
-    from ..ops import solver_update
-
-    if b.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(b):
-        return None
-    try:
-        chosen = solver_update.fused_backend(b.device, b.dtype)
-    except RuntimeError:  # a forced backend that cannot run here: use the plain loop
-        return None
-    return chosen if chosen in ("native", "triton") else None
-
-
 def tiny(dtype: torch.dtype) -> float:
     """Smallest positive normal number of ``dtype`` (guard for divisions)."""
     return float(torch.finfo(dtype).tiny)

@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..ops import solver_update
 from ._base import (
     Matvec,
     RowOperator,
@@ -16,9 +17,7 @@ from ._base import (
     check_positive_int,
     eps,
     from_rows,
-    fused_updates_backend,
     relative_residual,
-    tiny,
 )
 
 __all__ = ["solve_cg"]
@@ -77,7 +76,10 @@ def solve_cg(
         fused: run the vector updates of each iteration as two fused kernels for all columns
             (:func:`metafluence.ops.cg_update_`, :func:`metafluence.ops.cg_direction_`). Default
             (``None``): when a native / Triton kernel exists for ``b``'s device and dtype and no
-            gradient flows through the solve; ``False``: the plain-PyTorch loop (reference).
+            gradient flows through the solve; ``False``: their plain-PyTorch reference twins
+            (:func:`metafluence.reference.solvers.cg_update`, ``cg_direction``), which also run
+            whenever a gradient flows. The choice is :mod:`metafluence.ops`'
+            (:func:`metafluence.ops.solver_update.fused_updates_backend`).
 
     Returns:
         :class:`SolveResult`; ``info`` holds ``column_iters`` ([k] int64), ``matvec_calls``,
@@ -135,54 +137,29 @@ def solve_cg(
     it_a = torch.zeros(active.numel(), dtype=torch.int64, device=B.device)
     neg_a = torch.zeros(active.numel(), dtype=torch.bool, device=B.device)
 
-    fb = fused_updates_backend(B) if fused is not False else None
-    if fb is not None:
-        from ..ops import solver_update
+    # the vector updates are the ops' (metafluence.ops.solver_update): a fused kernel when one
+    # runs here, else the reference twin (out of place, differentiable); ops chooses
+    fb = solver_update.fused_updates_backend(B, fused) or "reference"
 
     it = 0
     while it < maxiter and active.numel() > 0 and not all_frozen:
         done_a = frozen_a.clone()
         for _ in range(min(check_every, maxiter - it)):
             W = op(Pa)
-            if fb is not None and W.requires_grad:
-                fb = None  # gradient flows through the matvec: plain loop from here on
-            if fb is not None:
-                # fused: x, r, curv_max updated in place; then p in place (rows still running)
-                run = ~done_a
-                rr, neg = solver_update.cg_update_(
-                    Xa, Ra, curv_max, Pa, W, rza, run, curv_tol, backend=fb
-                )
-                step = run & ~neg
-                it_a = it_a + step.to(torch.int64)
-                neg_a = neg_a | neg
-                done_a = done_a | neg | (step & (rr.sqrt() <= thra))
-                if pc is not None:
-                    Za = pc(Ra)
-                    rz_new = _rowdot(Ra, Za)
-                else:
-                    Za, rz_new = Ra, rr
-                solver_update.cg_direction_(Pa, Za, rz_new, rza, ~done_a, backend=fb)
-                rza = torch.where(done_a, rza, rz_new)
-                it += 1
-                continue
-            pAp = _rowdot(Pa, W)
-            pp = _rowdot(Pa, Pa)
-            curv = pAp / pp.clamp_min(tiny(dt))
-            curv_max = torch.maximum(curv_max, curv.abs())
-            neg = (~done_a) & (curv <= curv_tol * curv_max)
-            step = (~done_a) & (~neg)
-            alpha = torch.where(step, rza / torch.where(step, pAp, torch.ones_like(pAp)), 0.0)
-            Xa = Xa + alpha[:, None] * Pa
-            Ra = Ra - alpha[:, None] * W
+            run = ~done_a
+            Xa, Ra, curv_max, rr, neg = solver_update.cg_update(
+                Xa, Ra, curv_max, Pa, W, rza, run, curv_tol, backend=fb
+            )
+            step = run & ~neg
             it_a = it_a + step.to(torch.int64)
             neg_a = neg_a | neg
-            done_a = done_a | neg | (step & (torch.linalg.vector_norm(Ra, dim=1) <= thra))
-            Za = pc(Ra) if pc is not None else Ra
-            rz_new = _rowdot(Ra, Za)
-            beta = torch.where(
-                done_a, 0.0, rz_new / torch.where(rza == 0, torch.ones_like(rza), rza)
-            )
-            Pa = torch.where(done_a[:, None], Pa, Za + beta[:, None] * Pa)
+            done_a = done_a | neg | (step & (rr.sqrt() <= thra))
+            if pc is not None:
+                Za = pc(Ra)
+                rz_new = _rowdot(Ra, Za)
+            else:
+                Za, rz_new = Ra, rr
+            Pa = solver_update.cg_direction(Pa, Za, rz_new, rza, ~done_a, backend=fb)
             rza = torch.where(done_a, rza, rz_new)
             it += 1
 

@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..ops import solver_update
 from ._base import (
     Matvec,
     RowOperator,
@@ -17,7 +18,6 @@ from ._base import (
     check_positive_int,
     eps,
     from_rows,
-    fused_updates_backend,
     relative_residual,
 )
 from .eigen import power_iteration
@@ -133,9 +133,7 @@ def solve_neumann(
     it_a = torch.zeros(active.numel(), dtype=torch.int64, device=dev)
     floor = 10 * eps(dt) * b_norm[active]
 
-    fb = fused_updates_backend(B) if fused is not False else None
-    if fb is not None:
-        from ..ops import solver_update
+    fb = solver_update.fused_updates_backend(B, fused)
     it = 0
     diverged = False
     while it < maxiter and active.numel() > 0 and not diverged and not all_frozen:

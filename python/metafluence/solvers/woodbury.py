@@ -1,6 +1,13 @@
-"""Exact inverse of ``γI + U W Uᵀ`` for tall-skinny ``U`` (Woodbury identity)."""
+"""Exact inverse of ``γI + U W Uᵀ`` for tall-skinny ``U`` (Woodbury identity).
+
+``woodbury_factor`` / ``woodbury_apply`` factor the ``r × r`` core once and apply it to many
+right-hand sides (the implicit engine's inner solves); ``solve_woodbury`` /
+``solve_woodbury_batched`` are the checked one-shot solves with residuals (``SolveResult``).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -14,7 +21,13 @@ from ._base import (
     relative_residual,
 )
 
-__all__ = ["solve_woodbury", "solve_woodbury_batched"]
+__all__ = [
+    "WoodburyFactor",
+    "solve_woodbury",
+    "solve_woodbury_batched",
+    "woodbury_apply",
+    "woodbury_factor",
+]
 
 
 def _check_inputs(U: Tensor, v: Tensor, weights: Tensor | None) -> None:
@@ -36,25 +49,60 @@ def _check_weights(weights: Tensor | None, r: int, lead: tuple[int, ...]) -> Non
         raise ValueError(f"weights has shape {list(shape)}, expected {want}")
 
 
-def _woodbury(U: Tensor, V: Tensor, gamma: float, weights: Tensor | None) -> Tensor:
-    """Batched core. ``U`` ``[M, P, r]``, ``V`` ``[M, k, P]`` (rows) -> ``X`` ``[M, k, P]``."""
+@dataclass(frozen=True)
+class WoodburyFactor:
+    r"""``γI_P + U W Uᵀ`` factored once for many solves (``r × r`` core, ``M`` batched).
+
+    ``U`` ``[M, P, r]``; ``weights`` ``W`` ``[M, r, r]`` or ``None`` (identity). Without ``W`` the
+    core ``γI_r + UᵀU`` is SPD: ``chol`` is its Cholesky factor (``lu`` is ``None`` unless the
+    factorisation failed); with ``W`` the core ``γI_r + W UᵀU`` is LU-factored (``lu``).
+    """
+
+    U: Tensor
+    gamma: float
+    weights: Tensor | None
+    chol: Tensor | None
+    lu: tuple[Tensor, Tensor] | None
+
+
+def woodbury_factor(U: Tensor, damping: float, weights: Tensor | None = None) -> WoodburyFactor:
+    r"""Factor ``γI + U W Uᵀ`` (``γ = damping > 0``) for :func:`woodbury_apply`.
+
+    ``U`` ``[M, P, r]``; ``weights`` ``[M, r]`` (diagonal) or ``[M, r, r]``. Cost
+    ``O(M(P r² + r³))``; no input checks (the public :func:`solve_woodbury_batched` does them).
+    """
     r = U.shape[-1]
     eye = torch.eye(r, dtype=U.dtype, device=U.device)
-    Ut_v = U.transpose(-1, -2) @ V.transpose(-1, -2)  # [M, r, k]
     gram = U.transpose(-1, -2) @ U  # [M, r, r]
     if weights is None:
-        # (γI + UUᵀ)⁻¹ v = (v - U (γI_r + UᵀU)⁻¹ Uᵀ v) / γ   (SPD core: Cholesky)
-        core = gram + gamma * eye
+        core = gram + damping * eye
         L, info = torch.linalg.cholesky_ex(core)
         if bool((info == 0).all()):
-            C = torch.cholesky_solve(Ut_v, L)
-        else:
-            C = torch.linalg.solve(core, Ut_v)
+            return WoodburyFactor(U, damping, None, L, None)
+        return WoodburyFactor(U, damping, None, None, torch.linalg.lu_factor(core))
+    W = torch.diag_embed(weights) if weights.dim() == U.dim() - 1 else weights
+    return WoodburyFactor(U, damping, W, None, torch.linalg.lu_factor(damping * eye + W @ gram))
+
+
+def woodbury_apply(f: WoodburyFactor, V: Tensor) -> Tensor:
+    r"""``(γI + U W Uᵀ)⁻¹ v`` for the rows of ``V`` ``[M, k, P]`` → ``[M, k, P]``::
+
+    x = (v − U (γI_r + W UᵀU)⁻¹ W Uᵀ v) / γ        (push-through identity; W = I: Cholesky)
+    """
+    Ut_v = f.U.transpose(-1, -2) @ V.transpose(-1, -2)  # [M, r, k]
+    if f.weights is not None:
+        Ut_v = f.weights @ Ut_v
+    if f.chol is not None:
+        C = torch.cholesky_solve(Ut_v, f.chol)
     else:
-        W = torch.diag_embed(weights) if weights.dim() == U.dim() - 1 else weights
-        # (γI + UWUᵀ)⁻¹ v = (v - U (γI_r + W UᵀU)⁻¹ W Uᵀ v) / γ   (push-through identity)
-        C = torch.linalg.solve(gamma * eye + W @ gram, W @ Ut_v)
-    return (V - (U @ C).transpose(-1, -2)) / gamma
+        assert f.lu is not None
+        C = torch.linalg.lu_solve(f.lu[0], f.lu[1], Ut_v)
+    return (V - (f.U @ C).transpose(-1, -2)) / f.gamma
+
+
+def _woodbury(U: Tensor, V: Tensor, gamma: float, weights: Tensor | None) -> Tensor:
+    """Batched core. ``U`` ``[M, P, r]``, ``V`` ``[M, k, P]`` (rows) -> ``X`` ``[M, k, P]``."""
+    return woodbury_apply(woodbury_factor(U, gamma, weights), V)
 
 
 def _result(

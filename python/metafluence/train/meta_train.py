@@ -32,6 +32,7 @@ from .._checks import check_float, check_int
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
 from ..bilevel.source import TaskSource
 from ..bilevel.tasks import TaskBatch
+from ..solvers.newton import damped_newton
 from ._bar import progress_bar
 from .stationary import make_stationary
 
@@ -292,8 +293,9 @@ def newton_refine(
 
     Minimises ``F(λ)`` (+ ``(δ'/2)‖λ − λ_0‖²`` when ``prox = (δ', λ_0)``: the proximal
     response). Each step solves ``H Δ = −∇F`` densely (small ``P``), with backtracking on
-    ``‖∇F‖``. Used as the ground-truth retrainer: started at ``λ*`` it stays on the same branch
-    of stationary points, unlike a first-order optimiser on a near-flat objective.
+    ``‖∇F‖`` (:func:`metafluence.solvers.newton.damped_newton`). Used as the ground-truth
+    retrainer: started at ``λ*`` it stays on the same branch of stationary points, unlike a
+    first-order optimiser on a near-flat objective.
     """
     lam = problem.flat(meta_params).clone()
     batch = problem.batch(tasks, lam, task_weight)
@@ -306,28 +308,27 @@ def newton_refine(
             g = g + prox[0] * (x - prox[1])
         return g.detach()
 
-    g = grad_at(lam)
-    for _ in range(int(max_steps)):
-        gn = float(g.norm())
-        if gn <= tol:
-            break
-        pt = problem.point(lam, batch)
-        H = pt.hvp(eye, "exact").detach()
+    def step_at(x: Tensor, g: Tensor, _aux: None) -> Tensor:
+        """``d = H⁻¹ ∇F`` with the dense exact total Hessian (+ δ'I), least squares if singular."""
+        H = problem.point(x, batch).hvp(eye, "exact").detach()
         H = 0.5 * (H + H.T)
         if prox is not None:
             H = H + prox[0] * eye
         try:
-            step = torch.linalg.solve(H, -g)
+            return torch.linalg.solve(H, g)
         except RuntimeError:
-            step = -torch.linalg.lstsq(H, g.unsqueeze(-1)).solution.squeeze(-1)
-        t = 1.0
-        while True:
-            cand = lam + t * step
-            gc = grad_at(cand)
-            if float(gc.norm()) < gn or t < 1e-6:
-                break
-            t *= 0.5
-        lam, g = cand, gc
+            return torch.linalg.lstsq(H, g.unsqueeze(-1)).solution.squeeze(-1)
+
+    # t = 1, ½, …, 2⁻²⁰ (< 1e-6): the last length is taken even without a decrease of ‖∇F‖
+    lam = damped_newton(
+        lambda x: (grad_at(x), None),
+        step_at,
+        lam,
+        max_steps,
+        trials=21,
+        tol=tol,
+        accept_stalled=True,
+    ).x
     return problem.unflat(lam)
 
 
