@@ -384,3 +384,22 @@ def test_remove_of_the_wrong_type(prob, tasks, remove, words):
 def test_tasks_of_the_wrong_type(prob, value):
     with pytest.raises(TypeError, match="tasks must be a list of mf.Task, a TaskBatch"):
         _removal(prob, prob.init_params(), value)
+
+
+# ---- (g) per-sample gradients: the same classes of bad input --------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda x, y: (x * NAN, y), "x contains NaN or Inf"),
+        (lambda x, y: (torch.randn(4, 5), y), r"x of shape \(4, 5\) .* does not fit the model"),
+        (lambda x, y: (x.double(), y), r"x of shape \(4, 3\) \(dtype torch.float64\) does not fit"),
+        (lambda x, y: (x, y[:, None]), r"y of shape \(4, 1\) .* does not fit loss='cross_entropy'"),
+        (lambda x, y: (x, y.double() * INF), "y contains NaN or Inf"),
+    ],
+)
+def test_per_sample_grads_bad_x_y(prob, make, words):
+    x, y = make(*mk(0).support)
+    with pytest.raises(ValueError, match=words):
+        mf.per_sample_grads(prob.model, prob.init_params(), x, y)

@@ -257,7 +257,10 @@ class MetaProblem:
                     "class indices"
                 )
             if y.is_floating_point() or y.dtype == torch.bool:
-                raise TypeError(f"{field} has dtype {y.dtype}; cross_entropy needs integer labels")
+                raise TypeError(
+                    f"task {b.ids[0]!r}: {field} has dtype {y.dtype}; cross_entropy needs "
+                    "integer labels"
+                )
             bad = (y < 0) | (y >= n_out)
             if bool(bad.any()):
                 k = int(torch.nonzero(bad.reshape(b.num_tasks, -1).any(-1)).flatten()[0])
