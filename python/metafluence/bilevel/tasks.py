@@ -357,7 +357,8 @@ class TaskBatch:
             _finite_rows(t, dtype, self.ids, what).to(device=device)
             for t, what in zip(fields, (*FIELDS, *WEIGHTS), strict=True)
         ]
-        return TaskBatch(*out, ids=list(self.ids))
+        xs, ys, xq, yq, tw, sw, qw = out
+        return TaskBatch(xs, ys, xq, yq, tw, sw, qw, list(self.ids))
 
 
 def as_task_weight(task_weight: Any, M: int, dtype: torch.dtype | None, device: Any) -> Tensor:
