@@ -9,6 +9,7 @@ import torch
 
 from metafluence._progress import (
     CheckpointCorruptError,
+    CheckpointForeignError,
     ProgressStore,
     atomic_write_bytes,
     digest,
@@ -136,6 +137,61 @@ def test_store_damaged_chunk_is_reported_and_set_aside(tmp_path):
     with pytest.warns(RuntimeWarning, match="k.safetensors.*not used"):
         assert s.get("k") is None
     assert not s.done("k") and (tmp_path / "k.safetensors.corrupt").exists()
+
+
+def test_store_chunk_copied_over_another_is_refused(tmp_path):
+    s = ProgressStore(tmp_path, {"a": 1})
+    s.save("k1", {"x": torch.arange(4.0)})
+    s.save("k2", {"x": torch.arange(4.0) + 10})
+    (tmp_path / "k2.safetensors").write_bytes((tmp_path / "k1.safetensors").read_bytes())
+    load_tensors(tmp_path / "k2.safetensors")  # the checksum alone is valid
+    with pytest.raises(CheckpointForeignError, match=r"k2.safetensors.*key: k1 ≠ k2"):
+        s.load("k2")
+    with pytest.warns(RuntimeWarning, match=r"k2.safetensors.*another computation.*not used"):
+        assert s.get("k2") is None
+    assert not s.done("k2") and s.get("k1") is not None
+
+
+def test_store_chunk_of_another_config_is_refused(tmp_path):
+    ProgressStore(tmp_path / "a", {"damping": 0.1}).save("k", {"x": torch.ones(2)})
+    s = ProgressStore(tmp_path / "b", {"damping": 0.2})
+    (tmp_path / "b" / "k.safetensors").write_bytes((tmp_path / "a" / "k.safetensors").read_bytes())
+    with pytest.warns(RuntimeWarning, match=r"b/k.safetensors.*another computation \(store: "):
+        assert s.get("k") is None
+
+
+def test_store_identity_from_the_caller(tmp_path):
+    s = ProgressStore(tmp_path, {"a": 1})
+    s.save("k", {"x": torch.ones(2)}, {"note": 1}, identity={"tasks": "abc"})
+    tensors, meta = s.load("k", identity={"tasks": "abc"})
+    assert meta == {"note": 1} and torch.equal(tensors["x"], torch.ones(2))  # identity stripped
+    with pytest.raises(CheckpointForeignError, match="tasks: abc ≠ abd"):
+        s.load("k", identity={"tasks": "abd"})
+    with pytest.raises(CheckpointForeignError, match="tasks"):
+        s.load("k")  # asked without: the file's extra identity does not match either
+    with pytest.raises(ValueError, match="reserved"):
+        s.save("k", {}, {"__mf_identity__": 1})
+
+
+def test_store_file_without_identity_is_refused(tmp_path):
+    s = ProgressStore(tmp_path, {"a": 1})
+    save_tensors(tmp_path / "k.safetensors", {"x": torch.ones(2)}, {"start": 0})  # older format
+    with pytest.raises(CheckpointForeignError, match="carries no identity"):
+        s.load("k")
+
+
+def test_map_chunks_recomputes_a_copied_chunk(tmp_path):
+    def compute(r):
+        return {"v": torch.arange(r[0], r[1], dtype=torch.float64)}
+
+    s = ProgressStore(tmp_path, {"n": 6})
+    ref = torch.cat([c["v"] for c in map_chunks(compute, 6, 2, store=s)])
+    (tmp_path / "00000002-00000004.safetensors").write_bytes(
+        (tmp_path / "00000000-00000002.safetensors").read_bytes()
+    )
+    with pytest.warns(RuntimeWarning, match="00000002-00000004.safetensors.*another computation"):
+        out = map_chunks(compute, 6, 2, store=s)
+    assert torch.equal(torch.cat([c["v"] for c in out]), ref)
 
 
 def test_map_chunks_skips_finished_chunks(tmp_path):

@@ -41,6 +41,7 @@ from torch import Tensor
 
 __all__ = [
     "CheckpointCorruptError",
+    "CheckpointForeignError",
     "ProgressStore",
     "atomic_write_bytes",
     "chunk_ranges",
@@ -56,6 +57,7 @@ FORMAT = "metafluence-tensors/1"
 _SHA_KEY = "__mf_sha256__"
 _FMT_KEY = "__mf_format__"
 _META_KEY = "__mf_meta__"
+_IDENTITY_KEY = "__mf_identity__"  # in a store chunk's meta: what produced it
 _TMP_SUFFIX = ".tmp"
 _TORCH_MAGIC = b"MFTENS01"
 
@@ -67,6 +69,20 @@ class CheckpointCorruptError(RuntimeError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"checkpoint {str(self.path)!r} is corrupt ({reason}); it was not used")
+
+
+class CheckpointForeignError(CheckpointCorruptError):
+    """A progress file is intact but was written by another computation (another store's
+    config, another chunk, other tasks: its identity does not match); it was not used."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        RuntimeError.__init__(
+            self,
+            f"checkpoint {str(Path(path))!r} was written by another computation ({reason}); "
+            "it was not used",
+        )
+        self.path = Path(path)
+        self.reason = reason
 
 
 # --- atomic writes ---------------------------------------------------------------------------
@@ -349,6 +365,12 @@ class ProgressStore:
     chunk is whole; leftover ``*.tmp`` files are deleted when the store is opened. One writer per
     directory at a time.
 
+    Every chunk file carries its *identity* inside it (covered by its checksum): the store's
+    config hash, its key and whatever the caller adds (``identity=``: e.g. a digest of the
+    chunk's tasks). A file whose identity does not match what is asked for (one chunk copied
+    over another, a file from a store with another config) is refused like a damaged one:
+    reported (``RuntimeWarning`` naming the file) and recomputed, never used.
+
     Args:
         directory: created if missing.
         config: JSON-able dict of everything that determines the results (hyperparameters,
@@ -439,26 +461,54 @@ class ProgressStore:
         return self._path(key).is_file()
 
     def save(
-        self, key: str, tensors: Mapping[str, Tensor], meta: Mapping[str, Any] | None = None
+        self,
+        key: str,
+        tensors: Mapping[str, Tensor],
+        meta: Mapping[str, Any] | None = None,
+        identity: Mapping[str, Any] | None = None,
     ) -> None:
-        """Atomically store a finished chunk (overwrites a previous one of the same key)."""
+        """Atomically store a finished chunk (overwrites a previous one of the same key), bound
+        to this store's config, ``key`` and the JSON-able ``identity``."""
+        meta = dict(meta or {})
+        if _IDENTITY_KEY in meta:
+            raise ValueError(f"meta key {_IDENTITY_KEY!r} is reserved")
+        meta[_IDENTITY_KEY] = self._identity(key, identity)
         save_tensors(self._path(key), tensors, meta)
 
-    def load(self, key: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """``(tensors, meta)`` of a finished chunk; ``CheckpointCorruptError`` if damaged."""
-        return load_tensors(self._path(key))
+    def _identity(self, key: str, identity: Mapping[str, Any] | None) -> dict[str, Any]:
+        extra = _canonical(identity or {})
+        return {"store": self.config_hash, "key": str(key), **extra}
 
-    def get(self, key: str) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-        """Like :meth:`load`, but ``None`` when the chunk is missing or damaged.
+    def load(
+        self, key: str, identity: Mapping[str, Any] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``(tensors, meta)`` of a finished chunk: ``CheckpointCorruptError`` if damaged,
+        :class:`CheckpointForeignError` if written for another store, key or ``identity``."""
+        p = self._path(key)
+        tensors, meta = load_tensors(p)
+        want = self._identity(key, identity)
+        got = meta.pop(_IDENTITY_KEY, None)
+        if got != want:
+            if not isinstance(got, dict):
+                raise CheckpointForeignError(p, "it carries no identity (older format)")
+            diff = config_diff(got, want)
+            parts = [f"{k}: {_short(got.get(k))} ≠ {_short(want.get(k))}" for k in diff]
+            raise CheckpointForeignError(p, "; ".join(parts))
+        return tensors, meta
 
-        A damaged chunk is reported (``RuntimeWarning`` naming the file), renamed to
+    def get(
+        self, key: str, identity: Mapping[str, Any] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        """Like :meth:`load`, but ``None`` when the chunk is missing, damaged or foreign.
+
+        A damaged or foreign chunk is reported (``RuntimeWarning`` naming the file), renamed to
         ``<file>.corrupt`` and so recomputed by the caller; it is never used.
         """
         p = self._path(key)
         if not p.is_file():
             return None
         try:
-            return load_tensors(p)
+            return self.load(key, identity)
         except CheckpointCorruptError as e:
             warnings.warn(f"{e}; recomputing chunk {key!r}", RuntimeWarning, stacklevel=2)
             with contextlib.suppress(OSError):
@@ -500,6 +550,12 @@ class ProgressStore:
             f"ProgressStore({str(self.directory)!r}, chunks={len(self.keys())}, "
             f"complete={self.is_complete})"
         )
+
+
+def _short(v: Any) -> str:
+    """A value for a message: long hex digests cut to 12 characters."""
+    text = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    return f"{text[:12]}…" if len(text) > 16 else text
 
 
 def chunk_ranges(n: int, size: int) -> list[tuple[int, int]]:

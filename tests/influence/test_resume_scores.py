@@ -125,6 +125,58 @@ def test_chunks_of_another_solve_are_not_used(tmp_path, reference):
     assert_close_normwise(doubled.scores, 2 * reference.scores, rtol=1e-6)
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_chunk_copied_over_another_is_refused_and_recomputed(tmp_path, reference, streamed):
+    quiet(w.scores, tmp_path, streamed=streamed)
+    d = tmp_path / "scores"
+    a, b = (d / f"scores-{k:08d}-{k + 2:08d}.safetensors" for k in (0, 4))
+    b.write_bytes(a.read_bytes())  # a valid checksum, but chunk 0-2's scores
+    (tmp_path / "work.log").unlink()
+    with pytest.warns(RuntimeWarning, match=r"scores-00000004-00000006.*another computation.*key"):
+        again = w.scores(tmp_path, streamed=streamed)
+    assert w.work_log(tmp_path) == ["chunk 4"]  # only the refused chunk was recomputed
+    assert_same(again, reference)
+    (tmp_path / "work.log").unlink()
+    assert_same(quiet(w.scores, tmp_path, streamed=streamed), reference)
+    assert w.work_log(tmp_path) == []  # the recomputed chunk is stored under its own identity
+
+
+@pytest.mark.parametrize("stage", ["solve", "diagnostics"])
+def test_stage_from_a_store_with_another_solve_damping_is_refused(tmp_path, reference, stage):
+    quiet(w.scores, tmp_path / "other", solve_damping=0.5)
+    quiet(w.scores, tmp_path)
+    name = f"{stage}.safetensors"
+    (tmp_path / "scores" / name).write_bytes((tmp_path / "other" / "scores" / name).read_bytes())
+    (tmp_path / "work.log").unlink()
+    with pytest.warns(RuntimeWarning, match=rf"{name}.*another computation \(store: "):
+        again = w.scores(tmp_path)
+    assert w.work_log(tmp_path) == (["solve"] if stage == "solve" else [])
+    assert_same(again, reference)
+
+
+def test_chunk_of_other_tasks_in_the_same_range_is_refused(tmp_path):
+    """A streamed dataset whose later tasks changed (the config fingerprints only the ids and
+    the first chunk): the chunk's own task digest refuses its stored scores."""
+    quiet(w.scores, tmp_path, streamed=True)
+    changed = w.tasks(8, 0)
+    t = changed[5]
+    changed[5] = mf.Task(support=(t.support[0] + 1, t.support[1]), query=t.query, id=t.id)
+    _, prob = w.problem(chunk_size=2)
+    with pytest.warns(
+        RuntimeWarning, match=r"scores-00000004-00000006.*another computation.*tasks"
+    ):
+        mf.removal_effects(
+            prob,
+            prob.init_params(),
+            w.Dataset(changed),
+            w.tasks(3, 1),
+            solve_damping=0.3,
+            solver_kwargs={"maxiter": 30},
+            lanczos_steps=5,
+            checkpoint_dir=tmp_path / "scores",
+        )
+
+
 def test_changed_configuration_is_refused(tmp_path):
     quiet(w.scores, tmp_path)
     with pytest.raises(ValueError, match="differing keys: solve_damping"):

@@ -117,3 +117,19 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
     params, meta = load_checkpoint(ck)
     assert set(params) == set(prob.init_params()) and set(meta) == {"step", "F"}
     assert any(k.startswith("__mf_state__/") for k in load_tensors(ck)[0])
+
+
+def test_checkpoint_binds_the_problem_and_streamed_task_ids(tmp_path):
+    """The file carries the identity of what produced it: the problem (model, loss, inner map,
+    damping) and, for a streamed source, its task ids."""
+    model, prob, tasks, kw = _tiny("adam")
+    ck = tmp_path / "c.safetensors"
+    meta_train_resumable(prob, model, tasks, ck, steps=2, every=1, **kw)
+    other = mf.MetaProblem(model, inner=prob.inner, damping=prob.damping + 0.5)
+    with pytest.raises(ValueError, match=f"{ck.name}.*differing: problem"):
+        meta_train_resumable(other, model, tasks, ck, steps=4, every=1, **kw)
+    src = tmp_path / "s.safetensors"
+    meta_train_resumable(prob, model, mf.TaskSource(w.Dataset(tasks)), src, steps=2, **kw)
+    renamed = [mf.Task(support=t.support, query=t.query, id=f"x{i}") for i, t in enumerate(tasks)]
+    with pytest.raises(ValueError, match="differing: task_ids"):
+        meta_train_resumable(prob, model, mf.TaskSource(w.Dataset(renamed)), src, steps=4, **kw)

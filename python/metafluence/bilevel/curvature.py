@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import check_float, check_int
+from .._checks import MAX_DAMPING, check_float, check_int
 from .._progress import digest, load_tensors, save_tensors
 from ..solvers import SOLVERS, SolveResult, get_solver
 from ..solvers._base import relative_residual
@@ -55,8 +55,9 @@ DENSE_MAX = 8192
 
 
 def check_solve_damping(solve_damping: float) -> float:
-    """``δ'``: a finite float ``>= 0`` (not a bool, not a string)."""
-    return check_float(solve_damping, "solve_damping", minimum=0.0)
+    """``δ'``: a finite float in ``[0, 1e30]`` (not a bool, not a string; larger values make
+    ``H + δ'I`` unrepresentable in float32 norms)."""
+    return check_float(solve_damping, "solve_damping", minimum=0.0, maximum=MAX_DAMPING)
 
 
 @dataclasses.dataclass

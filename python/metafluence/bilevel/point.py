@@ -42,6 +42,24 @@ def _identity(x: Any) -> Any:
     return x
 
 
+def batch_digest(b: TaskBatch) -> str:
+    """A digest of a batch's tensors, weights and ids (ids by ``repr``)."""
+    blocks = [b.xs, b.ys, b.xq, b.yq, b.task_weight, b.support_weight, b.query_weight]
+    return str(digest({"tensors": blocks, "ids": [repr(i) for i in b.ids]}))
+
+
+class ChunkBuild:
+    """The engine of one chunk of tasks, built when called; ``batch`` holds the chunk's tasks
+    (read, not adapted: identifying a chunk costs no inner adaptation)."""
+
+    def __init__(self, batch: TaskBatch, build: Callable[[], Any]) -> None:
+        self.batch = batch
+        self._build = build
+
+    def __call__(self) -> Any:
+        return self._build()
+
+
 class LocalReduce:
     """Reductions across processes for a single process: identities (see ``distributed/``).
 
@@ -122,25 +140,25 @@ class BilevelPoint:
             return self._engines
         return (build() for _, build in self.chunk_engines())
 
-    def chunk_engines(self) -> Iterator[tuple[tuple[int, int], Callable[[], Any]]]:
+    def chunk_engines(self) -> Iterator[tuple[tuple[int, int], ChunkBuild]]:
         """``((start, stop), build)`` per chunk of this process's tasks, in order.
 
-        ``start:stop`` are the chunk's global task positions; ``build()`` returns its engine. A
-        streamed point reads the chunk's tasks but adapts them only when ``build`` is called,
-        so a caller that skips a chunk (e.g. one already computed before a restart) pays no
-        inner adaptation for it.
+        ``start:stop`` are the chunk's global task positions; ``build()`` returns its engine
+        and ``build.batch`` holds the chunk's tasks. A streamed point reads the chunk's tasks
+        but adapts them only when ``build`` is called, so a caller that skips a chunk (e.g. one
+        already computed before a restart) pays no inner adaptation for it.
         """
         start = self.offset
         if self._engines is not None:
             for e in self._engines:
                 stop = start + e.batch.num_tasks
-                yield (start, stop), functools.partial(_identity, e)
+                yield (start, stop), ChunkBuild(e.batch, functools.partial(_identity, e))
                 start = stop
             return
         assert self.source is not None
         for b in self.source.chunks(self.chunk_size, self.lam.dtype, self.lam.device):
             stop = start + b.num_tasks
-            yield (start, stop), functools.partial(self._build_engine, b)
+            yield (start, stop), ChunkBuild(b, functools.partial(self._build_engine, b))
             start = stop
 
     def _build_engine(self, b: TaskBatch) -> Any:
@@ -163,10 +181,6 @@ class BilevelPoint:
         return self._fingerprint
 
     def _tasks_fingerprint(self) -> dict[str, Any]:
-        def batch_digest(b: Any) -> str | None:
-            blocks = [b.xs, b.ys, b.xq, b.yq, b.task_weight, b.support_weight, b.query_weight]
-            return digest({"tensors": blocks, "ids": [repr(i) for i in b.ids]})
-
         if self.source is None:
             return {"kind": "stacked", "batch": batch_digest(self.batch), "M": self.num_local}
         src = self.source

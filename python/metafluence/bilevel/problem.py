@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import MAX_DAMPING, check_finite, check_float, check_int
 from .functional import FunctionalModel
 from .implicit import ImplicitEngine
 from .inner import Implicit, Unrolled
@@ -50,55 +51,78 @@ class MetaProblem:
             raise TypeError(
                 f"inner must be mf.inner.Unrolled, Implicit or HeadOnly, got {type(inner).__name__}"
             )
-        if not float(damping) >= 0:
-            raise ValueError(f"damping={damping}: expected δ >= 0")
-        if chunk_size is not None and int(chunk_size) < 1:
-            raise ValueError(f"chunk_size={chunk_size}: expected a positive integer or None")
+        damping = check_float(damping, "damping", minimum=0.0, maximum=MAX_DAMPING)
+        if chunk_size is not None:
+            chunk_size = check_int(chunk_size, "chunk_size", minimum=1)
         self.model = model
         self.inner = inner
-        self.damping = float(damping)
+        self.damping = damping
         self.chunk_size = chunk_size
+        # input shapes/dtypes that passed the one-task dry run (see :meth:`checked`)
+        self._fitting: dict[tuple[Any, ...], tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self.loss_fn, self.loss_name = resolve_loss(loss)
         self.spec = ParamSpec.from_module(model, inner.adapt)
         self.fm = FunctionalModel(model, self.spec, self.loss_fn)
 
     # ---- parameters -------------------------------------------------------------------------
     def flat(self, meta_params: ParamsLike) -> Tensor:
-        """``dict → λ [P]`` (validated: names, shapes, finiteness)."""
+        """``dict → λ [P]``, validated: a dict with exactly the model's (meta-learned)
+        parameter names and shapes, or a flat floating tensor of size ``P``; finite in the dtype
+        ``λ`` has (the dtype the model computes in)."""
+        P = self.spec.size
         if isinstance(meta_params, Tensor):
-            if meta_params.dim() != 1 or meta_params.shape[0] != self.spec.size:
+            if meta_params.dim() != 1 or meta_params.shape[0] != P:
                 raise ValueError(
-                    f"meta_params vector has shape {tuple(meta_params.shape)}, "
-                    f"expected ({self.spec.size},)"
+                    f"meta_params vector has shape {tuple(meta_params.shape)}, expected ({P},)"
                 )
             lam = meta_params
-        else:
-            first: tuple[str, torch.device] | None = None
-            for n in self.spec.names:
-                if n not in meta_params:
-                    continue
-                v = meta_params[n]
-                if not isinstance(v, Tensor):
-                    raise TypeError(f"meta_params[{n!r}] is {type(v).__name__}, expected a tensor")
-                if not v.is_floating_point():
-                    raise TypeError(
-                        f"meta_params[{n!r}] has dtype {v.dtype}, expected a floating dtype"
-                    )
-                if first is None:
-                    first = (n, v.device)
-                elif v.device != first[1]:
-                    raise ValueError(
-                        f"meta_params[{n!r}] is on {v.device} but meta_params[{first[0]!r}] is "
-                        f"on {first[1]}"
-                    )
-                if v.device.type != "meta" and not bool(torch.isfinite(v).all()):
-                    raise ValueError(f"meta_params[{n!r}] contains NaN or Inf")
+        elif isinstance(meta_params, Mapping):
+            self._check_param_dict(meta_params)
             lam = self.spec.flatten(meta_params)
+        else:
+            raise TypeError(
+                "meta_params must be a dict name → tensor with the model's parameters "
+                f"({', '.join(self.spec.names)}) or a flat tensor of size P={P}, got "
+                f"{type(meta_params).__name__}"
+            )
         if not lam.is_floating_point():
             raise TypeError(f"meta_params has dtype {lam.dtype}, expected a floating dtype")
         if lam.device.type != "meta" and not bool(torch.isfinite(lam).all()):
+            if isinstance(meta_params, Mapping):  # name the entry (mixed dtypes: after the cat)
+                for n, v in self.spec.unflatten(lam).items():
+                    check_finite(v, f"meta_params[{n!r}]")
             raise ValueError("meta_params contains NaN or Inf")
         return lam.detach()
+
+    def _check_param_dict(self, meta_params: Mapping[Any, Any]) -> None:
+        """Names (exactly the spec's: KeyError for a missing one, ValueError for an extra one),
+        tensor types, floating dtypes, one device and finiteness of each entry."""
+        extra = [k for k in meta_params if k not in self.spec.names]
+        if extra:
+            raise ValueError(
+                f"meta_params has entries {extra} that are not meta-learned parameters of the "
+                f"model; expected exactly {list(self.spec.names)}"
+            )
+        first: tuple[str, torch.device] | None = None
+        for n in self.spec.names:
+            if n not in meta_params:
+                continue  # spec.flatten raises the KeyError naming every missing one
+            v = meta_params[n]
+            if not isinstance(v, Tensor):
+                raise TypeError(f"meta_params[{n!r}] is {type(v).__name__}, expected a tensor")
+            if not v.is_floating_point():
+                raise TypeError(
+                    f"meta_params[{n!r}] has dtype {v.dtype}, expected a floating dtype"
+                )
+            if first is None:
+                first = (n, v.device)
+            elif v.device != first[1]:
+                raise ValueError(
+                    f"meta_params[{n!r}] is on {v.device} but meta_params[{first[0]!r}] is "
+                    f"on {first[1]}"
+                )
+            if v.device.type != "meta":
+                check_finite(v, f"meta_params[{n!r}]")
 
     def unflat(self, lam: Tensor) -> dict[str, Tensor]:
         """``λ [P] → dict`` (fresh tensors, model parameter order)."""
@@ -124,6 +148,11 @@ class MetaProblem:
             tasks = [tasks]
         if isinstance(tasks, TaskSource):
             return tasks.with_task_weight(task_weight)
+        if tasks is None or isinstance(tasks, (str, bytes, Tensor, Mapping)):
+            raise TypeError(
+                f"tasks must be a list of mf.Task, a TaskBatch or a TaskSource, got "
+                f"{type(tasks).__name__}"
+            )
         if not isinstance(tasks, (list, tuple, TaskBatch)):
             return TaskSource(tasks, task_weight=task_weight)
         b = TaskBatch.from_tasks(
@@ -132,10 +161,91 @@ class MetaProblem:
         return self.checked(b, like)
 
     def checked(self, b: TaskBatch, like: Tensor) -> TaskBatch:
-        """``b`` after the loss-specific checks (labels in range for cross-entropy)."""
+        """``b`` after the checks against the model: a one-task dry run (:meth:`_dry_run`) and
+        the loss-specific ones (labels in range for cross-entropy)."""
+        self._dry_run(b, like)
         if self.loss_name == "cross_entropy":
             self._check_labels(b, like)
         return b
+
+    def _dry_run(self, b: TaskBatch, lam: Tensor) -> None:
+        """Forward one support set and one query set (the first task's) through the model and
+        the loss at ``lam``: features that do not fit the model, or labels whose shape does not
+        fit its output, raise a ValueError naming the task, the set and the expected shape
+        (instead of a shape error from deep inside torch, or a silent broadcast). Cached per
+        input shapes and dtypes: each new shape costs one forward."""
+        if lam.device.type == "meta" or b.num_tasks == 0:
+            return
+        key = (
+            *(tuple(t.shape[2:]) for t in (b.xs, b.ys, b.xq, b.yq)),
+            *(t.dtype for t in (b.xs, b.ys, b.xq, b.yq)),
+            lam.dtype,
+            lam.device,
+        )
+        if key in self._fitting:
+            return
+        out_shapes = []
+        for field, x, y in (("support", b.xs[0], b.ys[0]), ("query", b.xq[0], b.yq[0])):
+            out_shapes.append(self._dry_run_set(b.ids[0], field, x, y, lam))
+        self._fitting[key] = (tuple(b.xs.shape[2:]), out_shapes[0])
+
+    def _dry_run_set(self, tid: Any, field: str, x: Tensor, y: Tensor, lam: Tensor) -> tuple:
+        """The model's output shape (per point) on one set; ValueError if ``x``/``y`` do not fit."""
+        try:
+            with torch.no_grad():
+                out = self.fm.logits(lam, x)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise ValueError(
+                f"task {tid!r}: {field} x of shape {tuple(x.shape)} (dtype {x.dtype}) does not "
+                f"fit the model: expected {self._expected_input()} ({_first_line(e)})"
+            ) from None
+        if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != x.shape[0]:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"task {tid!r}: the model maps {field} x of shape {tuple(x.shape)} to {got}; "
+                f"expected one output row per point ({x.shape[0]}, ...)"
+            )
+        if self.loss_name == "mse":
+            fits = y.shape == out.shape or (out.shape[-1] == 1 and y.shape == out.shape[:-1])
+            if not fits:
+                raise ValueError(
+                    f"task {tid!r}: {field} y has shape {tuple(y.shape)}, expected "
+                    f"{tuple(out.shape)} (the model's output for {x.shape[0]} points) for "
+                    "loss='mse'"
+                )
+        if self.loss_name in ("mse", "cross_entropy"):
+            return tuple(out.shape[1:])
+        try:
+            with torch.no_grad():
+                per = self.loss_fn(out, y)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise ValueError(
+                f"task {tid!r}: loss {self.loss_name!r} fails on {field} y of shape "
+                f"{tuple(y.shape)} and outputs of shape {tuple(out.shape)} ({_first_line(e)})"
+            ) from None
+        if not isinstance(per, Tensor) or tuple(per.shape) != (x.shape[0],):
+            got = tuple(per.shape) if isinstance(per, Tensor) else type(per).__name__
+            raise ValueError(
+                f"task {tid!r}: loss {self.loss_name!r} returned {got} on {field} set of "
+                f"{x.shape[0]} points; expected per-sample losses of shape ({x.shape[0]},)"
+            )
+        return tuple(out.shape[1:])
+
+    def _expected_input(self) -> str:
+        """What the model takes: the per-point shape of inputs that fitted before, else what its
+        first layer wants."""
+        if self._fitting:
+            shape = next(iter(self._fitting.values()))[0]
+            return f"[N, {', '.join(map(str, shape))}] like the tasks that fitted before"
+        for m in self.model.modules():
+            if isinstance(m, nn.Linear):
+                return f"[N, ..., {m.in_features}] (the first layer is Linear({m.in_features}, ·))"
+            if isinstance(m, nn.modules.conv._ConvNd):
+                return (
+                    f"[N, {m.in_channels}, ...] (the first layer is "
+                    f"{type(m).__name__}({m.in_channels}, ·))"
+                )
+        return "inputs the model accepts"
 
     def _check_labels(self, b: TaskBatch, lam: Tensor) -> None:
         with torch.no_grad():
@@ -147,7 +257,10 @@ class MetaProblem:
                     "class indices"
                 )
             if y.is_floating_point() or y.dtype == torch.bool:
-                raise TypeError(f"{field} has dtype {y.dtype}; cross_entropy needs integer labels")
+                raise TypeError(
+                    f"task {b.ids[0]!r}: {field} has dtype {y.dtype}; cross_entropy needs "
+                    "integer labels"
+                )
             bad = (y < 0) | (y >= n_out)
             if bool(bad.any()):
                 k = int(torch.nonzero(bad.reshape(b.num_tasks, -1).any(-1)).flatten()[0])
@@ -174,8 +287,8 @@ class MetaProblem:
     def check_device(self, meta_params: ParamsLike, tasks: Any) -> None:
         """Meta-parameters and tasks must share one device (ValueError naming both)."""
         dev = tasks_device(tasks)
-        if dev is None:
-            return
+        if dev is None or not isinstance(meta_params, (Tensor, Mapping)):
+            return  # (flat names a meta_params of the wrong type)
         items = (
             [("meta_params", meta_params)]
             if isinstance(meta_params, Tensor)
@@ -209,3 +322,9 @@ class MetaProblem:
             f"MetaProblem(model={type(self.model).__name__}, loss={self.loss_name!r}, "
             f"inner={self.inner!r}, damping={self.damping}, P={self.spec.size})"
         )
+
+
+def _first_line(e: BaseException) -> str:
+    """``type: message`` of an exception, first line only (torch messages run long)."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .tasks import Task, TaskBatch, check_items
+from .._checks import check_finite
+from .tasks import Task, TaskBatch, as_task_weight, check_items
 
 Removal = tuple[dict[str, list[Any]], float]
 
@@ -101,12 +102,9 @@ class TaskSource:
 
     @staticmethod
     def _check_weight(task_weight: Tensor, M: int) -> Tensor:
-        tw = torch.as_tensor(task_weight)
-        if tuple(tw.shape) != (M,):
-            raise ValueError(f"task_weight has shape {tuple(tw.shape)}, expected ({M},)")
-        if tw.is_floating_point() and not bool(torch.isfinite(tw).all()):
-            raise ValueError("task_weight contains NaN or Inf")
-        return tw
+        # a first check in the given dtype; each chunk is checked again after the cast to the
+        # model's dtype (TaskBatch.from_tasks)
+        return check_finite(as_task_weight(task_weight, M, None, None), "task_weight")
 
     # ---- size and positions -------------------------------------------------------------
     @property

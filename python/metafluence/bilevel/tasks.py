@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import check_finite
+
 ITEM_KINDS = ("task", "support_point", "query_point")
 
 
@@ -43,9 +45,22 @@ class Task:
             setattr(self, name, (x, y))
 
 
-def _check_finite(t: Tensor, what: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what} contains NaN or Inf")
+FIELDS = ("support x", "support y", "query x", "query y")
+WEIGHTS = ("task_weight", "support_weight", "query_weight")
+
+
+def _finite_rows(t: Tensor, dtype: torch.dtype | None, ids: Sequence[Any], what: str) -> Tensor:
+    """``t [M, ...]`` cast to ``dtype`` (floating only), checked finite *in* ``dtype``; a
+    ValueError names the first task whose row is not (and whether it overflowed)."""
+    if not t.is_floating_point():
+        return t
+    out = t if dtype is None else t.to(dtype)
+    if out.device.type == "meta" or bool(torch.isfinite(out).all()):
+        return out
+    bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(1)
+    k = int(torch.nonzero(bad).flatten()[0])
+    check_finite(t[k], f"task {ids[k]!r}: {what}", dtype)
+    raise AssertionError("unreachable: check_finite raises")  # pragma: no cover
 
 
 def _position(e: Any, kind: str) -> int:
@@ -85,9 +100,18 @@ def item_masks(
         "query_point": torch.zeros_like(V, dtype=torch.bool),
     }
     M = c.shape[0]
+    if not isinstance(items, Mapping):
+        raise TypeError(
+            f"remove must be a dict kind → positions (e.g. {{'task': [0, 3]}}), got "
+            f"{type(items).__name__}"
+        )
     for kind, idx in items.items():
         if kind not in ITEM_KINDS:
             raise ValueError(f"item kind {kind!r}: expected one of {ITEM_KINDS}")
+        if isinstance(idx, (str, bytes)) or not isinstance(idx, (Sequence, Tensor)):
+            raise TypeError(
+                f"remove[{kind!r}] must be a list of positions, got {type(idx).__name__}"
+            )
         mask = masks[kind]
         for e in idx:
             if kind == "task":
@@ -232,10 +256,16 @@ class TaskBatch:
         an empty support or query set, NaN/Inf in the data, a duplicate task id.
         """
         if isinstance(tasks, TaskBatch):
-            batch = tasks
+            batch = check_structure(tasks)
             if task_weight is not None:
-                batch = batch.with_weights(task_weight=task_weight)
-            return batch.to(device, dtype) if (dtype or device) else batch
+                fd = batch.task_weight.dtype
+                tw = as_task_weight(task_weight, batch.num_tasks, fd, batch.task_weight.device)
+                batch = batch.with_weights(task_weight=tw)
+            return batch.cast_checked(dtype, device)
+        if not isinstance(tasks, (list, tuple)):
+            raise TypeError(
+                f"tasks must be a list of mf.Task or a TaskBatch, got {type(tasks).__name__}"
+            )
         tasks = list(tasks)
         if not tasks:
             raise ValueError("tasks is empty: need at least one task")
@@ -243,15 +273,7 @@ class TaskBatch:
             if not isinstance(t, Task):
                 raise TypeError(f"tasks[{i}] is {type(t).__name__}, expected mf.Task")
         ids = [t.id if t.id is not None else i for i, t in enumerate(tasks)]
-        seen: dict[Any, int] = {}
-        for i, tid in enumerate(ids):
-            try:
-                hash(tid)
-            except TypeError:
-                raise TypeError(f"task {i}: id {tid!r} is not hashable") from None
-            if tid in seen:
-                raise ValueError(f"duplicate task id {tid!r} (tasks {seen[tid]} and {i})")
-            seen[tid] = i
+        check_ids(ids)
         ref = tasks[0]
         fields = {
             "support x": lambda t: t.support[0],
@@ -277,7 +299,6 @@ class TaskBatch:
                         f"task {tid!r}: {fname} is on {v.device} but task {ids[0]!r}'s is on "
                         f"{rv.device}; all tasks must be on one device"
                     )
-                _check_finite(v, f"task {tid!r}: {fname}")
             if t.support[0].shape[0] != t.support[1].shape[0]:
                 raise ValueError(
                     f"task {tid!r}: support x has {t.support[0].shape[0]} points but support y "
@@ -307,8 +328,11 @@ class TaskBatch:
                         raise ValueError(
                             f"task {tid!r}: {what} has shape {tuple(w.shape)}, expected ({size},)"
                         )
-                    _check_finite(w, f"task {tid!r}: {what}")
-                    rows.append(w.to(dtype=fdtype, device=dev))
+                    if not isinstance(w, Tensor):
+                        raise TypeError(
+                            f"task {tid!r}: {what} is {type(w).__name__}, expected a tensor"
+                        )
+                    rows.append(w.to(device=dev))
             return torch.stack(rows)
 
         sw = weights_of(lambda t: t.support_weight, n, "support_weight")
@@ -316,8 +340,97 @@ class TaskBatch:
         if task_weight is None:
             tw = torch.full((m_tasks,), 1.0 / m_tasks, dtype=fdtype, device=dev)
         else:
-            tw = torch.as_tensor(task_weight, dtype=fdtype, device=dev)
-            if tuple(tw.shape) != (m_tasks,):
-                raise ValueError(f"task_weight has shape {tuple(tw.shape)}, expected ({m_tasks},)")
+            tw = as_task_weight(task_weight, m_tasks, None, dev)
         batch = TaskBatch(xs, ys, xq, yq, tw, sw, qw, ids)
-        return batch.to(dev, dtype) if (dtype is not None or device is not None) else batch
+        return batch.cast_checked(fdtype, dev)
+
+    def cast_checked(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> TaskBatch:
+        """A copy in ``dtype`` (floating fields; the dtype the model computes in) on ``device``,
+        every floating field and weight checked finite *after* the cast: a ValueError names the
+        task and the field (NaN/Inf, or float64 values that overflow ``dtype``)."""
+        fdtype = dtype or torch.get_default_dtype()
+        weights = [w if w.is_floating_point() else w.to(fdtype) for w in self.weights()]
+        fields = [self.xs, self.ys, self.xq, self.yq, *weights]
+        out = [
+            _finite_rows(t, dtype, self.ids, what).to(device=device)
+            for t, what in zip(fields, (*FIELDS, *WEIGHTS), strict=True)
+        ]
+        xs, ys, xq, yq, tw, sw, qw = out
+        return TaskBatch(xs, ys, xq, yq, tw, sw, qw, list(self.ids))
+
+
+def as_task_weight(task_weight: Any, M: int, dtype: torch.dtype | None, device: Any) -> Tensor:
+    """``c [M]`` as a real tensor (values are checked finite after the cast to the model's
+    dtype, with the rest of the batch)."""
+    if isinstance(task_weight, (str, bytes)) or task_weight is None:
+        raise TypeError(f"task_weight must be a tensor of M={M} weights, got {task_weight!r}")
+    try:
+        tw = torch.as_tensor(task_weight, device=device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"task_weight must be a tensor of M={M} weights: {e}") from None
+    if tw.dtype == torch.bool or tw.is_complex():
+        raise TypeError(f"task_weight has dtype {tw.dtype}, expected real weights")
+    if tuple(tw.shape) != (M,):
+        raise ValueError(f"task_weight has shape {tuple(tw.shape)}, expected ({M},)")
+    if dtype is not None or not tw.is_floating_point():
+        tw = tw.to(dtype or torch.get_default_dtype())
+    return tw
+
+
+def check_structure(b: TaskBatch) -> TaskBatch:
+    """``b`` if its fields fit together (``xs [M, n, ...]``, ``ys [M, n, ...]``, ``xq [M, m,
+    ...]``, ``yq [M, m, ...]``, ``task_weight [M]``, ``support_weight [M, n]``,
+    ``query_weight [M, m]``, ``M`` unique hashable ids, one device); else a ValueError /
+    TypeError naming the field and the expected shape."""
+    names = ("xs", "ys", "xq", "yq", "task_weight", "support_weight", "query_weight")
+    vals = (b.xs, b.ys, b.xq, b.yq, b.task_weight, b.support_weight, b.query_weight)
+    for name, v in zip(names, vals, strict=True):
+        if not isinstance(v, Tensor):
+            raise TypeError(f"TaskBatch.{name} is {type(v).__name__}, expected a tensor")
+        if v.device != b.xs.device:
+            raise ValueError(f"TaskBatch.{name} is on {v.device} but xs is on {b.xs.device}")
+    for name, v in zip(names[:4], vals[:4], strict=True):
+        if v.dim() < 2:
+            raise ValueError(f"TaskBatch.{name} has shape {tuple(v.shape)}, expected [M, N, ...]")
+    M, n, m = b.num_tasks, b.n_support, b.n_query
+    if M == 0:
+        raise ValueError("tasks is empty: need at least one task")
+    if n == 0 or m == 0:
+        raise ValueError(f"TaskBatch has {n} support and {m} query points per task: need >= 1")
+    # leading dims each field must have (data: then any feature dims; weights: exactly these)
+    want = {
+        "ys": (M, n),
+        "xq": (M, m),
+        "yq": (M, m),
+        "task_weight": (M,),
+        "support_weight": (M, n),
+        "query_weight": (M, m),
+    }
+    for name, v in zip(names, vals, strict=True):
+        if name not in want:
+            continue
+        lead, weight = want[name], name.endswith("weight")
+        if tuple(v.shape[: len(lead)]) != lead or weight and v.dim() != len(lead):
+            expected = lead if weight else (*lead, "...")
+            raise ValueError(f"TaskBatch.{name} has shape {tuple(v.shape)}, expected {expected}")
+        if weight and (v.dtype == torch.bool or v.is_complex()):
+            raise TypeError(f"TaskBatch.{name} has dtype {v.dtype}, expected real weights")
+    if not isinstance(b.ids, (list, tuple)) or len(b.ids) != M:
+        raise ValueError(f"TaskBatch.ids must be a list of M={M} task ids, got {b.ids!r}")
+    check_ids(b.ids)
+    return b
+
+
+def check_ids(ids: Sequence[Any]) -> None:
+    """Task ids must be hashable and unique (TypeError / ValueError naming the task)."""
+    seen: dict[Any, int] = {}
+    for i, tid in enumerate(ids):
+        try:
+            hash(tid)
+        except TypeError:
+            raise TypeError(f"task {i}: id {tid!r} is not hashable") from None
+        if tid in seen:
+            raise ValueError(f"duplicate task id {tid!r} (tasks {seen[tid]} and {i})")
+        seen[tid] = i

@@ -11,6 +11,11 @@ A run with ``checkpoint_dir`` keeps three stages in a :class:`~metafluence._prog
 
 The store's config fingerprints everything that determines these numbers (see
 :func:`scores_config`); reopening it with different inputs raises ``ValueError`` naming the keys.
+Every file carries its identity inside it (:meth:`ProgressStore.save`): the store's config hash
+(so a ``solve`` copied from a store with another ``solve_damping`` is refused), its key, and for
+a scores chunk its range and a digest of its tasks. A file that does not match is reported with a
+``RuntimeWarning`` naming it and recomputed.
+
 Under ``torch.distributed`` every rank keeps its own subdirectory ``rank<r>-of-<world>``, and a
 stage whose computation involves collectives (the solve, the diagnostics) is loaded only when
 every rank has it, so the ranks stay in lock step.
@@ -27,7 +32,7 @@ from typing import Any
 from torch import Tensor
 
 from .._progress import ProgressStore, digest
-from ..bilevel.point import BilevelPoint
+from ..bilevel.point import BilevelPoint, batch_digest
 from ..solvers import SolveResult
 
 SOLVE, DIAG, NO_DIAG = "solve", "diagnostics", "no-diagnostics"
@@ -158,16 +163,22 @@ def chunked_item_scores(
 ) -> Blocks:
     """:meth:`BilevelPoint.item_scores` chunk by chunk, each chunk saved in / loaded from ``store``.
 
-    A stored chunk is used only when its checksum, the solve ``s`` it was computed with (a
-    digest in its meta) and its shapes (``[k]``, ``[k, n]``, ``[k, m]``, ``λ``'s dtype) match;
-    its engine is then never built (a streamed point does not adapt its tasks).
+    A stored chunk is used only when its checksum, its identity (the store's config, the
+    chunk's range ``start:stop`` and a digest of its tasks and weights: a chunk file copied
+    over another is refused with a ``RuntimeWarning`` naming it), the solve ``s`` it was
+    computed with (a digest in its meta) and its shapes (``[k]``, ``[k, n]``, ``[k, m]``,
+    ``λ``'s dtype) match; its engine is then never built (a streamed point does not adapt its
+    tasks).
     """
     n, m = pt.item_widths()
     s_digest = digest(s) if store is not None else None
     parts: list[Blocks] = []
     for (lo, hi), build in pt.chunk_engines():
         key = chunk_key(lo, hi)
-        got = store.get(key) if store is not None else None
+        ident = None
+        if store is not None:
+            ident = {"range": [lo, hi], "tasks": batch_digest(build.batch)}
+        got = store.get(key, ident) if store is not None else None
         loaded = None
         if got is not None and got[1].get("s") == s_digest:
             loaded = _checked_blocks(got[0], hi - lo, n, m, pt.lam)
@@ -179,7 +190,7 @@ def chunked_item_scores(
         if store is not None:
             names = ("task", "support_point", "query_point")
             meta = {"start": lo, "stop": hi, "s": s_digest}
-            store.save(key, dict(zip(names, blocks, strict=True)), meta)
+            store.save(key, dict(zip(names, blocks, strict=True)), meta, ident)
         parts.append(blocks)
     return pt.cat_items(parts)
 

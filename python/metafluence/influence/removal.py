@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from ..bilevel.curvature import Curvature, as_curvature, resolve_auto
 from ..bilevel.point import BilevelPoint
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
@@ -299,6 +299,7 @@ def removal_effects(
     _check_items(items)
     newton_check = check_int(newton_check, "newton_check", minimum=0)
     lanczos_steps = check_int(lanczos_steps, "lanczos_steps", minimum=1)
+    diagnostics = check_bool(diagnostics, "diagnostics")
     exact_support = _exact_support(support_response, items == "support_point")
     _check_query_method(query_method, items, checkpoint_dir)
     curv = as_curvature(curvature, solver, solve_damping, solver_kwargs)
@@ -635,8 +636,15 @@ def _exact_support(support_response: str, auto_exact: bool) -> bool:
 
 
 def _checked_removal(pt: BilevelPoint, remove: Mapping[str, Sequence[Any]]) -> dict[str, list]:
-    """``remove`` validated against the point's tasks (kinds, ranges) as plain lists."""
-    check_items(remove, len(pt.ids), *pt.item_widths())
+    """``remove`` validated against the point's tasks (kinds, ranges) as plain lists; removing
+    every task leaves no objective (ValueError)."""
+    M = len(pt.ids)
+    check_items(remove, M, *pt.item_widths())
+    if len(remove.get("task", ())) == M:
+        raise ValueError(
+            f"remove takes out every task ({M} of {M}): nothing is left to meta-train on; "
+            "keep at least one task"
+        )
     return {k: list(v) for k, v in remove.items()}
 
 
@@ -663,6 +671,7 @@ def param_influence(
     ``solver``, ``solve_damping`` and ``solver_kwargs`` as in :func:`removal_effects` (pass the
     job's fitted :class:`Curvature` to reuse it). Returns a parameter dict.
     """
+    return_result = check_bool(return_result, "return_result")
     curv = as_curvature(curvature, solver, solve_damping, solver_kwargs)
     pt = problem.point(meta_params, train_tasks)
     curv = resolve_auto(curv, pt)

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._checks import check_finite
 from . import rules as _rules  # noqa: F401  (registers the standard rules)
 from .losses import LossSpec, resolve_loss
 from .registry import FUNC_RULE, Call, Rule, get_rule
@@ -95,17 +96,42 @@ def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> 
         raise ValueError(f"y is on {y.device} but x is on {x.device}")
     if torch.compiler.is_compiling():
         return  # checks on values need the data: they run eagerly only (a graph cannot branch)
+    check_finite(x, "x")
+    check_finite(y, "y")
     stateful = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if loss == "cross_entropy" and not y.is_floating_point() and bool((y < 0).any()):
         raise ValueError(f"y has label {int(y[y < 0][0])} < 0")
-    if loss == "cross_entropy" and not y.is_floating_point() and y.numel() and not stateful:
-        with torch.no_grad():  # a 1-sample probe for the class count (no running statistics)
-            n_out = torch.func.functional_call(model, dict(params), (x[:1],)).shape[-1]
+    if stateful or not x.shape[0]:
+        return
+    # a 1-sample probe (no running statistics: not with BatchNorm): x fits the model, y the loss
+    with torch.no_grad():
+        out = _probe(
+            lambda: functional_call(model, dict(params), (x[:1],)),
+            f"x of shape {tuple(x.shape)} (dtype {x.dtype}) does not fit the model",
+        )
+    n_out = out.shape[-1]
+    if loss == "cross_entropy" and not y.is_floating_point() and y.numel():
         bad = (y < 0) | (y >= n_out)
         if bool(bad.any()):
             raise ValueError(
                 f"y has label {int(y[bad][0])} outside [0, {n_out}) (the model has {n_out} outputs)"
             )
+    if loss is not None:
+        with torch.no_grad():
+            _probe(
+                lambda: resolve_loss(loss)(out, y[:1]),
+                f"y of shape {tuple(y.shape)} (dtype {y.dtype}) does not fit loss={loss!r} on "
+                f"outputs of shape ({x.shape[0]}, {', '.join(map(str, out.shape[1:]))})",
+            )
+
+
+def _probe(fn: Callable[[], Tensor], what: str) -> Tensor:
+    """``fn()``, an error from inside torch turned into a ValueError saying ``what``."""
+    try:
+        return fn()
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{what} ({type(e).__name__}: {first})") from None
 
 
 def _check_vectors(params: Mapping[str, Tensor], vectors: Any) -> int:

@@ -31,6 +31,7 @@ from .._progress import (
     save_tensors,
 )
 from ..bilevel.problem import MetaProblem, TasksLike
+from ..bilevel.source import TaskSource
 from ..bilevel.tasks import Task, TaskBatch
 from .meta_train import TrainState, meta_train
 
@@ -124,7 +125,10 @@ def _run_config(
         init = problem.spec.flatten({n: p.detach() for n, p in src.named_parameters()})
     data = tasks if isinstance(tasks, (list, tuple, Task, TaskBatch)) else None  # not iterators
     tw = kwargs.get("task_weight")
+    ids = getattr(tasks, "ids", None) if isinstance(tasks, TaskSource) else None
     return {
+        "problem": repr(problem),  # model type, loss, inner map, damping, P
+        "task_ids": None if ids is None else digest([repr(i) for i in ids]),
         "optimizer": str(kwargs.get("optimizer", "adam")),
         "outer_lr": float(kwargs.get("outer_lr", 1e-3)),
         "seed": int(kwargs.get("seed", 0)),
