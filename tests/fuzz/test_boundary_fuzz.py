@@ -170,12 +170,6 @@ def test_meta_train_arguments(v, name):
     _check(call, (name,), bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train/meta_train.py (owner of train/): steps/seed/tol go through int()/float() "
-    "(steps=2.5 or True accepted, tol='x' a bare TypeError from a comparison); use "
-    "_checks.check_int(steps, 'steps', minimum=0), check_int(seed, ...), check_float(tol, ...)",
-)
 def test_meta_train_steps_seed_tol_strictly_typed():
     for kw in ({"steps": 2.5}, {"steps": True}, {"seed": 1.5}, {"tol": "x"}):
         with pytest.raises(TypeError, match=next(iter(kw))):

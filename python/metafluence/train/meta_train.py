@@ -175,8 +175,9 @@ def meta_train(
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
-    if int(steps) < 0:
-        raise ValueError(f"steps={steps}: expected >= 0")
+    steps = check_int(steps, "steps", minimum=0)
+    seed = check_int(seed, "seed", minimum=0)
+    tol = check_float(tol, "tol", minimum=0.0)
     if batch_size is not None:
         check_int(batch_size, "batch_size", minimum=1)
     check_float(outer_lr, "outer_lr", positive=True)
