@@ -98,3 +98,47 @@ def test_run_bad_dataset_is_one_line_error(tmp_path, capsys):
     assert err.count("\n") == 0 and "expected layout" in err and "images_background" in err
     rc = cli.main(["run", "--dataset", "imagenet:/x", "--out", str(tmp_path), "--quiet"])
     assert rc == 2 and "kind one of" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_from_its_last_stage_and_never_mixes_outputs(
+    tmp_path, glyph_cache, monkeypatch
+):
+    """A run killed in the edit stage leaves the earlier report untouched and its finished
+    stages in <out>/.<name>.partial; the rerun does not meta-train again, and its scores equal
+    an uninterrupted run's. Stale files of an older run in <out>/<name> are gone afterwards."""
+    import metafluence as mf
+
+    args = [*TINY, "--out", str(tmp_path)]
+    assert cli.main([*args, "--name", "whole"]) == 0
+    final = tmp_path / "cut"
+    final.mkdir()
+    (final / "stale.png").write_bytes(b"old")
+    real_edit, real_train = mf.edit, mf.train.meta_train
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed in the edit stage")
+
+    monkeypatch.setattr(mf, "edit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*args, "--name", "cut"])
+    assert (final / "stale.png").is_file() and not (final / "summary.json").exists()
+    assert (tmp_path / ".cut.partial" / "stages").is_dir()
+    monkeypatch.setattr(mf, "edit", real_edit)
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(k.get("steps"))
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(mf.train, "meta_train", counted)
+    assert cli.main([*args, "--name", "cut"]) == 0
+    assert calls == [2, 2]  # only the retrain and the control ran: λ* came from the store
+    assert not (final / "stale.png").exists() and (final / "summary.json").is_file()
+    assert not (tmp_path / ".cut.partial").exists()
+    for f in ("task_scores.csv", "support_point_scores.csv", "query_point_scores.csv"):
+        assert (final / f).read_text() == (tmp_path / "whole" / f).read_text(), f
+    a = json.loads((final / "summary.json").read_text())
+    b = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert a["evaluation"] == b["evaluation"]
+    a["stationarity"].pop("seconds"), b["stationarity"].pop("seconds")
+    assert a["stationarity"] == b["stationarity"]

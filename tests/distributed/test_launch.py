@@ -29,7 +29,7 @@ pytestmark = pytest.mark.distributed
 
 RUN = [*TINY, "--dtype", "float64"]
 FILES = ("task_scores.csv", "support_point_scores.csv", "query_point_scores.csv")
-SKIP = {"config", "stage_seconds", "wall_seconds", "out", "processes"}
+SKIP = {"config", "stage_seconds", "wall_seconds", "seconds", "out", "processes"}
 SELF = "tests.distributed.test_launch"
 
 

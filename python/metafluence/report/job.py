@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -209,10 +210,15 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
         device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK
     lead = rank == 0
     out = Path(cfg.out) / cfg.run_name()
+    # everything is written into <out>/.<name>.partial/ (finished stages, then the report) and
+    # moved into place at the end: a killed run leaves no half-written report beside an old
+    # one, and a rerun with the same configuration resumes from its last finished stage
+    work = Path(cfg.out) / f".{cfg.run_name()}.partial"
+    staging = work / "report"
+    store = _stage_store(work, cfg) if world == 1 else None
     if lead:
-        out.mkdir(parents=True, exist_ok=True)
-        # summary.json marks a finished run: a stale one must not vouch for new partial files
-        (out / "summary.json").unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True, exist_ok=True)
     quiet = cfg.quiet or not lead
     stages = _Stages(quiet, 7)
     progress = not quiet
@@ -264,21 +270,30 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
             init = problem.init_params()
             history: list[float] = []
             train_info: dict[str, Any] = {}
-            lam = mf.train.meta_train(
-                problem,
-                model,
-                tasks,
-                steps=cfg.steps,
-                outer_lr=cfg.outer_lr,
-                seed=cfg.seed,
-                optimizer="adam",
-                batch_size=cfg.meta_batch,
-                progress=progress,
-                history=history,
-                stationary_tol=cfg.stationary_tol,
-                stationary_evals=cfg.stationary_evals,
-                info=train_info,
-            )
+
+            def first_training() -> dict[str, torch.Tensor]:
+                return mf.train.meta_train(
+                    problem,
+                    model,
+                    tasks,
+                    steps=cfg.steps,
+                    outer_lr=cfg.outer_lr,
+                    seed=cfg.seed,
+                    optimizer="adam",
+                    batch_size=cfg.meta_batch,
+                    progress=progress,
+                    history=history,
+                    stationary_tol=cfg.stationary_tol,
+                    stationary_evals=cfg.stationary_evals,
+                    info=train_info,
+                )
+
+            lam, extra = _stage(
+                store, "meta-train", problem, first_training,
+                lambda: {"history": history, "stationarity": train_info.get("stationarity")},
+            )  # fmt: skip
+            history = list(extra.get("history", history))
+            train_info["stationarity"] = extra.get("stationarity")
         with stages("influence"), warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
             # one curvature for the job: every solve (scores, edit) reuses it
@@ -294,7 +309,14 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
                 options={"maxiter": cfg.maxiter} if cfg.solver in ("cg", "neumann") else {},
             )
             res = mf.removal_effects(
-                problem, lam, tasks, target=target, items="task", curvature=curv, lanczos_steps=10
+                problem,
+                lam,
+                tasks,
+                target=target,
+                items="task",
+                curvature=curv,
+                lanczos_steps=10,
+                checkpoint_dir=None if store is None else work / "scores",
             )
             caught += _messages(wlist)
         with stages("detection"):
@@ -328,7 +350,10 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
             removed = sorted(order[:k])
         with stages("edit"), warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
-            edited = mf.edit(problem, lam, tasks, remove={"task": removed}, curvature=curv)
+            edited, _ = _stage(
+                store, "edit", problem,
+                lambda: mf.edit(problem, lam, tasks, remove={"task": removed}, curvature=curv),
+            )  # fmt: skip
             caught += _messages(wlist)
         with stages("retrain"):
             keep = [t for i, t in enumerate(tasks) if i not in set(removed)]
@@ -351,9 +376,11 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
                     stationary_evals=cfg.stationary_evals,
                 )
 
-            retrained = warm_retrain(keep)
+            retrained, _ = _stage(store, "retrain", problem, lambda: warm_retrain(keep))
             # control: the same extra steps on all tasks (separates removal from more training)
-            continued = warm_retrain(tasks) if cfg.extra.get("control", True) else None
+            continued = None
+            if cfg.extra.get("control", True):
+                continued, _ = _stage(store, "control", problem, lambda: warm_retrain(tasks))
         with stages("report"):
             models = {"initial": init, "original": lam, "edited": edited, "retrained": retrained}
             if continued is not None:
@@ -401,7 +428,7 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
             summary["processes"] = getattr(problem, "world", 1)  # ranks sharing the tasks
             if lead:
                 write_report(
-                    out,
+                    staging,
                     summary,
                     task_scores=task_scores,
                     task_mask=m,
@@ -419,11 +446,55 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
         return summary
     # the report files carry the stage times known when they were written; add the total
     procs = f"{world} processes, " if world > 1 else ""
-    with open(out / "report.md", "a") as fh:
+    with open(staging / "report.md", "a") as fh:
         fh.write(
             f"\nTotal wall time: {summary['wall_seconds']:.1f} s ({procs}{os.cpu_count()} CPU "
             f"cores visible, torch threads {torch.get_num_threads()}).\n"
         )
     # written last and atomically: its presence means every other file is complete
-    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=str).encode())
+    data = json.dumps(summary, indent=2, default=str).encode()
+    atomic_write_bytes(staging / "summary.json", data)
+    _publish(staging, out, work)
     return summary
+
+
+def _stage_store(work: Path, cfg: RunConfig) -> Any:
+    """The store of finished stages, bound to everything that determines their results (a
+    store written with another configuration is cleared, not mixed in)."""
+    from .._progress import ProgressStore
+    from .._version import __version__
+
+    keep = {k: v for k, v in asdict(cfg).items() if k not in ("quiet", "out", "name")}
+    config = {"stage": "metafluence-run", "config": keep, "version": __version__}
+    return ProgressStore(work / "stages", config, overwrite=True)
+
+
+def _stage(
+    store: Any,
+    key: str,
+    problem: Any,
+    compute: Any,
+    meta: Any = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(meta_params, meta)`` of a finished stage from ``store``, else ``compute()`` (then
+    stored, with ``meta()``). Bit-identical on resume: the parameters are stored exactly."""
+    got = store.get(key) if store is not None else None
+    if got is not None and "lam" in got[0]:
+        return problem.unflat(got[0]["lam"]), dict(got[1])
+    params = compute()
+    extra = dict(meta()) if meta is not None else {}
+    if store is not None:
+        store.save(key, {"lam": problem.flat(params).detach()}, extra)
+    return params, extra
+
+
+def _publish(staging: Path, out: Path, work: Path) -> None:
+    """Move the finished report into ``out`` (an older run's files there are replaced, never
+    mixed with the new ones) and drop the work folder."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
