@@ -271,22 +271,26 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
             history: list[float] = []
             train_info: dict[str, Any] = {}
 
-            def first_training() -> dict[str, torch.Tensor]:
+            def train(train_set: list, steps: int, seed: int, **extra: Any) -> dict:
+                """Adam on meta-batches, then the stationarity rule: λ*, the retrain and the
+                control are all trained (and stopped) this one way."""
                 return mf.train.meta_train(
                     problem,
                     model,
-                    tasks,
-                    steps=cfg.steps,
+                    train_set,
+                    steps=steps,
                     outer_lr=cfg.outer_lr,
-                    seed=cfg.seed,
+                    seed=seed,
                     optimizer="adam",
                     batch_size=cfg.meta_batch,
                     progress=progress,
-                    history=history,
                     stationary_tol=cfg.stationary_tol,
                     stationary_evals=cfg.stationary_evals,
-                    info=train_info,
+                    **extra,
                 )
+
+            def first_training() -> dict[str, torch.Tensor]:
+                return train(tasks, cfg.steps, cfg.seed, history=history, info=train_info)
 
             lam, extra = _stage(
                 store, "meta-train", problem, first_training,
@@ -358,23 +362,10 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
         with stages("retrain"):
             keep = [t for i, t in enumerate(tasks) if i not in set(removed)]
 
-            def warm_retrain(train: list) -> dict:
-                """``retrain_steps`` more Adam steps from λ* (same seed) on ``train``, then the
-                same stationarity rule as λ* (edit and retrain compared at one tolerance)."""
-                return mf.train.meta_train(
-                    problem,
-                    model,
-                    train,
-                    steps=cfg.retrain_steps,
-                    outer_lr=cfg.outer_lr,
-                    seed=cfg.seed + 1,
-                    optimizer="adam",
-                    batch_size=cfg.meta_batch,
-                    init=lam,
-                    progress=progress,
-                    stationary_tol=cfg.stationary_tol,
-                    stationary_evals=cfg.stationary_evals,
-                )
+            def warm_retrain(train_set: list) -> dict:
+                """``retrain_steps`` more steps from λ* (seed + 1) on ``train_set``, stopped by
+                λ*'s stationarity rule (edit and retrain compared at one tolerance)."""
+                return train(train_set, cfg.retrain_steps, cfg.seed + 1, init=lam)
 
             retrained, _ = _stage(store, "retrain", problem, lambda: warm_retrain(keep))
             # control: the same extra steps on all tasks (separates removal from more training)
