@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "python" / "metafluence"
 #: Layers from the bottom. A "part" is a subpackage or a module at the package root;
 #: ``metafluence`` is the root ``__init__`` (the public namespace, which gathers the layers below).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("_version", "_checks", "_loader", "_determinism", "_progress"),  # foundation
+    ("_version", "_checks", "_jit", "_loader", "_determinism", "_progress"),  # foundation
     ("reference", "kernels"),  # pure-PyTorch twins; Triton kernels
     ("ops", "_build"),  # one entry per op, the only backend choice; build information
     ("psg",),
@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("integrations",),
     ("metafluence",),
     ("report",),
-    ("cli",),
+    ("cli", "smoke"),  # applications: the command line, the installed-package smoke test
 )
 LEVEL = {part: i for i, layer in enumerate(LAYERS) for part in layer}
 
