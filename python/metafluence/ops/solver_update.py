@@ -26,17 +26,7 @@ __all__ = ["cg_direction_", "cg_update_", "neumann_step_", "fused_backend"]
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
 OPS = ("cg_update_", "cg_direction_", "neumann_step_")
 
-CHECKS = {
-    op: _dispatch.register_op(
-        op,
-        {
-            "native": _dispatch.native_check(op, DTYPES),
-            "triton": _dispatch.triton_check(DTYPES),
-            "reference": _dispatch.reference_check,
-        },
-    )
-    for op in OPS
-}
+CHECKS = _dispatch.register_ops(OPS, DTYPES)
 
 
 def _register_fakes() -> bool:

@@ -1,0 +1,370 @@
+// CPU implementation of metafluence::psg_conv2d, psg_conv2d_sqnorm and psg_conv2d_dot (one op
+// family: one kernel, three epilogues). Formulas (per sample n, group gi; x zero-padded):
+//   G_n[o, c, i, j] = sum_{y, x} grad_outputs[n, o, y, x]
+//                     * x[n, c, y sh + i dh - ph, x sw + j dw - pw]
+//   psg_conv2d:        out[n] = G_n                       [N, O, C / groups, kh, kw]
+//   psg_conv2d_sqnorm: out[n] = ||G_n||_F^2               [N]
+//   psg_conv2d_dot:    out[n, j] = <G_n, vectors[j]>_F    [N, m]
+// Implicit GEMM: G_n (per group) is [Og, Kg] = g_n [Og, T] x U_n^T, U_n [Kg, T] the unfolded
+// input, which is never formed. One work item = (sample, group, block of OB output channels).
+// Its grad_outputs are packed once, transposed, [T, OB]; a register tile of MR kernel entries
+// k = (c, i, j) x OB output channels accumulates over all T output positions, reading the
+// (zero-padded copy of the) input directly at x[c, y sh + i dh, x sw + j dw]: one broadcast per
+// kernel entry and NV vector loads per position. The tile then goes to its epilogue: stored
+// (psg_conv2d), squared and summed, or dotted with the matching tile of each vector -- G is
+// never written for the reductions. Partial sums are accumulated per work item in double and
+// summed over items in a fixed order (deterministic). An AVX2+FMA build of the kernel is chosen
+// at run time where the CPU has it; otherwise a portable build of the same code runs.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "psg/psg_conv2d_check.h"
+
+namespace metafluence {
+namespace {
+
+#define MF_INLINE inline __attribute__((always_inline))
+
+template <typename S>
+struct Vec;  // 32-byte vectors (GCC vector extensions)
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32), aligned(4)));
+  static constexpr int kLanes = 8;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32), aligned(8)));
+  static constexpr int kLanes = 4;
+};
+
+constexpr int kMR = 6;  // kernel entries per register tile
+constexpr int kNV = 2;  // vectors of output channels per register tile
+
+enum class Epilogue { kStore, kSqnorm, kDot };
+
+template <typename S>
+struct Args {
+  Conv2dGeom g;
+  const S* act;     // [N, C, H, W] contiguous
+  const S* gout;    // [N, O, Ho, Wo] contiguous
+  S* out;           // kStore: [N, O, Cg, kh, kw]
+  const S* vt;      // kDot: vectors packed [m, groups, nob, Kg, OB] (zero-padded channels)
+  double* partial;  // kSqnorm: [items]; kDot: [items, m]
+  int64_t m;
+  int64_t nob;  // output-channel blocks per group
+  int64_t Hp, Wp;
+  bool pad;  // input copied with zero padding (else read in place)
+};
+
+template <typename S>
+struct Scratch {
+  std::vector<S> xpad;  // [Cg, Hp, Wp]
+  std::vector<S> gp;    // [T, OB]
+  int64_t packed = -1;  // n * groups + gi of the input in xpad
+};
+
+template <typename S>
+MF_INLINE const S* pack_input(const Args<S>& a, int64_t n, int64_t gi, Scratch<S>& s) {
+  const Conv2dGeom& g = a.g;
+  const int64_t cg = g.cg();
+  const S* src = a.act + (n * g.C + gi * cg) * g.H * g.W;
+  if (!a.pad) return src;
+  const int64_t key = n * g.groups + gi;
+  if (s.packed == key) return s.xpad.data();
+  s.xpad.assign(cg * a.Hp * a.Wp, S(0));
+  for (int64_t c = 0; c < cg; ++c) {
+    for (int64_t h = 0; h < g.H; ++h) {
+      std::memcpy(s.xpad.data() + (c * a.Hp + h + g.ph) * a.Wp + g.pw, src + (c * g.H + h) * g.W,
+                  sizeof(S) * g.W);
+    }
+  }
+  s.packed = key;
+  return s.xpad.data();
+}
+
+// gp[t, l] = grad_outputs[n, gi Og + o0 + l, t] for l < ov, else 0.
+template <typename S, int OB>
+MF_INLINE void pack_gout(const Args<S>& a, int64_t n, int64_t gi, int64_t o0, int64_t ov,
+                         Scratch<S>& s) {
+  const Conv2dGeom& g = a.g;
+  const int64_t T = g.T();
+  s.gp.assign(T * OB, S(0));
+  S* dst = s.gp.data();
+  const S* src = a.gout + (n * g.O + gi * g.og() + o0) * T;
+  for (int64_t l = 0; l < ov; ++l) {
+    const S* row = src + l * T;
+    for (int64_t t = 0; t < T; ++t) dst[t * OB + l] = row[t];
+  }
+}
+
+template <typename S, Epilogue E>
+MF_INLINE void run_item(const Args<S>& a, int64_t w, Scratch<S>& s) {
+  using V = typename Vec<S>::type;
+  constexpr int L = Vec<S>::kLanes;
+  constexpr int OB = kNV * L;
+  const Conv2dGeom& g = a.g;
+  const int64_t per_n = g.groups * a.nob;
+  const int64_t n = w / per_n;
+  const int64_t gi = (w % per_n) / a.nob;
+  const int64_t ob = w % a.nob;
+  const int64_t o0 = ob * OB;
+  const int64_t ov = std::min<int64_t>(OB, g.og() - o0);
+  const int64_t Kg = g.kg(), kk = g.kh * g.kw, Hp = a.Hp, Wp = a.Wp;
+  const S* xp = pack_input(a, n, gi, s);
+  pack_gout<S, OB>(a, n, gi, o0, ov, s);
+  const S* gp0 = s.gp.data();
+  double red[E == Epilogue::kDot ? 64 : 1] = {};  // kDot: m <= 64 per pass (see below)
+  (void)red;
+  double sq = 0.0;
+  for (int64_t k0 = 0; k0 < Kg; k0 += kMR) {
+    const int kr = static_cast<int>(std::min<int64_t>(kMR, Kg - k0));
+    const S* base[kMR];
+    for (int r = 0; r < kMR; ++r) {
+      const int64_t k = k0 + (r < kr ? r : 0);
+      const int64_t c = k / kk, i = (k % kk) / g.kw, j = k % g.kw;
+      base[r] = xp + (c * Hp + i * g.dh) * Wp + j * g.dw;
+    }
+    V acc[kMR][kNV];
+#pragma GCC unroll 6
+    for (int r = 0; r < kMR; ++r) {
+#pragma GCC unroll 2
+      for (int v = 0; v < kNV; ++v) acc[r][v] = V{};
+    }
+    const S* gp = gp0;
+    const int64_t row_step = g.sh * Wp;
+    for (int64_t y = 0; y < g.Ho; ++y) {
+      const int64_t roff = y * row_step;
+      const S* b0 = base[0] + roff;
+      const S* b1 = base[1] + roff;
+      const S* b2 = base[2] + roff;
+      const S* b3 = base[3] + roff;
+      const S* b4 = base[4] + roff;
+      const S* b5 = base[5] + roff;
+      for (int64_t x = 0; x < g.Wo; ++x, gp += OB) {
+        const int64_t off = x * g.sw;
+        V g0, g1;
+        std::memcpy(&g0, gp, sizeof(V));
+        std::memcpy(&g1, gp + L, sizeof(V));
+        const S s0 = b0[off], s1 = b1[off], s2 = b2[off], s3 = b3[off], s4 = b4[off], s5 = b5[off];
+        acc[0][0] += s0 * g0;
+        acc[0][1] += s0 * g1;
+        acc[1][0] += s1 * g0;
+        acc[1][1] += s1 * g1;
+        acc[2][0] += s2 * g0;
+        acc[2][1] += s2 * g1;
+        acc[3][0] += s3 * g0;
+        acc[3][1] += s3 * g1;
+        acc[4][0] += s4 * g0;
+        acc[4][1] += s4 * g1;
+        acc[5][0] += s5 * g0;
+        acc[5][1] += s5 * g1;
+      }
+    }
+    if constexpr (E == Epilogue::kStore) {
+      S tile[kNV * L][kMR];
+      for (int r = 0; r < kMR; ++r)
+        for (int v = 0; v < kNV; ++v)
+          for (int l = 0; l < L; ++l) tile[v * L + l][r] = acc[r][v][l];
+      S* dst = a.out + (n * g.O + gi * g.og() + o0) * Kg + k0;
+      for (int64_t l = 0; l < ov; ++l) std::memcpy(dst + l * Kg, tile[l], sizeof(S) * kr);
+    } else if constexpr (E == Epilogue::kSqnorm) {
+      V t = V{};
+      for (int r = 0; r < kr; ++r)
+        for (int v = 0; v < kNV; ++v) t += acc[r][v] * acc[r][v];
+      double h = 0.0;
+      for (int l = 0; l < L; ++l) h += t[l];
+      sq += h;
+    } else {
+      const int64_t jn = std::min<int64_t>(a.m, 64);
+      const S* vt = a.vt + ((gi * a.nob + ob) * Kg + k0) * OB;
+      const int64_t vstride = g.groups * a.nob * Kg * OB;
+      for (int64_t jj = 0; jj < jn; ++jj) {
+        const S* vj = vt + jj * vstride;
+        V t = V{};
+        for (int r = 0; r < kr; ++r) {
+          for (int v = 0; v < kNV; ++v) {
+            V q;
+            std::memcpy(&q, vj + r * OB + v * L, sizeof(V));
+            t += acc[r][v] * q;
+          }
+        }
+        double h = 0.0;
+        for (int l = 0; l < L; ++l) h += t[l];
+        red[jj] += h;
+      }
+    }
+  }
+  if constexpr (E == Epilogue::kSqnorm) a.partial[w] = sq;
+  if constexpr (E == Epilogue::kDot) {
+    for (int64_t jj = 0; jj < std::min<int64_t>(a.m, 64); ++jj) a.partial[w * a.m + jj] = red[jj];
+  }
+}
+
+template <typename S, Epilogue E>
+__attribute__((target("avx2,fma"))) void run_items_avx2(const Args<S>& a, int64_t w0, int64_t w1) {
+  Scratch<S> s;
+  for (int64_t w = w0; w < w1; ++w) run_item<S, E>(a, w, s);
+}
+
+template <typename S, Epilogue E>
+void run_items_generic(const Args<S>& a, int64_t w0, int64_t w1) {
+  Scratch<S> s;
+  for (int64_t w = w0; w < w1; ++w) run_item<S, E>(a, w, s);
+}
+
+bool cpu_has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+template <typename S, Epilogue E>
+void run_items(const Args<S>& a, int64_t items) {
+  const bool avx2 = cpu_has_avx2();
+  const int64_t work = std::max<int64_t>(1, a.g.T() * a.g.kg() * Vec<S>::kLanes * kNV);
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / work);
+  at::parallel_for(0, items, grain, [&](int64_t w0, int64_t w1) {
+    if (avx2) {
+      run_items_avx2<S, E>(a, w0, w1);
+    } else {
+      run_items_generic<S, E>(a, w0, w1);
+    }
+  });
+}
+
+template <typename S>
+Args<S> make_args(const Conv2dGeom& g, const at::Tensor& a, const at::Tensor& go) {
+  constexpr int OB = kNV * Vec<S>::kLanes;
+  Args<S> args{};
+  args.g = g;
+  args.act = a.const_data_ptr<S>();
+  args.gout = go.const_data_ptr<S>();
+  args.nob = (g.og() + OB - 1) / OB;
+  args.pad = g.ph > 0 || g.pw > 0;
+  args.Hp = g.H + 2 * g.ph;
+  args.Wp = g.W + 2 * g.pw;
+  return args;
+}
+
+struct Prepared {
+  Conv2dGeom g;
+  at::Tensor a, go;
+  bool empty;  // no work: the result is all zeros
+};
+
+Prepared prepare(const char* op, const at::Tensor& activations, const at::Tensor& grad_outputs,
+                 at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                 at::IntArrayRef dilation, int64_t groups) {
+  const Conv2dGeom g = check_conv2d_inputs(op, activations, grad_outputs, kernel_size, stride,
+                                           padding, dilation, groups, /*cuda=*/false);
+  const bool empty = g.N == 0 || g.O == 0 || g.kg() == 0 || g.T() == 0;
+  return {g, activations.contiguous(), grad_outputs.contiguous(), empty};
+}
+
+at::Tensor psg_conv2d_cpu(const at::Tensor& activations, const at::Tensor& grad_outputs,
+                          at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const Prepared p = prepare("psg_conv2d", activations, grad_outputs, kernel_size, stride, padding,
+                             dilation, groups);
+  const Conv2dGeom& g = p.g;
+  const auto opts = p.a.options();
+  if (p.empty) return at::zeros({g.N, g.O, g.cg(), g.kh, g.kw}, opts);
+  auto out = at::empty({g.N, g.O, g.cg(), g.kh, g.kw}, opts);
+  AT_DISPATCH_FLOATING_TYPES(p.a.scalar_type(), "psg_conv2d_cpu", [&] {
+    Args<scalar_t> args = make_args<scalar_t>(g, p.a, p.go);
+    args.out = out.mutable_data_ptr<scalar_t>();
+    run_items<scalar_t, Epilogue::kStore>(args, g.N * g.groups * args.nob);
+  });
+  return out;
+}
+
+at::Tensor psg_conv2d_sqnorm_cpu(const at::Tensor& activations, const at::Tensor& grad_outputs,
+                                 at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups) {
+  const Prepared p = prepare("psg_conv2d_sqnorm", activations, grad_outputs, kernel_size, stride,
+                             padding, dilation, groups);
+  const Conv2dGeom& g = p.g;
+  if (p.empty) return at::zeros({g.N}, p.a.options());
+  at::Tensor partial;
+  AT_DISPATCH_FLOATING_TYPES(p.a.scalar_type(), "psg_conv2d_sqnorm_cpu", [&] {
+    Args<scalar_t> args = make_args<scalar_t>(g, p.a, p.go);
+    const int64_t per_n = g.groups * args.nob;
+    partial = at::empty({g.N, per_n}, p.a.options().dtype(at::kDouble));
+    args.partial = partial.mutable_data_ptr<double>();
+    run_items<scalar_t, Epilogue::kSqnorm>(args, g.N * per_n);
+  });
+  return partial.sum(1).to(p.a.scalar_type());
+}
+
+// vectors [m, O, Cg, kh, kw] -> [m, groups, nob, Kg, OB], channel-padded with zeros.
+template <typename S>
+at::Tensor pack_vectors(const at::Tensor& v, const Conv2dGeom& g, int64_t nob) {
+  constexpr int OB = kNV * Vec<S>::kLanes;
+  const int64_t m = v.size(0), Kg = g.kg(), og = g.og();
+  auto vt = at::zeros({m, g.groups, nob, Kg, OB}, v.options());
+  const S* src = v.const_data_ptr<S>();
+  S* dst = vt.mutable_data_ptr<S>();
+  at::parallel_for(0, m * g.groups * nob, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j = b / (g.groups * nob), gi = (b / nob) % g.groups, ob = b % nob;
+      const int64_t o0 = ob * OB, ov = std::min<int64_t>(OB, og - o0);
+      for (int64_t l = 0; l < ov; ++l) {
+        const S* row = src + (j * g.O + gi * og + o0 + l) * Kg;
+        for (int64_t k = 0; k < Kg; ++k) dst[(b * Kg + k) * OB + l] = row[k];
+      }
+    }
+  });
+  return vt;
+}
+
+at::Tensor psg_conv2d_dot_cpu(const at::Tensor& activations, const at::Tensor& grad_outputs,
+                              const at::Tensor& vectors, at::IntArrayRef kernel_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t groups) {
+  const Prepared p = prepare("psg_conv2d_dot", activations, grad_outputs, kernel_size, stride,
+                             padding, dilation, groups);
+  const Conv2dGeom& g = p.g;
+  check_conv2d_vectors("psg_conv2d_dot", vectors, g, activations);
+  TORCH_CHECK(vectors.device().is_cpu(), "psg_conv2d_dot (CPU kernel): vectors must be on the CPU");
+  const int64_t M = vectors.size(0);
+  if (p.empty || M == 0) return at::zeros({g.N, M}, p.a.options());
+  const auto v = vectors.contiguous();
+  at::Tensor out = at::zeros({g.N, M}, at::TensorOptions().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(p.a.scalar_type(), "psg_conv2d_dot_cpu", [&] {
+    Args<scalar_t> args = make_args<scalar_t>(g, p.a, p.go);
+    const int64_t per_n = g.groups * args.nob;
+    // at most 64 vectors per pass (the per-item accumulators live on the stack)
+    for (int64_t j0 = 0; j0 < M; j0 += 64) {
+      const int64_t mj = std::min<int64_t>(64, M - j0);
+      const at::Tensor vt = pack_vectors<scalar_t>(v.narrow(0, j0, mj), g, args.nob);
+      at::Tensor partial = at::empty({g.N, per_n, mj}, p.a.options().dtype(at::kDouble));
+      args.vt = vt.const_data_ptr<scalar_t>();
+      args.m = mj;
+      args.partial = partial.mutable_data_ptr<double>();
+      run_items<scalar_t, Epilogue::kDot>(args, g.N * per_n);
+      out.narrow(1, j0, mj).copy_(partial.sum(1));
+    }
+  });
+  return out.to(p.a.scalar_type());
+}
+
+#undef MF_INLINE
+
+}  // namespace
+}  // namespace metafluence
+
+TORCH_LIBRARY_IMPL(metafluence, CPU, m) {
+  m.impl("psg_conv2d", &metafluence::psg_conv2d_cpu);
+  m.impl("psg_conv2d_sqnorm", &metafluence::psg_conv2d_sqnorm_cpu);
+  m.impl("psg_conv2d_dot", &metafluence::psg_conv2d_dot_cpu);
+}
