@@ -85,6 +85,8 @@ def _conv_variants():
         nn.Conv2d(3, 5, 2, stride=(2, 1), padding=0),  # unequal strides
         nn.Conv2d(3, 3, 3, padding="same", padding_mode="reflect", groups=3),
         nn.Conv2d(3, 4, 1, bias=False),
+        nn.Conv2d(3, 6, (2, 4), padding="same", groups=3),  # asymmetric 'same', 2 per group
+        nn.Conv2d(3, 5, 3, padding=1, padding_mode="circular"),
     ]
 
 
@@ -210,6 +212,9 @@ def test_conv2d_variants(idx):
         _close(got[k], ref[k], dtype, k)
     flat = torch.cat([ref[k].reshape(5, -1) for k in params], 1)
     _close(mf.per_sample_grad_norms(model, params, x, y), flat.pow(2).sum(1), dtype)
+    vectors = {k: torch.randn(3, *p.shape, dtype=dtype) for k, p in params.items()}
+    vflat = torch.cat([vectors[k].reshape(3, -1) for k in params], 1)
+    _close(mf.per_sample_grad_dots(model, params, x, y, vectors), flat @ vflat.T, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
