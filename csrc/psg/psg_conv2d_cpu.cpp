@@ -38,14 +38,26 @@ template <typename S>
 struct Vec;  // 32-byte vectors (GCC vector extensions)
 template <>
 struct Vec<float> {
-  typedef float type __attribute__((vector_size(32), aligned(4)));
+  typedef float type __attribute__((vector_size(32)));
   static constexpr int kLanes = 8;
 };
 template <>
 struct Vec<double> {
-  typedef double type __attribute__((vector_size(32), aligned(8)));
+  typedef double type __attribute__((vector_size(32)));
   static constexpr int kLanes = 4;
 };
+
+// Unaligned vector load / store (memcpy: no aliasing or alignment assumptions; one vmovups).
+template <typename V, typename S>
+MF_INLINE V loadu(const S* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename S>
+MF_INLINE void storeu(S* p, const V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
 
 constexpr int kMR = 6;  // kernel entries per register tile
 constexpr int kNV = 2;  // vectors of output channels per register tile
@@ -63,7 +75,8 @@ struct Args {
   int64_t m;
   int64_t nob;  // output-channel blocks per group
   int64_t Hp, Wp;
-  bool pad;  // input copied with zero padding (else read in place)
+  bool pad;             // input copied with zero padding (else read in place)
+  const int64_t* koff;  // [Kg]: offset of kernel entry k = (c, i, j) in the padded input
 };
 
 template <typename S>
@@ -98,12 +111,55 @@ MF_INLINE void pack_gout(const Args<S>& a, int64_t n, int64_t gi, int64_t o0, in
                          Scratch<S>& s) {
   const Conv2dGeom& g = a.g;
   const int64_t T = g.T();
-  s.gp.assign(T * OB, S(0));
+  if (ov == OB) {
+    s.gp.resize(T * OB);
+  } else {
+    s.gp.assign(T * OB, S(0));
+  }
   S* dst = s.gp.data();
   const S* src = a.gout + (n * g.O + gi * g.og() + o0) * T;
   for (int64_t l = 0; l < ov; ++l) {
     const S* row = src + l * T;
     for (int64_t t = 0; t < T; ++t) dst[t * OB + l] = row[t];
+  }
+}
+
+// tile[r, :] = sum_{y, x} base[r][y sh Wp + x sw] * gp[t, :] for r < R, t = (y, x): R kernel
+// entries x OB output channels accumulated in registers over all output positions.
+template <typename S, int R>
+MF_INLINE void tile_kernel(const S* const* base, const S* __restrict__ gp, const Conv2dGeom& g,
+                           int64_t Wp, S* __restrict__ tile) {
+  using V = typename Vec<S>::type;
+  constexpr int L = Vec<S>::kLanes;
+  constexpr int OB = kNV * L;
+  V c[R][kNV];  // accumulators, in registers
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < kNV; ++v) c[r][v] = V{};
+  }
+  const int64_t row_step = g.sh * Wp, sw = g.sw, Ho = g.Ho, Wo = g.Wo;
+  for (int64_t y = 0; y < Ho; ++y) {
+    const S* __restrict__ b[R];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) b[r] = base[r] + y * row_step;
+    for (int64_t x = 0; x < Wo; ++x, gp += OB) {
+      V gv[kNV];
+#pragma GCC unroll 2
+      for (int v = 0; v < kNV; ++v) gv[v] = loadu<V>(gp + v * L);
+      const int64_t off = x * sw;
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const S sr = b[r][off];
+#pragma GCC unroll 2
+        for (int v = 0; v < kNV; ++v) c[r][v] += sr * gv[v];
+      }
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < kNV; ++v) storeu(tile + r * OB + v * L, c[r][v]);
   }
 }
 
@@ -119,7 +175,7 @@ MF_INLINE void run_item(const Args<S>& a, int64_t w, Scratch<S>& s) {
   const int64_t ob = w % a.nob;
   const int64_t o0 = ob * OB;
   const int64_t ov = std::min<int64_t>(OB, g.og() - o0);
-  const int64_t Kg = g.kg(), kk = g.kh * g.kw, Hp = a.Hp, Wp = a.Wp;
+  const int64_t Kg = g.kg(), Wp = a.Wp;
   const S* xp = pack_input(a, n, gi, s);
   pack_gout<S, OB>(a, n, gi, o0, ov, s);
   const S* gp0 = s.gp.data();
@@ -129,58 +185,39 @@ MF_INLINE void run_item(const Args<S>& a, int64_t w, Scratch<S>& s) {
   for (int64_t k0 = 0; k0 < Kg; k0 += kMR) {
     const int kr = static_cast<int>(std::min<int64_t>(kMR, Kg - k0));
     const S* base[kMR];
-    for (int r = 0; r < kMR; ++r) {
-      const int64_t k = k0 + (r < kr ? r : 0);
-      const int64_t c = k / kk, i = (k % kk) / g.kw, j = k % g.kw;
-      base[r] = xp + (c * Hp + i * g.dh) * Wp + j * g.dw;
-    }
-    V acc[kMR][kNV];
-#pragma GCC unroll 6
-    for (int r = 0; r < kMR; ++r) {
-#pragma GCC unroll 2
-      for (int v = 0; v < kNV; ++v) acc[r][v] = V{};
-    }
-    const S* gp = gp0;
-    const int64_t row_step = g.sh * Wp;
-    for (int64_t y = 0; y < g.Ho; ++y) {
-      const int64_t roff = y * row_step;
-      const S* b0 = base[0] + roff;
-      const S* b1 = base[1] + roff;
-      const S* b2 = base[2] + roff;
-      const S* b3 = base[3] + roff;
-      const S* b4 = base[4] + roff;
-      const S* b5 = base[5] + roff;
-      for (int64_t x = 0; x < g.Wo; ++x, gp += OB) {
-        const int64_t off = x * g.sw;
-        V g0, g1;
-        std::memcpy(&g0, gp, sizeof(V));
-        std::memcpy(&g1, gp + L, sizeof(V));
-        const S s0 = b0[off], s1 = b1[off], s2 = b2[off], s3 = b3[off], s4 = b4[off], s5 = b5[off];
-        acc[0][0] += s0 * g0;
-        acc[0][1] += s0 * g1;
-        acc[1][0] += s1 * g0;
-        acc[1][1] += s1 * g1;
-        acc[2][0] += s2 * g0;
-        acc[2][1] += s2 * g1;
-        acc[3][0] += s3 * g0;
-        acc[3][1] += s3 * g1;
-        acc[4][0] += s4 * g0;
-        acc[4][1] += s4 * g1;
-        acc[5][0] += s5 * g0;
-        acc[5][1] += s5 * g1;
-      }
+    for (int r = 0; r < kMR; ++r) base[r] = xp + a.koff[k0 + (r < kr ? r : 0)];
+    alignas(64) S tile[kMR * OB];  // the R x OB tile of G_n^T, row r = kernel entry k0 + r
+    switch (kr) {
+      case kMR:
+        tile_kernel<S, kMR>(base, gp0, g, Wp, tile);
+        break;
+      case 5:
+        tile_kernel<S, 5>(base, gp0, g, Wp, tile);
+        break;
+      case 4:
+        tile_kernel<S, 4>(base, gp0, g, Wp, tile);
+        break;
+      case 3:
+        tile_kernel<S, 3>(base, gp0, g, Wp, tile);
+        break;
+      case 2:
+        tile_kernel<S, 2>(base, gp0, g, Wp, tile);
+        break;
+      default:
+        tile_kernel<S, 1>(base, gp0, g, Wp, tile);
     }
     if constexpr (E == Epilogue::kStore) {
-      S tile[kNV * L][kMR];
-      for (int r = 0; r < kMR; ++r)
-        for (int v = 0; v < kNV; ++v)
-          for (int l = 0; l < L; ++l) tile[v * L + l][r] = acc[r][v][l];
       S* dst = a.out + (n * g.O + gi * g.og() + o0) * Kg + k0;
-      for (int64_t l = 0; l < ov; ++l) std::memcpy(dst + l * Kg, tile[l], sizeof(S) * kr);
+      for (int64_t l = 0; l < ov; ++l)
+        for (int r = 0; r < kr; ++r) dst[l * Kg + r] = tile[r * OB + l];
     } else if constexpr (E == Epilogue::kSqnorm) {
       V t = V{};
-      for (int r = 0; r < kr; ++r)
-        for (int v = 0; v < kNV; ++v) t += acc[r][v] * acc[r][v];
+      for (int r = 0; r < kr; ++r) {
+        for (int v = 0; v < kNV; ++v) {
+          const V q = loadu<V>(tile + r * OB + v * L);
+          t += q * q;
+        }
+      }
       double h = 0.0;
       for (int l = 0; l < L; ++l) h += t[l];
       sq += h;
@@ -191,13 +228,9 @@ MF_INLINE void run_item(const Args<S>& a, int64_t w, Scratch<S>& s) {
       for (int64_t jj = 0; jj < jn; ++jj) {
         const S* vj = vt + jj * vstride;
         V t = V{};
-        for (int r = 0; r < kr; ++r) {
-          for (int v = 0; v < kNV; ++v) {
-            V q;
-            std::memcpy(&q, vj + r * OB + v * L, sizeof(V));
-            t += acc[r][v] * q;
-          }
-        }
+        for (int r = 0; r < kr; ++r)
+          for (int v = 0; v < kNV; ++v)
+            t += loadu<V>(tile + r * OB + v * L) * loadu<V>(vj + r * OB + v * L);
         double h = 0.0;
         for (int l = 0; l < L; ++l) h += t[l];
         red[jj] += h;
@@ -241,24 +274,11 @@ void run_items(const Args<S>& a, int64_t items) {
   });
 }
 
-template <typename S>
-Args<S> make_args(const Conv2dGeom& g, const at::Tensor& a, const at::Tensor& go) {
-  constexpr int OB = kNV * Vec<S>::kLanes;
-  Args<S> args{};
-  args.g = g;
-  args.act = a.const_data_ptr<S>();
-  args.gout = go.const_data_ptr<S>();
-  args.nob = (g.og() + OB - 1) / OB;
-  args.pad = g.ph > 0 || g.pw > 0;
-  args.Hp = g.H + 2 * g.ph;
-  args.Wp = g.W + 2 * g.pw;
-  return args;
-}
-
 struct Prepared {
   Conv2dGeom g;
   at::Tensor a, go;
-  bool empty;  // no work: the result is all zeros
+  bool empty;                 // no work: the result is all zeros
+  std::vector<int64_t> koff;  // see Args::koff
 };
 
 Prepared prepare(const char* op, const at::Tensor& activations, const at::Tensor& grad_outputs,
@@ -267,7 +287,29 @@ Prepared prepare(const char* op, const at::Tensor& activations, const at::Tensor
   const Conv2dGeom g = check_conv2d_inputs(op, activations, grad_outputs, kernel_size, stride,
                                            padding, dilation, groups, /*cuda=*/false);
   const bool empty = g.N == 0 || g.O == 0 || g.kg() == 0 || g.T() == 0;
-  return {g, activations.contiguous(), grad_outputs.contiguous(), empty};
+  std::vector<int64_t> koff(g.kg());
+  const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw, kk = g.kh * g.kw;
+  for (int64_t k = 0; k < g.kg(); ++k) {
+    const int64_t c = k / kk, i = (k % kk) / g.kw, j = k % g.kw;
+    koff[k] = (c * Hp + i * g.dh) * Wp + j * g.dw;
+  }
+  return {g, activations.contiguous(), grad_outputs.contiguous(), empty, std::move(koff)};
+}
+
+template <typename S>
+Args<S> make_args(const Prepared& p) {
+  const Conv2dGeom& g = p.g;
+  constexpr int OB = kNV * Vec<S>::kLanes;
+  Args<S> args{};
+  args.g = g;
+  args.act = p.a.const_data_ptr<S>();
+  args.gout = p.go.const_data_ptr<S>();
+  args.koff = p.koff.data();
+  args.nob = (g.og() + OB - 1) / OB;
+  args.pad = g.ph > 0 || g.pw > 0;
+  args.Hp = g.H + 2 * g.ph;
+  args.Wp = g.W + 2 * g.pw;
+  return args;
 }
 
 at::Tensor psg_conv2d_cpu(const at::Tensor& activations, const at::Tensor& grad_outputs,
@@ -280,7 +322,7 @@ at::Tensor psg_conv2d_cpu(const at::Tensor& activations, const at::Tensor& grad_
   if (p.empty) return at::zeros({g.N, g.O, g.cg(), g.kh, g.kw}, opts);
   auto out = at::empty({g.N, g.O, g.cg(), g.kh, g.kw}, opts);
   AT_DISPATCH_FLOATING_TYPES(p.a.scalar_type(), "psg_conv2d_cpu", [&] {
-    Args<scalar_t> args = make_args<scalar_t>(g, p.a, p.go);
+    Args<scalar_t> args = make_args<scalar_t>(p);
     args.out = out.mutable_data_ptr<scalar_t>();
     run_items<scalar_t, Epilogue::kStore>(args, g.N * g.groups * args.nob);
   });
@@ -297,7 +339,7 @@ at::Tensor psg_conv2d_sqnorm_cpu(const at::Tensor& activations, const at::Tensor
   if (p.empty) return at::zeros({g.N}, p.a.options());
   at::Tensor partial;
   AT_DISPATCH_FLOATING_TYPES(p.a.scalar_type(), "psg_conv2d_sqnorm_cpu", [&] {
-    Args<scalar_t> args = make_args<scalar_t>(g, p.a, p.go);
+    Args<scalar_t> args = make_args<scalar_t>(p);
     const int64_t per_n = g.groups * args.nob;
     partial = at::empty({g.N, per_n}, p.a.options().dtype(at::kDouble));
     args.partial = partial.mutable_data_ptr<double>();
@@ -341,7 +383,7 @@ at::Tensor psg_conv2d_dot_cpu(const at::Tensor& activations, const at::Tensor& g
   const auto v = vectors.contiguous();
   at::Tensor out = at::zeros({g.N, M}, at::TensorOptions().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(p.a.scalar_type(), "psg_conv2d_dot_cpu", [&] {
-    Args<scalar_t> args = make_args<scalar_t>(g, p.a, p.go);
+    Args<scalar_t> args = make_args<scalar_t>(p);
     const int64_t per_n = g.groups * args.nob;
     // at most 64 vectors per pass (the per-item accumulators live on the stack)
     for (int64_t j0 = 0; j0 < M; j0 += 64) {
