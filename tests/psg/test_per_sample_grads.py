@@ -301,3 +301,27 @@ def test_registry_and_errors():
         mf.per_sample_grads(model, params, x, y, loss="hinge")
     custom = mf.per_sample_grads(model, params, x, y, loss=lambda lg, t: lg.pow(2).sum(1))
     assert custom["weight"].shape == (4, 2, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_group_norm_rule_fused_equals_recomputed(dtype):
+    """GroupNorm: the fused path (group statistics kept from the forward) equals recomputing x̂."""
+    from metafluence.psg.registry import Call, get_rule
+
+    torch.manual_seed(0)
+    gn = nn.GroupNorm(3, 6).to(dtype)
+    x = torch.randn(5, 6, 4, 3, dtype=dtype) * 3 + 1
+    g = torch.randn(5, 6, 4, 3, dtype=dtype)
+    rule = get_rule(gn)
+    fused = Call(args=(x,), kwargs={}, output=gn(x), grad_output=g)
+    rule.on_forward(gn, fused)
+    assert "group_stats" in fused.extras
+    plain = Call(args=(x,), kwargs={}, output=fused.output.detach(), grad_output=g)
+    rule.on_forward(gn, plain)
+    assert "group_stats" not in plain.extras
+    got = rule.grads(gn, fused, ["weight", "bias"])
+    ref = rule.grads(gn, plain, ["weight", "bias"])
+    xhat = nn.functional.group_norm(x, 3, eps=gn.eps)
+    _close(ref["weight"], (g * xhat).sum((2, 3)), dtype)
+    for k in ("weight", "bias"):
+        _close(got[k], ref[k], dtype, k)

@@ -63,7 +63,9 @@ def uses_batch_statistics(model: nn.Module) -> bool:
 
 
 # ---- validation ----------------------------------------------------------------------------------
-def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> None:
+def _check(
+    model: Any, params: Any, x: Any, y: Any = None, loss: Any = None, probe: bool = True
+) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model)}")
     if not isinstance(params, Mapping) or not params:
@@ -93,14 +95,35 @@ def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> 
     stateful = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if loss == "cross_entropy" and not y.is_floating_point() and bool((y < 0).any()):
         raise ValueError(f"y has label {int(y[y < 0][0])} < 0")
-    if loss == "cross_entropy" and not y.is_floating_point() and y.numel() and not stateful:
+    if (
+        probe
+        and loss == "cross_entropy"
+        and not y.is_floating_point()
+        and y.numel()
+        and not stateful
+    ):
         with torch.no_grad():  # a 1-sample probe for the class count (no running statistics)
             n_out = torch.func.functional_call(model, dict(params), (x[:1],)).shape[-1]
-        bad = (y < 0) | (y >= n_out)
-        if bool(bad.any()):
-            raise ValueError(
-                f"y has label {int(y[bad][0])} outside [0, {n_out}) (the model has {n_out} outputs)"
-            )
+        _check_labels(y, n_out)
+
+
+def _check_labels(y: Tensor, n_out: int) -> None:
+    """Integer cross-entropy labels lie in ``[0, n_out)``."""
+    bad = (y < 0) | (y >= n_out)
+    if bool(bad.any()):
+        raise ValueError(
+            f"y has label {int(y[bad][0])} outside [0, {n_out}) (the model has {n_out} outputs)"
+        )
+
+
+def _probe_first(model: Any, method: Any) -> bool:
+    """False where the hooks path runs: it checks the labels against the logits of its own
+    forward pass, so the 1-sample probe forward of :func:`_check` is not needed."""
+    return not (
+        isinstance(model, nn.Module)
+        and method in ("auto", "hooks")
+        and not uses_batch_statistics(model)
+    )
 
 
 def _check_vectors(params: Mapping[str, Tensor], vectors: Any) -> int:
@@ -180,6 +203,7 @@ def _capturing(
             own = {k: getattr(mod, k) for k, _ in mod.named_parameters(recurse=False)}
             call = Call(args=args, kwargs=kwargs, output=output, params=own)
             call._version = output._version  # type: ignore[attr-defined]
+            e.rule.on_forward(mod, call)
             e.calls.append(call)
             # downstream gets a copy, so a later in-place op cannot change the captured output
             return output.clone() if idx in clone else None
@@ -322,7 +346,7 @@ def per_sample_grads(
     Returns:
         ``{name: [N, *shape]}`` (detached), same dtype as the parameters.
     """
-    _check(model, params, x, y, loss)
+    _check(model, params, x, y, loss, probe=_probe_first(model, method))
     loss_fn = resolve_loss(loss)
     how = _method(model, method)
     n = x.shape[0]
@@ -336,6 +360,8 @@ def per_sample_grads(
                 out[k][s : s + gs[k].shape[0]] = gs[k]
         return out
     logits, entries = _forward_capture(model, params, x)
+    if loss == "cross_entropy" and not y.is_floating_point():
+        _check_labels(y, logits.shape[-1])
     total = loss_fn(logits, y).sum()
     _set_grad_outputs(entries, _backward_to_outputs(total, entries))
     res: dict[str, Tensor] = {}
@@ -356,7 +382,7 @@ def _reduce(
     method: Method,
     vectors: Mapping[str, Tensor] | None,
 ) -> Tensor:
-    _check(model, params, x, y, loss)
+    _check(model, params, x, y, loss, probe=_probe_first(model, method))
     loss_fn = resolve_loss(loss)
     m = _check_vectors(params, vectors) if vectors is not None else 0
     how = _method(model, method)
@@ -378,6 +404,8 @@ def _reduce(
                     out[s : s + flat.shape[0]] += flat @ v.T
         return out
     logits, entries = _forward_capture(model, params, x)
+    if loss == "cross_entropy" and not y.is_floating_point():
+        _check_labels(y, logits.shape[-1])
     total = loss_fn(logits, y).sum()
     _set_grad_outputs(entries, _backward_to_outputs(total, entries))
     for e in entries:

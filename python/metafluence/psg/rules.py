@@ -187,8 +187,15 @@ class Conv2dRule(Rule):
 # ---- normalisation layers (affine parameters) ----------------------------------------------------
 def _affine_grads(xhat: Tensor, g: Tensor, names: list[str], keep: list[int]) -> dict[str, Tensor]:
     """Sum ``g·x̂`` and ``g`` over every dim except 0 and ``keep``."""
-    dims = [d for d in range(1, g.dim()) if d not in keep]
     out: dict[str, Tensor] = {}
+    if keep == [1] and g.dim() > 2:  # channel dim 1 (GroupNorm, BatchNorm): fused dot per row
+        gf, xf = g.flatten(2), xhat.flatten(2)
+        if "weight" in names:
+            out["weight"] = torch.linalg.vecdot(gf, xf)
+        if "bias" in names:
+            out["bias"] = gf.sum(-1)
+        return out
+    dims = [d for d in range(1, g.dim()) if d not in keep]
     if "weight" in names:
         out["weight"] = (g * xhat).sum(dims) if dims else g * xhat
     if "bias" in names:
@@ -198,11 +205,49 @@ def _affine_grads(xhat: Tensor, g: Tensor, names: list[str], keep: list[int]) ->
 
 @register_rule(nn.GroupNorm)
 class GroupNormRule(Rule):
+    """``∂ℓ_n/∂γ_c = Σ_s g·x̂``, ``∂ℓ_n/∂β_c = Σ_s g``. When the forward kept the group statistics
+    (``μ``, ``1/σ`` per sample and group, saved by ``native_group_norm`` for its backward), both
+    come from ATen's fused GroupNorm backward applied to the batch viewed as one sample with
+    ``N·C`` channels in ``N·groups`` groups -- one pass over ``g`` and ``x``, no ``x̂`` formed --
+    else ``x̂`` is recomputed."""
+
+    def on_forward(self, module: nn.Module, call: Call) -> None:
+        fn = call.output.grad_fn
+        if fn is None or type(fn).__name__ != "NativeGroupNormBackward0":
+            return
+        mean, rstd = getattr(fn, "_saved_result1", None), getattr(fn, "_saved_result2", None)
+        if isinstance(mean, Tensor) and isinstance(rstd, Tensor):
+            call.extras["group_stats"] = (mean.detach(), rstd.detach())
+
     def grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, Tensor]:
         assert isinstance(module, nn.GroupNorm) and call.grad_output is not None
-        x = call.activations
-        xhat = F.group_norm(x, module.num_groups, eps=module.eps)
-        return _affine_grads(xhat, call.grad_output, names, keep=[1])
+        x, g = call.activations, call.grad_output
+        stats = call.extras.get("group_stats")
+        n, c = x.shape[:2]
+        groups = module.num_groups
+        if stats is None or x.dim() < 2 or stats[0].numel() != n * groups or n * c == 0:
+            xhat = F.group_norm(x, groups, eps=module.eps)
+            return _affine_grads(xhat, g, names, keep=[1])
+        hw = x[0, 0].numel()
+        mean, rstd = stats
+        _, d_w, d_b = torch.ops.aten.native_group_norm_backward(
+            g.reshape(1, n * c, hw),
+            x.reshape(1, n * c, hw),
+            mean.reshape(1, n * groups),
+            rstd.reshape(1, n * groups),
+            x.new_ones(1).expand(n * c),  # unused (no input gradient), but must be a tensor
+            1,
+            n * c,
+            hw,
+            n * groups,
+            [False, "weight" in names, "bias" in names],
+        )
+        out: dict[str, Tensor] = {}
+        if "weight" in names:
+            out["weight"] = d_w.view(n, c)
+        if "bias" in names:
+            out["bias"] = d_b.view(n, c)
+        return out
 
 
 @register_rule(nn.LayerNorm)
