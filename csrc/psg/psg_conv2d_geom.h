@@ -6,6 +6,12 @@
 #pragma once
 #include <cstdint>
 
+#ifdef __CUDACC__
+#define MF_HOST_DEVICE __host__ __device__
+#else
+#define MF_HOST_DEVICE
+#endif
+
 namespace metafluence {
 
 struct Conv2dGeom {
@@ -13,11 +19,11 @@ struct Conv2dGeom {
   int64_t O, Ho, Wo;   // grad_outputs
   int64_t kh, kw, sh, sw, ph, pw, dh, dw, groups;
 
-  int64_t cg() const { return C / groups; }        // input channels per group
-  int64_t og() const { return O / groups; }        // output channels per group
-  int64_t kg() const { return cg() * kh * kw; }    // weight entries per output channel
-  int64_t T() const { return Ho * Wo; }            // output positions
-  int64_t per_sample() const { return O * kg(); }  // P of the weight
+  MF_HOST_DEVICE int64_t cg() const { return C / groups; }      // input channels per group
+  MF_HOST_DEVICE int64_t og() const { return O / groups; }      // output channels per group
+  MF_HOST_DEVICE int64_t kg() const { return cg() * kh * kw; }  // weight entries per output channel
+  MF_HOST_DEVICE int64_t T() const { return Ho * Wo; }          // output positions
+  MF_HOST_DEVICE int64_t per_sample() const { return O * kg(); }  // P of the weight
 };
 
 }  // namespace metafluence
