@@ -125,7 +125,11 @@ MF_INLINE void pack_gout(const Args<S>& a, int64_t n, int64_t gi, int64_t o0, in
 }
 
 // tile[r, :] = sum_{y, x} base[r][y sh Wp + x sw] * gp[t, :] for r < R, t = (y, x): R kernel
-// entries x OB output channels accumulated in registers over all output positions.
+// entries x OB output channels accumulated in registers over all output positions, flushed into
+// the tile every kChunk positions (two-level summation: the rounding error grows with
+// kChunk + T / kChunk rather than with T).
+constexpr int64_t kChunk = 256;
+
 template <typename S, int R>
 MF_INLINE void tile_kernel(const S* const* base, const S* __restrict__ gp, const Conv2dGeom& g,
                            int64_t Wp, S* __restrict__ tile) {
@@ -133,12 +137,14 @@ MF_INLINE void tile_kernel(const S* const* base, const S* __restrict__ gp, const
   constexpr int L = Vec<S>::kLanes;
   constexpr int OB = kNV * L;
   V c[R][kNV];  // accumulators, in registers
+  V sum[R][kNV];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 2
-    for (int v = 0; v < kNV; ++v) c[r][v] = V{};
+    for (int v = 0; v < kNV; ++v) c[r][v] = sum[r][v] = V{};
   }
   const int64_t row_step = g.sh * Wp, sw = g.sw, Ho = g.Ho, Wo = g.Wo;
+  int64_t since = 0;  // positions accumulated in c since the last flush
   for (int64_t y = 0; y < Ho; ++y) {
     const S* __restrict__ b[R];
 #pragma GCC unroll 6
@@ -155,11 +161,23 @@ MF_INLINE void tile_kernel(const S* const* base, const S* __restrict__ gp, const
         for (int v = 0; v < kNV; ++v) c[r][v] += sr * gv[v];
       }
     }
+    since += Wo;
+    if (since >= kChunk) {
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+        for (int v = 0; v < kNV; ++v) {
+          sum[r][v] += c[r][v];
+          c[r][v] = V{};
+        }
+      }
+      since = 0;
+    }
   }
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 2
-    for (int v = 0; v < kNV; ++v) storeu(tile + r * OB + v * L, c[r][v]);
+    for (int v = 0; v < kNV; ++v) storeu(tile + r * OB + v * L, sum[r][v] + c[r][v]);
   }
 }
 
