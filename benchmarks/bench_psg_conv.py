@@ -274,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     if not args.plot_only:
+        base = machine_info("cpu")  # commit and date as at the start of the run
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
-            info = machine_info("cpu")
+            info = {**base, "threads": threads}
             for model in args.models.split(","):
                 for spec in args.inputs.split(","):
                     c_in, size, _ = (int(v) for v in spec.split("x"))
