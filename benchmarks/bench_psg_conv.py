@@ -82,16 +82,23 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {"conv4": conv4, "res12": r
 
 
 def _candidates(
-    name: str, c_in: int, size: int, n: int, dtype: torch.dtype = torch.float32
+    name: str,
+    c_in: int,
+    size: int,
+    n: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> tuple[dict[str, tuple[Callable[[], Any], Callable[[Any], float] | None]], int]:
     """``{method: (call, check)}``: ``check(out)`` is the max-norm relative error of the output
     against ``torch.func`` vmap(grad) (computed here once)."""
     torch.manual_seed(0)
-    model = MODELS[name](c_in, size).to(dtype)
+    model = MODELS[name](c_in, size).to(dtype).to(device)
     params = dict(model.named_parameters())
-    x = torch.randn(n, c_in, size, size, dtype=dtype)
-    y = torch.randint(0, 5, (n,))
-    vectors = {k: torch.randn(M_VECTORS, *p.shape, dtype=dtype) for k, p in params.items()}
+    x = torch.randn(n, c_in, size, size, dtype=dtype).to(device)
+    y = torch.randint(0, 5, (n,)).to(device)
+    vectors = {
+        k: torch.randn(M_VECTORS, *p.shape, dtype=dtype).to(device) for k, p in params.items()
+    }
 
     def fwd_bwd() -> Any:
         loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
@@ -127,7 +134,7 @@ def _candidates(
     except ImportError:  # optional peer
         GradSampleModule = None  # noqa: N806
     if GradSampleModule is not None:
-        gsm = GradSampleModule(MODELS[name](c_in, size).to(dtype), loss_reduction="sum")
+        gsm = GradSampleModule(MODELS[name](c_in, size).to(dtype).to(device), loss_reduction="sum")
         gsm._module.load_state_dict(model.state_dict())
 
         def opacus_call() -> dict[str, torch.Tensor]:
@@ -143,13 +150,26 @@ def _candidates(
 
 
 def bench_config(
-    name: str, c_in: int, size: int, n: int, rounds: int, info: dict[str, Any]
+    name: str,
+    c_in: int,
+    size: int,
+    n: int,
+    rounds: int,
+    info: dict[str, Any],
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
+    """Rows for one configuration. CPU: wall clock per call; CUDA: wall clock around the call
+    and a device synchronisation (each call is large enough for that to be the kernel time)."""
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     # correctness first: float64 on 4 samples (exact up to rounding), then the timed float32 run
     # (its error against vmap includes near-ties of max-pool / LeakyReLU that batched and
     # per-sample float32 forwards resolve differently, hence the looser bound)
     for tol, dtype, n_check in ((1e-9, torch.float64, min(n, 4)), (1e-3, torch.float32, n)):
-        cands, n_params = _candidates(name, c_in, size, n_check, dtype)
+        cands, n_params = _candidates(name, c_in, size, n_check, dtype, device)
         errs: dict[str, float] = {}
         for method, (fn, check) in cands.items():  # (the float32 pass is also the warm-up)
             errs[method] = check(fn()) if check is not None else 0.0
@@ -163,8 +183,10 @@ def bench_config(
     for _ in range(rounds):
         loads.append(load_note(torch.get_num_threads())["loadavg_1m"])
         for method, (fn, _) in cands.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[method].append(time.perf_counter() - t0)
     ratios = {
         k: [t / b for t, b in zip(v, times["fwd_bwd"], strict=True)] for k, v in times.items()
@@ -262,9 +284,43 @@ def plot(csv_path: Path, png_path: Path) -> None:
     print(f"wrote {png_path}")
 
 
+def table(csv_path: Path) -> str:
+    """Markdown table of the latest row per (threads, model, input, N): ours vs the peers."""
+    with csv_path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("bench") == "psg_conv"]
+    last: dict[tuple[str, ...], dict[str, str]] = {}
+    for r in rows:
+        last[(r["threads"], r["model"], r["input"], r["N"], r["method"])] = r
+    cfgs = sorted(
+        {k[:4] for k in last}, key=lambda c: (int(c[0]), c[1], c[2] != "1x28x28", int(c[3]))
+    )
+    out = [
+        "| threads | model | input | N | fwd+bwd ms | psg | dots | norms | vmap | opacus "
+        "| peer ÷ psg / dots / norms | met (psg, dots, norms) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cfgs:
+
+        def cell(m: str, key: str = "ratio_median", c: tuple[str, ...] = c) -> str:
+            r = last.get((*c, m))
+            return r[key] if r is not None and r.get(key) not in (None, "") else "–"
+
+        fb = last.get((*c, "fwd_bwd"))
+        out.append(
+            f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | {fb['median_ms'] if fb else '–'} "
+            f"| {cell('psg')} | {cell('dots')} | {cell('norms')} | {cell('func_vmap')} "
+            f"| {cell('opacus')} | {cell('psg', 'speedup_vs_peer')} / "
+            f"{cell('dots', 'speedup_vs_peer')} / {cell('norms', 'speedup_vs_peer')} "
+            f"| {cell('psg', 'met')}, {cell('dots', 'met')}, {cell('norms', 'met')} "
+            f"| {fb['loadavg_1m'] if fb else '–'} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--models", default="conv4,res12")
     ap.add_argument("--inputs", default="1x28x28,3x84x84")
     ap.add_argument("--ns", default="25,80,256")
@@ -274,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     if not args.plot_only:
-        base = machine_info("cpu")  # commit and date as at the start of the run
+        base = {**machine_info(args.device), "device": args.device}  # as at the start
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
             info = {**base, "threads": threads}
@@ -282,9 +338,10 @@ def main(argv: list[str] | None = None) -> int:
                 for spec in args.inputs.split(","):
                     c_in, size, _ = (int(v) for v in spec.split("x"))
                     for n in (int(v) for v in args.ns.split(",")):
-                        rows = bench_config(model, c_in, size, n, args.rounds, info)
+                        rows = bench_config(model, c_in, size, n, args.rounds, info, args.device)
                         append_csv(out, rows)  # per config: a stopped run keeps what it measured
     plot(out, out.with_suffix(".png"))
+    out.with_name(out.stem + "_table.md").write_text(table(out))
     return 0
 
 

@@ -197,9 +197,24 @@ MF_INLINE void run_item(const Args<S>& a, int64_t w, Scratch<S>& s) {
   const S* xp = pack_input(a, n, gi, s);
   pack_gout<S, OB>(a, n, gi, o0, ov, s);
   const S* gp0 = s.gp.data();
-  double red[E == Epilogue::kDot ? 64 : 1] = {};  // kDot: m <= 64 per pass (see below)
-  (void)red;
-  double sq = 0.0;
+  // Reductions: per-lane vector partial sums over kFlush tiles, then added to double sums
+  // (kSqnorm: slot 0; kDot: slot j, m <= 64 per pass, see psg_conv2d_dot_cpu).
+  constexpr int kSlots = E == Epilogue::kDot ? 64 : 1;
+  constexpr int kFlush = 16;
+  const int64_t jn = E == Epilogue::kDot ? std::min<int64_t>(a.m, 64) : 1;
+  double red[kSlots] = {};
+  V part[kSlots];
+  for (int64_t jj = 0; jj < jn; ++jj) part[jj] = V{};
+  int tiles_since = 0;
+  auto flush = [&]() {
+    for (int64_t jj = 0; jj < jn; ++jj) {
+      double h = 0.0;
+      for (int l = 0; l < L; ++l) h += part[jj][l];
+      red[jj] += h;
+      part[jj] = V{};
+    }
+    tiles_since = 0;
+  };
   for (int64_t k0 = 0; k0 < Kg; k0 += kMR) {
     const int kr = static_cast<int>(std::min<int64_t>(kMR, Kg - k0));
     const S* base[kMR];
@@ -229,35 +244,28 @@ MF_INLINE void run_item(const Args<S>& a, int64_t w, Scratch<S>& s) {
       for (int64_t l = 0; l < ov; ++l)
         for (int r = 0; r < kr; ++r) dst[l * Kg + r] = tile[r * OB + l];
     } else if constexpr (E == Epilogue::kSqnorm) {
-      V t = V{};
       for (int r = 0; r < kr; ++r) {
         for (int v = 0; v < kNV; ++v) {
           const V q = loadu<V>(tile + r * OB + v * L);
-          t += q * q;
+          part[0] += q * q;
         }
       }
-      double h = 0.0;
-      for (int l = 0; l < L; ++l) h += t[l];
-      sq += h;
+      if (++tiles_since == kFlush) flush();
     } else {
-      const int64_t jn = std::min<int64_t>(a.m, 64);
       const S* vt = a.vt + ((gi * a.nob + ob) * Kg + k0) * OB;
       const int64_t vstride = g.groups * a.nob * Kg * OB;
       for (int64_t jj = 0; jj < jn; ++jj) {
         const S* vj = vt + jj * vstride;
-        V t = V{};
         for (int r = 0; r < kr; ++r)
           for (int v = 0; v < kNV; ++v)
-            t += loadu<V>(tile + r * OB + v * L) * loadu<V>(vj + r * OB + v * L);
-        double h = 0.0;
-        for (int l = 0; l < L; ++l) h += t[l];
-        red[jj] += h;
+            part[jj] += loadu<V>(tile + r * OB + v * L) * loadu<V>(vj + r * OB + v * L);
       }
+      if (++tiles_since == kFlush) flush();
     }
   }
-  if constexpr (E == Epilogue::kSqnorm) a.partial[w] = sq;
-  if constexpr (E == Epilogue::kDot) {
-    for (int64_t jj = 0; jj < std::min<int64_t>(a.m, 64); ++jj) a.partial[w * a.m + jj] = red[jj];
+  if constexpr (E != Epilogue::kStore) {
+    flush();
+    for (int64_t jj = 0; jj < jn; ++jj) a.partial[w * jn + jj] = red[jj];
   }
 }
 
