@@ -274,6 +274,7 @@ def test_unavailable_backend_lists_every_backend(monkeypatch):
         ((2, 3, 5, 5), (2, 4, 3, 3), {"stride": (1, 1, 1)}, TypeError, r"stride must be"),
         ((2, 3, 5, 5), (2, 4, 3, 3), {"dilation": 0}, ValueError, r"dilation = 0"),
         ((2, 3, 5, 5), (2, 4, 3, 3), {"groups": 0}, ValueError, r"groups = 0"),
+        ((2, 3, 5, 5), (2, 4, 5, 5), {"padding": "same"}, TypeError, r"padding='same' is not"),
     ],
 )
 def test_bad_arguments(x_shape, g_shape, kwargs, exc, pattern):

@@ -49,6 +49,12 @@ Conv2dGeometry = tuple[Pair, Pair, Pair, Pair, int]
 
 # ---- validation ----------------------------------------------------------------------------
 def _pair(op: str, name: str, v: Any, lo: int) -> Pair:
+    if isinstance(v, str):
+        raise TypeError(
+            f"{op}: {name}={v!r} is not supported: the op takes explicit zero padding; pad the "
+            "input yourself (F.pad, any mode) and pass padding=0, or use "
+            "metafluence.psg.rules.conv2d_geometry(module, x) for an nn.Conv2d"
+        )
     vals = (v, v) if isinstance(v, int) else tuple(v) if isinstance(v, Sequence) else None
     if (
         vals is None
@@ -232,18 +238,22 @@ class _Triton(torch.autograd.Function):
         return (None, None, *_BACKWARD[ctx.op](grad, *ctx.saved_tensors, ctx.geom))
 
 
-def _run(op: str, tensors: tuple[torch.Tensor, ...], geom: Conv2dGeometry, backend: str | None):
+def _run(
+    op: str, tensors: tuple[torch.Tensor, ...], geom: Conv2dGeometry, backend: str | None
+) -> torch.Tensor:
     a = tensors[0]
     chosen = _dispatch.select_backend(op, CHECKS[op], a.device, a.dtype, backend=backend)
     if chosen == "native":
         native = getattr(torch.ops.metafluence, op)
-        return native(*(t.contiguous() for t in tensors), *geom)
+        out: torch.Tensor = native(*(t.contiguous() for t in tensors), *geom)
+        return out
     if chosen == "triton":
         out = _Triton.apply(op, geom, *tensors)
         assert isinstance(out, torch.Tensor)
         return out
     reference = getattr(_ref_reduce if op != "psg_conv2d" else _ref_psg, op)
-    return reference(*tensors, *geom)
+    ref_out: torch.Tensor = reference(*tensors, *geom)
+    return ref_out
 
 
 # ---- entry points ----------------------------------------------------------------------------
