@@ -12,8 +12,8 @@
 // (zero-padded copy of the) input directly at x[c, y sh + i dh, x sw + j dw]: one broadcast per
 // kernel entry and NV vector loads per position. The tile then goes to its epilogue: stored
 // (psg_conv2d), squared and summed, or dotted with the matching tile of each vector -- G is
-// never written for the reductions. Partial sums are accumulated per work item in double and
-// summed over items in a fixed order (deterministic). An AVX2+FMA build of the kernel is chosen
+// never written for the reductions. Reductions keep per-lane partial sums over 16 tiles, then
+// a double sum per work item, summed over items in a fixed order (deterministic). An AVX2+FMA build of the kernel is chosen
 // at run time where the CPU has it; otherwise a portable build of the same code runs.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
