@@ -6,18 +6,18 @@ few-shot backbone) and ``res12`` (one ResNet-12 residual block, 64 filters: thre
 GroupNorm + LeakyReLU, a 1x1 conv shortcut, 2x2 max-pool, then global average pool and a linear
 head). Inputs 1x28x28 (Omniglot) and 3x84x84 (mini-ImageNet), N in {25, 80, 256}.
 
-Methods, timed in the same run: ``fwd_bwd`` (the baseline: one ordinary batched forward and
-backward of the summed loss, parameter gradients), ``psg`` (``mf.per_sample_grads``), ``dots``
+Methods, timed in the same run: ``fwd_bwd`` (the baseline: one ordinary batched forward and backward
+of the summed loss, parameter gradients), ``psg`` (``mf.per_sample_grads``), ``dots``
 (``mf.per_sample_grad_dots``, m = 4 vectors), ``norms`` (``mf.per_sample_grad_norms``),
-``func_vmap`` (``torch.func`` vmap(grad)) and ``opacus`` (GradSampleModule). Every method is
-checked against vmap(grad) before timing: in float64 on 4 samples (relative error <= 1e-9), and
-in float32 on the timed batch (<= 1e-3: batched and per-sample float32 forwards can resolve
-near-ties of max-pool and LeakyReLU differently). Rounds are interleaved (each round times every
-method once, so machine noise hits all alike); each round gives each method's ratio to that
-round's ``fwd_bwd``; a row reports the median (and min / max) of the per-round ratios. On a shared
-machine the wall clock of a call includes time other processes held the cores; the column
-``cpu_ratio_median`` gives the same median ratio from this process's CPU time (a second view,
-robust to time-slicing at 1 thread; with 2 threads it also counts OpenMP spin-waits).
+``func_vmap`` (``torch.func`` vmap(grad)) and ``opacus`` (GradSampleModule). Every method is checked
+against vmap(grad) before timing: in float64 on 4 samples (relative error <= 1e-9), and in float32
+on the timed batch (<= 5e-2, recorded: batched and per-sample float32 forwards can resolve near-ties
+of max-pool and LeakyReLU differently, which moves a sample's gradient). Rounds are interleaved
+(each round times every method once, so machine noise hits all alike); each round gives each
+method's ratio to that round's ``fwd_bwd``; a row reports the median (and min / max) of the per-
+round ratios. On a shared machine the wall clock of a call includes time other processes held the
+cores; the column ``cpu_ratio_median`` gives the same median ratio from this process's CPU time (a
+second view, robust to time-slicing at 1 thread; with 2 threads it also counts OpenMP spin-waits).
 
 Targets (median ratio): psg <= 1.3, dots and norms <= 1.15; each of ours faster than the faster
 of vmap and opacus, and >= 1.5x faster wherever that peer costs >= 1.8x fwd_bwd. The columns
@@ -168,10 +168,13 @@ def bench_config(
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    # correctness first: float64 on 4 samples (exact up to rounding), then the timed float32 run
-    # (its error against vmap includes near-ties of max-pool / LeakyReLU that batched and
-    # per-sample float32 forwards resolve differently, hence the looser bound)
-    for tol, dtype, n_check in ((1e-9, torch.float64, min(n, 4)), (1e-3, torch.float32, n)):
+    # correctness first: float64 on 4 samples (exact up to rounding), then the timed float32 run.
+    # In float32 the batched forward (ours, opacus) and vmap's per-sample forwards round
+    # differently, and a near-tie of max-pool or a LeakyReLU input near 0 can then go either way
+    # for a sample: measured at res12 1x28x28 N=256, one sample's gradient differed by 3e-3
+    # (relative) from vmap while matching autograd of the batched float32 forward to 2e-7. So
+    # the float32 bound only catches gross errors; the error is recorded in max_rel_err.
+    for tol, dtype, n_check in ((1e-9, torch.float64, min(n, 4)), (5e-2, torch.float32, n)):
         cands, n_params = _candidates(name, c_in, size, n_check, dtype, device)
         errs: dict[str, float] = {}
         for method, (fn, check) in cands.items():  # (the float32 pass is also the warm-up)
