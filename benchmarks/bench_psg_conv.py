@@ -84,6 +84,26 @@ def res12(c_in: int, size: int, classes: int = 5, filters: int = 64) -> nn.Seque
 MODELS: dict[str, Callable[[int, int], nn.Module]] = {"conv4": conv4, "res12": res12}
 
 
+def make_problem(
+    name: str,
+    c_in: int,
+    size: int,
+    n: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Seeded model, its parameters, inputs ``[N, c_in, size, size]``, labels and ``m`` vectors."""
+    torch.manual_seed(0)
+    model = MODELS[name](c_in, size).to(dtype).to(device)
+    params = dict(model.named_parameters())
+    x = torch.randn(n, c_in, size, size, dtype=dtype).to(device)
+    y = torch.randint(0, 5, (n,)).to(device)
+    vectors = {
+        k: torch.randn(M_VECTORS, *p.shape, dtype=dtype).to(device) for k, p in params.items()
+    }
+    return model, params, x, y, vectors
+
+
 def _candidates(
     name: str,
     c_in: int,
@@ -94,14 +114,7 @@ def _candidates(
 ) -> tuple[dict[str, tuple[Callable[[], Any], Callable[[Any], float] | None]], int]:
     """``{method: (call, check)}``: ``check(out)`` is the max-norm relative error of the output
     against ``torch.func`` vmap(grad) (computed here once)."""
-    torch.manual_seed(0)
-    model = MODELS[name](c_in, size).to(dtype).to(device)
-    params = dict(model.named_parameters())
-    x = torch.randn(n, c_in, size, size, dtype=dtype).to(device)
-    y = torch.randint(0, 5, (n,)).to(device)
-    vectors = {
-        k: torch.randn(M_VECTORS, *p.shape, dtype=dtype).to(device) for k, p in params.items()
-    }
+    model, params, x, y, vectors = make_problem(name, c_in, size, n, dtype, device)
 
     def fwd_bwd() -> Any:
         loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
