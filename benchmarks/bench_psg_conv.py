@@ -279,10 +279,13 @@ def plot(csv_path: Path, png_path: Path) -> None:
     panels = sorted({(k[0], k[1]) for k in last})
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    ncols = min(2, len(panels))
+    nrows = (len(panels) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows), squeeze=False)
+    flat_axes = [ax for row in axes for ax in row]
     methods = ["psg", "dots", "norms", "func_vmap", "opacus"]
     styles = {"psg": "o-", "dots": "s-", "norms": "^-", "func_vmap": "x--", "opacus": "d--"}
-    for ax, (model, threads) in zip(axes[0], panels, strict=True):
+    for ax, (model, threads) in zip(flat_axes, panels, strict=False):
         cfgs = sorted(
             {(k[2], int(k[3])) for k in last if k[0] == model and k[1] == threads},
             key=lambda c: (c[0], c[1]),
