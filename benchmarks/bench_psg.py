@@ -19,17 +19,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import metafluence as mf  # noqa: E402
 from harness import (  # noqa: E402
     PEAK_GFLOPS,
     RESULTS_DIR,
     append_csv,
     load_note,
     machine_info,
-    max_rel_err,
     time_fn,
 )
 
@@ -65,59 +62,14 @@ def fwd_flops(model: nn.Module, x: torch.Tensor) -> float:
 def bench_config(
     c_in: int, size: int, n: int, repeat: int, info: dict, GradSampleModule
 ) -> list[dict]:  # noqa: N803
+    from bench_psg_conv import _candidates, make_problem  # (it imports conv4 from here)
+
     rows: list[dict] = []
-    torch.manual_seed(0)
-    model = conv4(c_in, size)
-    params = dict(model.named_parameters())
-    x = torch.randn(n, c_in, size, size)
-    y = torch.randint(0, 5, (n,))
-    vectors = {k: torch.randn(4, *p.shape) for k, p in params.items()}
+    model, _, x, _, _ = make_problem("conv4", c_in, size, n)
     flops = 3.0 * fwd_flops(model, x)
-
-    def fwd_bwd():
-        loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
-        return torch.autograd.grad(loss, list(params.values()))
-
-    def one(p, xi, yi):
-        return nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
-
-    pd = {k: v.detach() for k, v in params.items()}
-    func = vmap(grad(one), in_dims=(None, 0, 0))
-    ref = func(pd, x, y)
-    ref_flat = torch.cat([ref[k].reshape(n, -1) for k in params], 1)
-    vflat = torch.cat([vectors[k].reshape(4, -1) for k in params], 1)
-
-    cands = {
-        "fwd_bwd": (fwd_bwd, None),
-        "psg": (
-            lambda: mf.per_sample_grads(model, params, x, y),
-            lambda out: max(max_rel_err(out[k], ref[k]) for k in params),
-        ),
-        "func_vmap": (lambda: func(pd, x, y), lambda out: 0.0),
-        "dots": (
-            lambda: mf.per_sample_grad_dots(model, params, x, y, vectors),
-            lambda out: max_rel_err(out, ref_flat @ vflat.T),
-        ),
-        "norms": (
-            lambda: mf.per_sample_grad_norms(model, params, x, y),
-            lambda out: max_rel_err(out, ref_flat.pow(2).sum(1)),
-        ),
-    }
-    if GradSampleModule is not None:
-        gsm = GradSampleModule(conv4(c_in, size), loss_reduction="sum")
-        gsm._module.load_state_dict(model.state_dict())
-
-        def opacus_call(gsm=gsm):
-            gsm.zero_grad(set_to_none=True)
-            for p in gsm.parameters():
-                p.grad_sample = None
-            nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
-            return {k: p.grad_sample for k, p in gsm._module.named_parameters()}
-
-        cands["opacus"] = (
-            opacus_call,
-            lambda out: max(max_rel_err(out[k], ref[k]) for k in params),
-        )
+    cands, _ = _candidates("conv4", c_in, size, n)
+    if GradSampleModule is None:
+        cands.pop("opacus", None)
     errs = {}
     for name, (fn, check) in cands.items():
         errs[name] = check(fn()) if check is not None else 0.0

@@ -42,6 +42,10 @@ step tests 240 "$PY" -m pytest -q -x -p no:cacheprovider -m "cuda or not slow" \
 # 3. GPU benchmarks (CSV rows under $OUT; the committed CSVs are not touched here)
 step bench_psg_lin 120 "$PY" benchmarks/bench_psg_linear.py --device cuda --quick \
   --out "$OUT/psg_linear.csv" || true
+# conv per-sample gradients (issue 19): Conv-4 and the ResNet-12 block, N = 80, vs vmap / opacus
+step bench_psg_conv 150 "$PY" benchmarks/bench_psg_conv.py --device cuda --threads 1 \
+  --models conv4,res12 --inputs 1x28x28,3x84x84 --ns 80 --rounds 3 \
+  --out "$OUT/psg_conv.csv" || true
 
 # 4. the table
 echo
@@ -64,5 +68,13 @@ for r in rows[-16:]:
     print(f"{r['backend']:>8} {r['dtype']:>8} {n:>5} {t:>4} {i:>5} {o:>5} {ms:>9.4f} "
           f"{float(r['speedup_vs_einsum']):>8.2f} {gbs:>7.1f} {r['max_rel_err']:>8}")
 print("HBM copy ceiling (H200, KINDS.md): about 4 TB/s; GB/s above is bytes that must move / time")
+PYEOF
+fi
+if [ -f "$OUT/psg_conv.csv" ]; then  # conv per-sample gradients: median ratio to fwd+bwd
+  "$PY" - "$OUT/psg_conv.csv" <<'PYEOF'
+import csv, sys
+for r in csv.DictReader(open(sys.argv[1])):
+    print(f"{r['model']:>6} {r['input']:>8} N={r['N']:>4} {r['method']:>9} {r['median_ms']:>9} ms "
+          f"x{r['ratio_median']} vs fwd_bwd  met={r.get('met', '')}")
 PYEOF
 fi

@@ -15,6 +15,23 @@ TORCH_LIBRARY(metafluence, m) {
   // Per-sample dot products of that gradient with m vectors [m, out, in]:
   //   out[n, j] = sum_t grad_outputs[n, t, :]^T vectors[j] activations[n, t, :]          -> [N, m]
   m.def("psg_linear_dot(Tensor activations, Tensor grad_outputs, Tensor vectors) -> Tensor");
+  // Per-sample weight gradient of a 2-D convolution (zero padding; other padding modes are
+  // applied to the input by the caller), never forming the unfolded input:
+  //   out[n, o, c, i, j] = sum_{y, x} grad_outputs[n, o, y, x]
+  //                        * activations[n, g C/groups + c, y sh + i dh - ph, x sw + j dw - pw]
+  //   (g = o / (O / groups); out-of-range input positions read as 0)
+  //   activations [N, C, H, W], grad_outputs [N, O, Ho, Wo] -> [N, O, C / groups, kh, kw]
+  m.def(
+      "psg_conv2d(Tensor activations, Tensor grad_outputs, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // Per-sample squared Frobenius norm of that gradient G_n, never storing it:  -> [N]
+  m.def(
+      "psg_conv2d_sqnorm(Tensor activations, Tensor grad_outputs, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // Per-sample dot products <G_n, vectors[j]>_F, vectors [m, O, C / groups, kh, kw]:  -> [N, m]
+  m.def(
+      "psg_conv2d_dot(Tensor activations, Tensor grad_outputs, Tensor vectors, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   // Fused multi-column solver vector updates (rows = right-hand sides, e.g. tasks x columns).
   // In place on the (a!)/(b!)/(c!) arguments; rows with active[i] == false are left untouched.
   // CG step, per active row i (x, r, p, Ap [k, P]; curv_max, rz [k]; active [k] bool):

@@ -23,6 +23,9 @@ from .influence import InfluenceResult as InfluenceResult  # noqa: E402
 from .influence import edit as edit  # noqa: E402
 from .influence import param_influence as param_influence  # noqa: E402
 from .influence import removal_effects as removal_effects  # noqa: E402
+from .ops import psg_conv2d as psg_conv2d  # noqa: E402
+from .ops import psg_conv2d_dot as psg_conv2d_dot  # noqa: E402
+from .ops import psg_conv2d_sqnorm as psg_conv2d_sqnorm  # noqa: E402
 from .ops import psg_linear as psg_linear
 from .ops import psg_linear_dot as psg_linear_dot  # noqa: E402
 from .ops import psg_linear_sqnorm as psg_linear_sqnorm  # noqa: E402

@@ -66,3 +66,53 @@ def test_functions_plain_shapes():
     pg = torch.randn(3, 4, 5, dtype=torch.float64)
     torch.testing.assert_close(mk.pairwise_score(pg, a, go), torch.einsum("qoi,boi->qb", pg, G))
     torch.testing.assert_close(mk.self_score(G, a, go), G.square().sum((1, 2)))
+
+
+# ---- TrackedConv2d -----------------------------------------------------------------------------
+CONVS = [
+    dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, bias=True),
+    dict(in_channels=2, out_channels=5, kernel_size=(3, 2), stride=(2, 1), dilation=(1, 2)),
+    dict(in_channels=3, out_channels=4, kernel_size=3, padding="same", bias=False),
+]
+
+
+@pytest.mark.parametrize("idx", range(len(CONVS)))
+def test_patched_tracked_conv2d_equals_kronfluence(idx):
+    from kronfluence.module.conv2d import TrackedConv2d
+
+    torch.manual_seed(idx)
+    conv = torch.nn.Conv2d(**CONVS[idx]).double()
+    m = TrackedConv2d(name="conv", original_module=conv)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, conv.in_channels, 7, 6, generator=g, dtype=torch.float64)
+    go = torch.randn(conv(x).shape, generator=g, dtype=torch.float64)
+    n_in = conv.weight[0].numel() + (conv.bias is not None)
+    pg = torch.randn(5, conv.out_channels, n_in, generator=g, dtype=torch.float64)
+    low = [
+        torch.randn(5, conv.out_channels, 2, generator=g, dtype=torch.float64),
+        torch.randn(5, 2, n_in, generator=g, dtype=torch.float64),
+    ]
+    pg_self = torch.randn(6, conv.out_channels, n_in, generator=g, dtype=torch.float64)
+    refs = []
+    for fn, args in (
+        (m.compute_per_sample_gradient, (x, go)),
+        (m.compute_pairwise_score, (pg, x, go)),
+        (m.compute_pairwise_score, (low, x, go)),
+        (m.compute_self_measurement_score, (pg_self, x, go)),
+    ):
+        m.einsum_path = None
+        refs.append(fn(*args))
+    orig = TrackedConv2d.compute_pairwise_score
+    with mk.use_metafluence_kernels():
+        assert TrackedConv2d.compute_pairwise_score is not orig
+        got = [
+            m.compute_per_sample_gradient(x, go),
+            m.compute_pairwise_score(pg, x, go),
+            m.compute_pairwise_score(low, x, go),
+            m.compute_self_measurement_score(pg_self, x, go),
+        ]
+    assert TrackedConv2d.compute_pairwise_score is orig
+    assert got[0].shape == refs[0].shape == (6, conv.out_channels, n_in)
+    assert got[1].shape == refs[1].shape == (5, 6)
+    for out, ref in zip(got, refs, strict=True):
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

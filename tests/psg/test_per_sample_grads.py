@@ -85,6 +85,8 @@ def _conv_variants():
         nn.Conv2d(3, 5, 2, stride=(2, 1), padding=0),  # unequal strides
         nn.Conv2d(3, 3, 3, padding="same", padding_mode="reflect", groups=3),
         nn.Conv2d(3, 4, 1, bias=False),
+        nn.Conv2d(3, 6, (2, 4), padding="same", groups=3),  # asymmetric 'same', 2 per group
+        nn.Conv2d(3, 5, 3, padding=1, padding_mode="circular"),
     ]
 
 
@@ -210,6 +212,9 @@ def test_conv2d_variants(idx):
         _close(got[k], ref[k], dtype, k)
     flat = torch.cat([ref[k].reshape(5, -1) for k in params], 1)
     _close(mf.per_sample_grad_norms(model, params, x, y), flat.pow(2).sum(1), dtype)
+    vectors = {k: torch.randn(3, *p.shape, dtype=dtype) for k, p in params.items()}
+    vflat = torch.cat([vectors[k].reshape(3, -1) for k in params], 1)
+    _close(mf.per_sample_grad_dots(model, params, x, y, vectors), flat @ vflat.T, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -296,3 +301,27 @@ def test_registry_and_errors():
         mf.per_sample_grads(model, params, x, y, loss="hinge")
     custom = mf.per_sample_grads(model, params, x, y, loss=lambda lg, t: lg.pow(2).sum(1))
     assert custom["weight"].shape == (4, 2, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_group_norm_rule_fused_equals_recomputed(dtype):
+    """GroupNorm: the fused path (group statistics kept from the forward) equals recomputing x̂."""
+    from metafluence.psg.registry import Call, get_rule
+
+    torch.manual_seed(0)
+    gn = nn.GroupNorm(3, 6).to(dtype)
+    x = torch.randn(5, 6, 4, 3, dtype=dtype) * 3 + 1
+    g = torch.randn(5, 6, 4, 3, dtype=dtype)
+    rule = get_rule(gn)
+    fused = Call(args=(x,), kwargs={}, output=gn(x), grad_output=g)
+    rule.on_forward(gn, fused)
+    assert "group_stats" in fused.extras
+    plain = Call(args=(x,), kwargs={}, output=fused.output.detach(), grad_output=g)
+    rule.on_forward(gn, plain)
+    assert "group_stats" not in plain.extras
+    got = rule.grads(gn, fused, ["weight", "bias"])
+    ref = rule.grads(gn, plain, ["weight", "bias"])
+    xhat = nn.functional.group_norm(x, 3, eps=gn.eps)
+    _close(ref["weight"], (g * xhat).sum((2, 3)), dtype)
+    for k in ("weight", "bias"):
+        _close(got[k], ref[k], dtype, k)

@@ -10,11 +10,18 @@ dims):
   or a low-rank pair ``(L [Q, out, r], R [Q, r, in])``;
 * self scores ``⟨P_b, G_b⟩``: ``[B]``.
 
+``TrackedConv2d`` does the same with ``in = C·kh·kw`` (the unfolded input, which kronfluence forms
+with ``F.unfold``) and ``t`` the output positions.
+
 The functions here take and return kronfluence's shapes and run on
-:func:`metafluence.ops.psg_linear` / :func:`~metafluence.ops.psg_linear_dot` (native C++ / CUDA /
-Triton kernels; pairwise scores never form ``[B, out, in]``). :func:`use_metafluence_kernels`
-swaps them into kronfluence's ``TrackedLinear`` for the duration of a ``with`` block (per-token
-scores, and dtypes other than float32 / float64, keep kronfluence's own code).
+:func:`metafluence.ops.psg_linear` / :func:`~metafluence.ops.psg_linear_dot` and, for
+convolutions, :func:`metafluence.ops.psg_conv2d` / :func:`~metafluence.ops.psg_conv2d_dot`
+(native C++ / CUDA / Triton kernels; pairwise scores never form ``[B, out, in]``, and the conv
+functions never form the unfolded input). :func:`use_metafluence_kernels` swaps them into
+kronfluence's ``TrackedLinear`` and ``TrackedConv2d`` for the duration of a ``with`` block
+(per-token scores, dtypes other than float32 / float64, and convolutions with ``groups > 1`` or a
+padding mode other than zeros -- which kronfluence treats its own way -- keep kronfluence's own
+code).
 
 Bias: kronfluence appends a column of ones to ``a`` when the layer has a bias; these functions
 take ``a`` as given (pass the augmented activations), and the patched methods augment it exactly
@@ -29,11 +36,20 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import ops
+from ..psg.rules import conv2d_geometry
 
-__all__ = ["pairwise_score", "per_sample_gradient", "self_score", "use_metafluence_kernels"]
+__all__ = [
+    "conv2d_pairwise_score",
+    "conv2d_per_sample_gradient",
+    "conv2d_self_score",
+    "pairwise_score",
+    "per_sample_gradient",
+    "self_score",
+    "use_metafluence_kernels",
+]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -72,10 +88,64 @@ def self_score(
     return (preconditioned_gradient.to(G.dtype) * G).sum(dim=(1, 2))
 
 
+def _low_rank(pg: Tensor | list[Tensor] | tuple[Tensor, Tensor]) -> Tensor:
+    if isinstance(pg, (list, tuple)):
+        left, right = pg
+        return torch.bmm(left, right)
+    return pg
+
+
+def conv2d_per_sample_gradient(
+    module: nn.Conv2d, input_activation: Tensor, output_gradient: Tensor
+) -> Tensor:
+    """``[B, O, C·kh·kw (+1)]`` per-sample gradients of ``module`` in kronfluence's layout (the
+    last column is the bias gradient ``Σ_t g`` when the module has a bias), for inputs
+    ``[B, C, H, W]`` and output gradients ``[B, O, Ho, Wo]`` (:func:`metafluence.ops.psg_conv2d`).
+    """
+    x, geom = conv2d_geometry(module, input_activation)
+    g = output_gradient.to(x.dtype)
+    G = ops.psg_conv2d(x, g, *geom).flatten(2)
+    if module.bias is not None:
+        G = torch.cat([G, g.sum((2, 3)).unsqueeze(-1)], dim=-1)
+    return G
+
+
+def conv2d_pairwise_score(
+    module: nn.Conv2d,
+    preconditioned_gradient: Tensor | list[Tensor] | tuple[Tensor, Tensor],
+    input_activation: Tensor,
+    output_gradient: Tensor,
+) -> Tensor:
+    """``[Q, B]`` scores ``⟨P_q, G_b⟩`` for ``P`` ``[Q, O, C·kh·kw (+1)]`` (or a low-rank pair)
+    without forming ``G`` or the unfolded input (:func:`metafluence.ops.psg_conv2d_dot`)."""
+    x, geom = conv2d_geometry(module, input_activation)
+    g = output_gradient.to(x.dtype)
+    pg = _low_rank(preconditioned_gradient).to(x.dtype)
+    k = x.shape[1] // module.groups * module.kernel_size[0] * module.kernel_size[1]
+    pw = pg[..., :k].reshape(pg.shape[0], pg.shape[1], -1, *module.kernel_size)
+    scores = ops.psg_conv2d_dot(x, g, pw.contiguous(), *geom)
+    if module.bias is not None:
+        scores = scores + g.sum((2, 3)) @ pg[..., k].T
+    return scores.T
+
+
+def conv2d_self_score(
+    module: nn.Conv2d,
+    preconditioned_gradient: Tensor,
+    input_activation: Tensor,
+    output_gradient: Tensor,
+) -> Tensor:
+    """``[B]`` scores ``⟨P_b, G_b⟩`` for ``P`` ``[B, O, C·kh·kw (+1)]``."""
+    G = conv2d_per_sample_gradient(module, input_activation, output_gradient)
+    return (preconditioned_gradient.to(G.dtype) * G).sum(dim=(1, 2))
+
+
 @contextlib.contextmanager
 def use_metafluence_kernels() -> Iterator[None]:
-    """Within the block, kronfluence's ``TrackedLinear`` computes per-sample gradients, pairwise
-    and self scores with metafluence's kernels (originals restored on exit)."""
+    """Within the block, kronfluence's ``TrackedLinear`` and ``TrackedConv2d`` compute per-sample
+    gradients, pairwise and self scores with metafluence's kernels (originals restored on exit).
+    """
+    from kronfluence.module.conv2d import TrackedConv2d
     from kronfluence.module.linear import TrackedLinear
 
     orig = {
@@ -118,15 +188,54 @@ def use_metafluence_kernels() -> Iterator[None]:
         a = self._flatten_input_activation(input_activation=input_activation)
         return self_score(preconditioned_gradient, a, output_gradient)
 
-    patched = {
-        "compute_per_sample_gradient": compute_per_sample_gradient,
-        "compute_pairwise_score": compute_pairwise_score,
-        "compute_self_measurement_score": compute_self_measurement_score,
+    conv_orig = {name: getattr(TrackedConv2d, name) for name in orig}
+
+    def _conv_ok(self, a: Tensor, g: Tensor) -> bool:
+        m = self.original_module
+        return _ok(self, a, g) and m.groups == 1 and m.padding_mode == "zeros"
+
+    def conv_per_sample_gradient(self, input_activation, output_gradient):
+        if not _conv_ok(self, input_activation, output_gradient):
+            return conv_orig["compute_per_sample_gradient"](self, input_activation, output_gradient)
+        out = conv2d_per_sample_gradient(self.original_module, input_activation, output_gradient)
+        if self.per_sample_gradient_process_fnc is not None:
+            out = self.per_sample_gradient_process_fnc(module_name=self.name, gradient=out)
+        return out
+
+    def conv_pairwise_score(self, preconditioned_gradient, input_activation, output_gradient):
+        if not _conv_ok(self, input_activation, output_gradient):
+            return conv_orig["compute_pairwise_score"](
+                self, preconditioned_gradient, input_activation, output_gradient
+            )
+        return conv2d_pairwise_score(
+            self.original_module, preconditioned_gradient, input_activation, output_gradient
+        )
+
+    def conv_self_score(self, preconditioned_gradient, input_activation, output_gradient):
+        if not _conv_ok(self, input_activation, output_gradient):
+            return conv_orig["compute_self_measurement_score"](
+                self, preconditioned_gradient, input_activation, output_gradient
+            )
+        return conv2d_self_score(
+            self.original_module, preconditioned_gradient, input_activation, output_gradient
+        )
+
+    patches = {
+        TrackedLinear: (
+            orig,
+            (compute_per_sample_gradient, compute_pairwise_score, compute_self_measurement_score),
+        ),
+        TrackedConv2d: (
+            conv_orig,
+            (conv_per_sample_gradient, conv_pairwise_score, conv_self_score),
+        ),
     }
     try:
-        for name, fn in patched.items():
-            setattr(TrackedLinear, name, fn)
+        for cls, (names, fns) in patches.items():
+            for name, fn in zip(names, fns, strict=True):
+                setattr(cls, name, fn)
         yield
     finally:
-        for name, fn in orig.items():
-            setattr(TrackedLinear, name, fn)
+        for cls, (names, _) in patches.items():
+            for name, fn in names.items():
+                setattr(cls, name, fn)

@@ -157,6 +157,24 @@ def register_op(
     return checks
 
 
+def register_ops(
+    ops: tuple[str, ...], dtypes: tuple[torch.dtype, ...]
+) -> dict[str, Mapping[str, Check]]:
+    """:func:`register_op` with the standard checks (native kernel, Triton, reference) for each
+    of ``ops`` supporting ``dtypes``; ``{op: checks}``."""
+    return {
+        op: register_op(
+            op,
+            {
+                "native": native_check(op, dtypes),
+                "triton": triton_check(dtypes),
+                "reference": reference_check,
+            },
+        )
+        for op in ops
+    }
+
+
 def _deterministic_only(check: Check, why: str) -> Check:
     """Wrap ``check`` so that it rejects the backend while deterministic mode is on."""
 

@@ -1,4 +1,5 @@
-"""Validation and autograd formulas shared by ``psg_linear_sqnorm`` and ``psg_linear_dot``."""
+"""Validation and autograd formulas shared by ``psg_linear_sqnorm`` and ``psg_linear_dot`` (and
+the tensor-pair check of every per-sample-gradient op)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ from typing import Any
 import torch
 
 
-def validate_pair(op: str, activations: Any, grad_outputs: Any) -> None:
-    """Check ``activations [N, T, in]`` and ``grad_outputs [N, T, out]`` (names in messages)."""
+def check_tensor_pair(
+    op: str, activations: Any, grad_outputs: Any, a_spec: str, g_spec: str
+) -> None:
+    """Both are floating tensors with as many dims as their spec (``"[N, T, in]"``), on one
+    device, of one dtype (messages name the argument). Shared by the linear and conv ops."""
     for name, x, spec in (
-        ("activations", activations, "[N, T, in]"),
-        ("grad_outputs", grad_outputs, "[N, T, out]"),
+        ("activations", activations, a_spec),
+        ("grad_outputs", grad_outputs, g_spec),
     ):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor {spec}, got {type(x)}")
-        if x.dim() != 3:
+        if x.dim() != spec.count(",") + 1:
             raise ValueError(
                 f"{op}: {name} has {x.dim()} dims (shape {list(x.shape)}), expected {spec}"
             )
@@ -34,6 +38,11 @@ def validate_pair(op: str, activations: Any, grad_outputs: Any) -> None:
             f"{op}: activations has dtype {activations.dtype} but grad_outputs has "
             f"{grad_outputs.dtype}; expected the same dtype"
         )
+
+
+def validate_pair(op: str, activations: Any, grad_outputs: Any) -> None:
+    """Check ``activations [N, T, in]`` and ``grad_outputs [N, T, out]`` (names in messages)."""
+    check_tensor_pair(op, activations, grad_outputs, "[N, T, in]", "[N, T, out]")
     if activations.shape[:2] != grad_outputs.shape[:2]:
         raise ValueError(
             f"{op}: activations {list(activations.shape)} expected [N, T, in] and "
@@ -41,19 +50,20 @@ def validate_pair(op: str, activations: Any, grad_outputs: Any) -> None:
         )
 
 
-def validate_vectors(
-    op: str, activations: torch.Tensor, grad_outputs: torch.Tensor, v: Any
+def check_vectors(
+    op: str, v: Any, want: tuple[int, ...], spec: str, activations: torch.Tensor
 ) -> None:
+    """``vectors`` is ``[m, *want]`` (``spec`` names the dims) of the dtype and device of
+    ``activations``."""
     if not isinstance(v, torch.Tensor):
-        raise TypeError(f"{op}: vectors must be a torch.Tensor [m, out, in], got {type(v)}")
-    if v.dim() != 3:
+        raise TypeError(f"{op}: vectors must be a torch.Tensor {spec}, got {type(v)}")
+    if v.dim() != len(want) + 1:
         raise ValueError(
-            f"{op}: vectors has {v.dim()} dims (shape {list(v.shape)}), expected [m, out, in]"
+            f"{op}: vectors has {v.dim()} dims (shape {list(v.shape)}), expected {spec}"
         )
-    want = (grad_outputs.shape[2], activations.shape[2])
     if tuple(v.shape[1:]) != want:
         raise ValueError(
-            f"{op}: vectors {list(v.shape)} expected [m, {want[0]}, {want[1]}] (m, out, in)"
+            f"{op}: vectors {list(v.shape)} expected [m, {', '.join(map(str, want))}] {spec}"
         )
     if v.dtype != activations.dtype:
         raise TypeError(
@@ -64,6 +74,14 @@ def validate_vectors(
         raise ValueError(
             f"{op}: vectors is on {v.device} but activations is on {activations.device}"
         )
+
+
+def validate_vectors(
+    op: str, activations: torch.Tensor, grad_outputs: torch.Tensor, v: Any
+) -> None:
+    """``vectors [m, out, in]`` for ``activations [N, T, in]``, ``grad_outputs [N, T, out]``."""
+    want = (grad_outputs.shape[2], activations.shape[2])
+    check_vectors(op, v, want, "[m, out, in]", activations)
 
 
 def _grads_from_dG(

@@ -18,6 +18,7 @@ import torch
 from .. import _loader
 from ..reference import psg as _reference
 from . import _dispatch
+from ._psg_reduce_common import validate_pair
 
 __all__ = ["psg_linear"]
 
@@ -89,40 +90,6 @@ class _TritonPsgLinear(torch.autograd.Function):
         return _backward_formula(grad, activations, grad_outputs)
 
 
-# ---- validation ----------------------------------------------------------------------------
-def _validate(activations: Any, grad_outputs: Any) -> None:
-    for name, x, spec in (
-        ("activations", activations, "[N, T, in]"),
-        ("grad_outputs", grad_outputs, "[N, T, out]"),
-    ):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"psg_linear: {name} must be a torch.Tensor {spec}, got {type(x)}")
-        if x.dim() != 3:
-            raise ValueError(
-                f"psg_linear: {name} has {x.dim()} dims (shape {list(x.shape)}), expected {spec}"
-            )
-        if not x.dtype.is_floating_point:
-            raise TypeError(
-                f"psg_linear: {name} has dtype {x.dtype}, expected a floating dtype "
-                "(float32 or float64 for the fast backends)"
-            )
-    if activations.device != grad_outputs.device:
-        raise ValueError(
-            f"psg_linear: activations is on {activations.device} but grad_outputs is on "
-            f"{grad_outputs.device}; expected both on the same device"
-        )
-    if activations.dtype != grad_outputs.dtype:
-        raise TypeError(
-            f"psg_linear: activations has dtype {activations.dtype} but grad_outputs has "
-            f"{grad_outputs.dtype}; expected the same dtype"
-        )
-    if activations.shape[:2] != grad_outputs.shape[:2]:
-        raise ValueError(
-            f"psg_linear: activations {list(activations.shape)} expected [N, T, in] and "
-            f"grad_outputs {list(grad_outputs.shape)} expected [N, T, out] with the same N and T"
-        )
-
-
 # ---- entry point -----------------------------------------------------------------------------
 def psg_linear(
     activations: torch.Tensor, grad_outputs: torch.Tensor, *, backend: str | None = None
@@ -147,7 +114,7 @@ def psg_linear(
         BackendUnavailableError: the requested backend cannot run here (the message lists why
             each backend was accepted or rejected).
     """
-    _validate(activations, grad_outputs)
+    validate_pair(OP, activations, grad_outputs)
     chosen = _dispatch.select_backend(
         OP, CHECKS, activations.device, activations.dtype, backend=backend
     )

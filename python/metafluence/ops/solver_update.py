@@ -40,17 +40,7 @@ __all__ = [
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
 OPS = ("cg_update_", "cg_direction_", "neumann_step_")
 
-CHECKS = {
-    op: _dispatch.register_op(
-        op,
-        {
-            "native": _dispatch.native_check(op, DTYPES),
-            "triton": _dispatch.triton_check(DTYPES),
-            "reference": _dispatch.reference_check,
-        },
-    )
-    for op in OPS
-}
+CHECKS = _dispatch.register_ops(OPS, DTYPES)
 
 
 def _register_fakes() -> bool:

@@ -67,7 +67,9 @@ def uses_batch_statistics(model: nn.Module) -> bool:
 
 
 # ---- validation ----------------------------------------------------------------------------------
-def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> None:
+def _check(
+    model: Any, params: Any, x: Any, y: Any = None, loss: Any = None, probe: bool = True
+) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model)}")
     if not isinstance(params, Mapping) or not params:
@@ -109,13 +111,8 @@ def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> 
             lambda: functional_call(model, dict(params), (x[:1],)),
             f"x of shape {tuple(x.shape)} (dtype {x.dtype}) does not fit the model",
         )
-    n_out = out.shape[-1]
-    if loss == "cross_entropy" and not y.is_floating_point() and y.numel():
-        bad = (y < 0) | (y >= n_out)
-        if bool(bad.any()):
-            raise ValueError(
-                f"y has label {int(y[bad][0])} outside [0, {n_out}) (the model has {n_out} outputs)"
-            )
+    if probe and loss == "cross_entropy" and not y.is_floating_point() and y.numel():
+        _check_labels(y, out.shape[-1])  # (else the hooks path checks them on its own logits)
     if loss is not None:
         with torch.no_grad():
             _probe(
@@ -132,6 +129,25 @@ def _probe(fn: Callable[[], Tensor], what: str) -> Tensor:
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"{what} ({type(e).__name__}: {first})") from None
+
+
+def _check_labels(y: Tensor, n_out: int) -> None:
+    """Integer cross-entropy labels lie in ``[0, n_out)``."""
+    bad = (y < 0) | (y >= n_out)
+    if bool(bad.any()):
+        raise ValueError(
+            f"y has label {int(y[bad][0])} outside [0, {n_out}) (the model has {n_out} outputs)"
+        )
+
+
+def _probe_first(model: Any, method: Any) -> bool:
+    """False where the hooks path runs: it checks the labels against the logits of its own
+    forward pass, so :func:`_check`'s probe only checks that ``x`` and ``y`` fit."""
+    return not (
+        isinstance(model, nn.Module)
+        and method in ("auto", "hooks")
+        and not uses_batch_statistics(model)
+    )
 
 
 def _check_vectors(params: Mapping[str, Tensor], vectors: Any) -> int:
@@ -211,6 +227,7 @@ def _capturing(
             own = {k: getattr(mod, k) for k, _ in mod.named_parameters(recurse=False)}
             call = Call(args=args, kwargs=kwargs, output=output, params=own)
             call._version = output._version  # type: ignore[attr-defined]
+            e.rule.on_forward(mod, call)
             e.calls.append(call)
             # downstream gets a copy, so a later in-place op cannot change the captured output
             return output.clone() if idx in clone else None
@@ -355,7 +372,7 @@ def per_sample_grads(
     Returns:
         ``{name: [N, *shape]}`` (detached), same dtype as the parameters.
     """
-    _check(model, params, x, y, loss)
+    _check(model, params, x, y, loss, probe=_probe_first(model, method))
     loss_fn = resolve_loss(loss)
     how = _method(model, method)
     n = x.shape[0]
@@ -369,6 +386,8 @@ def per_sample_grads(
                 out[k][s : s + gs[k].shape[0]] = gs[k]
         return out
     logits, entries = _forward_capture(model, params, x)
+    if loss == "cross_entropy" and not y.is_floating_point():
+        _check_labels(y, logits.shape[-1])
     total = loss_fn(logits, y).sum()
     _set_grad_outputs(entries, _backward_to_outputs(total, entries))
     res: dict[str, Tensor] = {}
@@ -389,7 +408,7 @@ def _reduce(
     method: Method,
     vectors: Mapping[str, Tensor] | None,
 ) -> Tensor:
-    _check(model, params, x, y, loss)
+    _check(model, params, x, y, loss, probe=_probe_first(model, method))
     loss_fn = resolve_loss(loss)
     m = _check_vectors(params, vectors) if vectors is not None else 0
     how = _method(model, method)
@@ -411,6 +430,8 @@ def _reduce(
                     out[s : s + flat.shape[0]] += flat @ v.T
         return out
     logits, entries = _forward_capture(model, params, x)
+    if loss == "cross_entropy" and not y.is_floating_point():
+        _check_labels(y, logits.shape[-1])
     total = loss_fn(logits, y).sum()
     _set_grad_outputs(entries, _backward_to_outputs(total, entries))
     for e in entries:

@@ -28,7 +28,8 @@ class Call:
 
     ``args``/``kwargs``: the forward inputs (``args[0]`` = ``activations``, ``[N, ...]``);
     ``grad_output``: gradient of the summed loss w.r.t. the output (``[N, ...]``, same shape);
-    ``params``: the module's own parameters as used in the forward (local names).
+    ``params``: the module's own parameters as used in the forward (local names);
+    ``extras``: what the rule's :meth:`Rule.on_forward` kept from the forward pass.
     """
 
     args: tuple[Any, ...]
@@ -36,6 +37,7 @@ class Call:
     output: Tensor
     grad_output: Tensor | None = None
     params: dict[str, Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def activations(self) -> Tensor:
@@ -51,6 +53,10 @@ class Rule:
     :meth:`grads` (fine for small parameters: norm scales, biases, embeddings' rows) and are
     overridden with fused forms for the large ones (Linear, Conv2d).
     """
+
+    def on_forward(self, module: nn.Module, call: Call) -> None:
+        """Called once per capture during the forward pass (the output's autograd graph is still
+        intact): a rule may keep what it needs later in ``call.extras``. Default: nothing."""
 
     def grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, Tensor]:
         """``{local name: [N, *shape]}`` for the parameters in ``names``."""

@@ -8,13 +8,11 @@ summed loss w.r.t. the output; row ``n`` is sample ``n``'s own output gradient),
   ``Σ_{t,t'} (a_t·a_t')(g_t·g_t')`` when ``T(T+1)/2·(in+out) < T·in·out``, else the tiled op
   :func:`metafluence.ops.psg_linear_sqnorm`; dots: :func:`metafluence.ops.psg_linear_dot`
   (``Σ_t g_tᵀ V a_t``), per layer.
-* ``Conv2d`` (any stride, padding, dilation, groups, padding mode, bias): ``∂ℓ_n/∂W[o,c,i,j] =
-  Σ_{y,x} g[n,o,y,x] · x_pad[n, c, y·s + i·d, x·s + j·d]`` computed by implicit im2col: for each
-  kernel offset ``(i, j)`` one batched matmul of ``g`` (rows padded to the input width) with a
-  *strided view* of the padded input -- the unfolded input ``[N, C·k², T]`` is never formed.
-  Norms / dots reduce these per-sample gradients one chunk of samples at a time (at most
-  ``CHUNK_ELEMS`` gradient entries alive), so ``[N, P]`` is never formed; with few output
-  positions the Gram form on the (then small) unfolded input is used instead.
+* ``Conv2d`` (any stride, padding, dilation, groups -- depthwise included --, padding mode,
+  bias): ``∂ℓ_n/∂W[o,c,i,j] = Σ_{y,x} g[n,o,y,x] · x_pad[n, c, y·s + i·d, x·s + j·d]`` by the
+  fused ops :func:`metafluence.ops.psg_conv2d` / :func:`~metafluence.ops.psg_conv2d_sqnorm` /
+  :func:`~metafluence.ops.psg_conv2d_dot` (implicit GEMM: the unfolded input ``[N, C·k², T]``
+  is never formed, and norms / dots never form ``[N, P]``); ``∂ℓ_n/∂b = Σ_{y,x} g``.
 * ``GroupNorm`` / ``LayerNorm`` / ``BatchNorm`` with running statistics (eval mode): with
   ``x̂`` the normalised input, ``∂ℓ_n/∂γ = Σ_spatial g ⊙ x̂``, ``∂ℓ_n/∂β = Σ_spatial g``.
   BatchNorm with *batch* statistics couples samples and is handled by the exact path of
@@ -34,8 +32,6 @@ from torch import Tensor, nn
 
 from .. import ops
 from .registry import FUNC_RULE, Call, Rule, register_rule
-
-CHUNK_ELEMS = 1 << 23  # per-sample gradient entries alive at once in chunked reductions
 
 
 def _use_gram(t: int, d_in: int, d_out: int) -> bool:
@@ -102,144 +98,71 @@ class LinearRule(Rule):
 
 
 # ---- Conv2d --------------------------------------------------------------------------------------
-def _conv_geometry(module: nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-    """Explicitly padded input (any padding mode / 'same') and the stride used."""
+def conv2d_geometry(module: nn.Conv2d, x: Tensor) -> tuple[Tensor, ops.Conv2dGeometry]:
+    """The input as the conv ops take it and ``(kernel_size, stride, padding, dilation, groups)``.
+
+    Zero padding given as numbers (or a symmetric ``'same'``) is passed to the ops, which never
+    copy the input for it; other padding modes and an asymmetric ``'same'`` are applied to the
+    input here (``F.pad``), with padding 0 for the ops.
+    """
     kh, kw = module.kernel_size
     dh, dw = module.dilation
+    pad: tuple[int, int] = (0, 0)
     if module.padding_mode != "zeros":
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
     elif isinstance(module.padding, str):
         if module.padding == "same":
             th, tw = dh * (kh - 1), dw * (kw - 1)
-            x = F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
+            if th % 2 or tw % 2:
+                x = F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
+            else:
+                pad = (th // 2, tw // 2)
     else:
-        ph, pw = module.padding
-        if ph or pw:
-            x = F.pad(x, (pw, pw, ph, ph))
-    return x, (module.stride[0], module.stride[1])
+        pad = (int(module.padding[0]), int(module.padding[1]))
+    stride = (int(module.stride[0]), int(module.stride[1]))
+    return x, ((kh, kw), stride, pad, (dh, dw), module.groups)
 
 
 def conv2d_weight_psg(module: nn.Conv2d, x: Tensor, g: Tensor) -> Tensor:
-    """Per-sample ``∂ℓ_n/∂W`` ``[N, O, C/groups, kh, kw]`` by implicit im2col (see module doc).
-
-    The padded input is flattened per channel; output position ``(y, x)`` maps to flat index
-    ``s·(y·Wp + x)`` plus the kernel offset ``i·d·Wp + j·d``, so each kernel offset is a strided
-    *view* ``[N, C, Ho·Wp]``; ``g`` is zero-padded from ``Wo`` to ``Wp`` columns so that the
-    wrapped-around positions contribute nothing.
-    """
-    xp, (sh, sw) = _conv_geometry(module, x)
-    n, c, hp, wp = xp.shape
-    o, ho, wo = g.shape[1], g.shape[2], g.shape[3]
-    kh, kw = module.kernel_size
-    dh, dw = module.dilation
-    groups = module.groups
-    if sh != sw:  # the flat-index trick needs one stride; rows via as_strided otherwise
-        return _conv2d_weight_psg_unfold(module, xp, g)
-    s = sh
-    length = ho * wp
-    # enough trailing zeros that every strided view stays in bounds
-    need = s * (length - 1) + (kh - 1) * dh * wp + (kw - 1) * dw + 1
-    flat = xp.reshape(n, c, hp * wp)
-    if need > hp * wp:
-        flat = F.pad(flat, (0, need - hp * wp))
-    flat = flat.contiguous()
-    gp = F.pad(g, (0, wp - wo)) if wp > wo else g[..., :wp]
-    gf = gp.reshape(n, o, length).to(x.dtype)
-    cg, og = c // groups, o // groups
-    res = x.new_empty(kh * kw, n, o, cg)
-    sn, sc, _ = flat.stride()
-    for i in range(kh):
-        for j in range(kw):
-            off = i * dh * wp + j * dw
-            view = flat.as_strided((n, c, length), (sn, sc, s), flat.storage_offset() + off)
-            for gi in range(groups):
-                torch.bmm(
-                    gf[:, gi * og : (gi + 1) * og],
-                    view[:, gi * cg : (gi + 1) * cg].transpose(1, 2),
-                    out=res[i * kw + j, :, gi * og : (gi + 1) * og],
-                )
-    return res.permute(1, 2, 3, 0).reshape(n, o, cg, kh, kw)
-
-
-def unfold_padded(module: nn.Conv2d, xp: Tensor) -> Tensor:
-    """``[N, C·kh·kw, Ho·Wo]`` like ``F.unfold`` of the already padded input, built from one
-    strided view and one copy (``F.unfold`` is many times slower on CPU)."""
-    n, c, hp, wp = xp.shape
-    kh, kw = module.kernel_size
-    dh, dw = module.dilation
-    sh, sw = module.stride
-    ho = (hp - dh * (kh - 1) - 1) // sh + 1
-    wo = (wp - dw * (kw - 1) - 1) // sw + 1
-    xp = xp.contiguous()
-    s_n, s_c, s_h, s_w = xp.stride()
-    view = xp.as_strided((n, c, kh, kw, ho, wo), (s_n, s_c, dh * s_h, dw * s_w, sh * s_h, sw * s_w))
-    return view.reshape(n, c * kh * kw, ho * wo)
-
-
-def _conv2d_weight_psg_unfold(module: nn.Conv2d, xp: Tensor, g: Tensor) -> Tensor:
-    n = xp.shape[0]
-    o = g.shape[1]
-    groups = module.groups
-    u = unfold_padded(module, xp)
-    u = u.view(n, groups, -1, u.shape[-1])
-    gg = g.reshape(n, groups, o // groups, -1)
-    w = torch.einsum("ngot,ngkt->ngok", gg, u)
-    return w.reshape(n, o, -1, *module.kernel_size)
+    """Per-sample ``∂ℓ_n/∂W`` ``[N, O, C/groups, kh, kw]`` of ``module`` for inputs ``x`` and
+    output gradients ``g`` (:func:`metafluence.ops.psg_conv2d`, implicit GEMM)."""
+    xp, geom = conv2d_geometry(module, x)
+    return ops.psg_conv2d(xp, g.to(xp.dtype), *geom)
 
 
 @register_rule(nn.Conv2d)
 class Conv2dRule(Rule):
-    def grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, Tensor]:
+    """Weight: the fused conv ops (any stride, padding, dilation, groups, padding mode); bias:
+    ``Σ_{y,x} g``."""
+
+    @staticmethod
+    def _args(module: nn.Module, call: Call) -> tuple[Tensor, Tensor, ops.Conv2dGeometry] | None:
         assert isinstance(module, nn.Conv2d) and call.grad_output is not None
-        x, g = call.activations, call.grad_output
-        if x.dim() == 3:  # unbatched input: not per-sample
+        if call.activations.dim() == 3:  # unbatched input: not per-sample
+            return None
+        x, geom = conv2d_geometry(module, call.activations)
+        return x, call.grad_output.to(x.dtype), geom
+
+    def grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, Tensor]:
+        args = self._args(module, call)
+        if args is None:
             return FUNC_RULE.grads(module, call, names)
+        x, g, geom = args
         out: dict[str, Tensor] = {}
         if "weight" in names:
-            out["weight"] = conv2d_weight_psg(module, x, g)
+            out["weight"] = ops.psg_conv2d(x, g, *geom)
         if "bias" in names:
             out["bias"] = g.sum((2, 3))
         return out
 
-    def _chunks(self, module: nn.Conv2d, n: int) -> int:
-        per = max(1, module.weight.numel())
-        return max(1, CHUNK_ELEMS // per)
-
-    def _gram_ok(self, module: nn.Conv2d, call: Call) -> bool:
-        g = call.grad_output
-        assert g is not None
-        t = g.shape[2] * g.shape[3]
-        d_in = module.weight[0].numel()
-        return module.groups == 1 and _use_gram(t, d_in, g.shape[1])
-
-    def _unfold(self, module: nn.Conv2d, call: Call) -> tuple[Tensor, Tensor]:
-        xp, _ = _conv_geometry(module, call.activations)
-        u = unfold_padded(module, xp)
-        g = call.grad_output
-        assert g is not None
-        return u.transpose(1, 2), g.flatten(2).transpose(1, 2)
-
     def sqnorms(self, module: nn.Module, call: Call, names: list[str]) -> Tensor:
-        assert isinstance(module, nn.Conv2d) and call.grad_output is not None
-        x, g = call.activations, call.grad_output
-        if x.dim() == 3:
+        args = self._args(module, call)
+        if args is None:
             return super().sqnorms(module, call, names)
+        x, g, geom = args
         out = g.new_zeros(g.shape[0])
         if "weight" in names:
-            if self._gram_ok(module, call):
-                a3, g3 = self._unfold(module, call)
-                out = out + _gram_sqnorm(a3, g3)
-            else:
-                step = self._chunks(module, x.shape[0])
-                parts = [
-                    conv2d_weight_psg(module, x[i : i + step], g[i : i + step])
-                    .flatten(1)
-                    .pow(2)
-                    .sum(1)
-                    for i in range(0, x.shape[0], step)
-                ]
-                if parts:
-                    out = out + torch.cat(parts)
+            out = out + ops.psg_conv2d_sqnorm(x, g, *geom)
         if "bias" in names:
             out = out + g.sum((2, 3)).pow(2).sum(1)
         return out
@@ -247,21 +170,15 @@ class Conv2dRule(Rule):
     def dots(
         self, module: nn.Module, call: Call, names: list[str], vectors: Mapping[str, Tensor]
     ) -> Tensor:
-        assert isinstance(module, nn.Conv2d) and call.grad_output is not None
-        x, g = call.activations, call.grad_output
-        if x.dim() == 3:
+        args = self._args(module, call)
+        if args is None:
             return super().dots(module, call, names, vectors)
+        x, g, geom = args
         out: Tensor | None = None
         if "weight" in names:
-            v = vectors["weight"].reshape(vectors["weight"].shape[0], -1)
-            step = self._chunks(module, x.shape[0])
-            parts = [
-                conv2d_weight_psg(module, x[i : i + step], g[i : i + step]).flatten(1) @ v.T
-                for i in range(0, x.shape[0], step)
-            ]
-            out = torch.cat(parts) if parts else g.new_zeros(0, v.shape[0])
+            out = ops.psg_conv2d_dot(x, g, vectors["weight"].to(x.dtype), *geom)
         if "bias" in names:
-            d = g.sum((2, 3)) @ vectors["bias"].T
+            d = g.sum((2, 3)) @ vectors["bias"].to(g.dtype).T
             out = d if out is None else out + d
         assert out is not None
         return out
@@ -270,8 +187,15 @@ class Conv2dRule(Rule):
 # ---- normalisation layers (affine parameters) ----------------------------------------------------
 def _affine_grads(xhat: Tensor, g: Tensor, names: list[str], keep: list[int]) -> dict[str, Tensor]:
     """Sum ``g·x̂`` and ``g`` over every dim except 0 and ``keep``."""
-    dims = [d for d in range(1, g.dim()) if d not in keep]
     out: dict[str, Tensor] = {}
+    if keep == [1] and g.dim() > 2:  # channel dim 1 (GroupNorm, BatchNorm): fused dot per row
+        gf, xf = g.flatten(2), xhat.flatten(2)
+        if "weight" in names:
+            out["weight"] = torch.linalg.vecdot(gf, xf)
+        if "bias" in names:
+            out["bias"] = gf.sum(-1)
+        return out
+    dims = [d for d in range(1, g.dim()) if d not in keep]
     if "weight" in names:
         out["weight"] = (g * xhat).sum(dims) if dims else g * xhat
     if "bias" in names:
@@ -281,11 +205,49 @@ def _affine_grads(xhat: Tensor, g: Tensor, names: list[str], keep: list[int]) ->
 
 @register_rule(nn.GroupNorm)
 class GroupNormRule(Rule):
+    """``∂ℓ_n/∂γ_c = Σ_s g·x̂``, ``∂ℓ_n/∂β_c = Σ_s g``. When the forward kept the group statistics
+    (``μ``, ``1/σ`` per sample and group, saved by ``native_group_norm`` for its backward), both
+    come from ATen's fused GroupNorm backward applied to the batch viewed as one sample with
+    ``N·C`` channels in ``N·groups`` groups -- one pass over ``g`` and ``x``, no ``x̂`` formed --
+    else ``x̂`` is recomputed."""
+
+    def on_forward(self, module: nn.Module, call: Call) -> None:
+        fn = call.output.grad_fn
+        if fn is None or type(fn).__name__ != "NativeGroupNormBackward0":
+            return
+        mean, rstd = getattr(fn, "_saved_result1", None), getattr(fn, "_saved_result2", None)
+        if isinstance(mean, Tensor) and isinstance(rstd, Tensor):
+            call.extras["group_stats"] = (mean.detach(), rstd.detach())
+
     def grads(self, module: nn.Module, call: Call, names: list[str]) -> dict[str, Tensor]:
         assert isinstance(module, nn.GroupNorm) and call.grad_output is not None
-        x = call.activations
-        xhat = F.group_norm(x, module.num_groups, eps=module.eps)
-        return _affine_grads(xhat, call.grad_output, names, keep=[1])
+        x, g = call.activations, call.grad_output
+        stats = call.extras.get("group_stats")
+        n, c = x.shape[:2]
+        groups = module.num_groups
+        if stats is None or x.dim() < 2 or stats[0].numel() != n * groups or n * c == 0:
+            xhat = F.group_norm(x, groups, eps=module.eps)
+            return _affine_grads(xhat, g, names, keep=[1])
+        hw = x[0, 0].numel()
+        mean, rstd = stats
+        _, d_w, d_b = torch.ops.aten.native_group_norm_backward(
+            g.reshape(1, n * c, hw),
+            x.reshape(1, n * c, hw),
+            mean.reshape(1, n * groups),
+            rstd.reshape(1, n * groups),
+            x.new_ones(1).expand(n * c),  # unused (no input gradient), but must be a tensor
+            1,
+            n * c,
+            hw,
+            n * groups,
+            [False, "weight" in names, "bias" in names],
+        )
+        out: dict[str, Tensor] = {}
+        if "weight" in names:
+            out["weight"] = d_w.view(n, c)
+        if "bias" in names:
+            out["bias"] = d_b.view(n, c)
+        return out
 
 
 @register_rule(nn.LayerNorm)
