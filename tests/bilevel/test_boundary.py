@@ -403,3 +403,14 @@ def test_per_sample_grads_bad_x_y(prob, make, words):
     x, y = make(*mk(0).support)
     with pytest.raises(ValueError, match=words):
         mf.per_sample_grads(prob.model, prob.init_params(), x, y)
+
+
+def test_per_sample_grads_mse_targets_must_match_the_outputs():
+    """``[N]`` targets against ``[N, C]`` outputs would broadcast to a wrong loss: refused."""
+    model = torch.nn.Linear(3, 2)
+    params = dict(model.named_parameters())
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"y has shape \(4,\); loss='mse' needs .*\[4, 2\]"):
+        mf.per_sample_grads(model, params, x, torch.randn(4), loss="mse")
+    g = mf.per_sample_grads(model, params, x, torch.randn(4, 2), loss="mse")
+    assert g["weight"].shape == (4, 2, 3)

@@ -154,17 +154,15 @@ def test_stage_from_a_store_with_another_solve_damping_is_refused(tmp_path, refe
     assert_same(again, reference)
 
 
-def test_chunk_of_other_tasks_in_the_same_range_is_refused(tmp_path):
-    """A streamed dataset whose later tasks changed (the config fingerprints only the ids and
-    the first chunk): the chunk's own task digest refuses its stored scores."""
+def test_streamed_tasks_changed_after_the_first_chunk_are_refused(tmp_path):
+    """A streamed dataset whose later tasks changed: the store's fingerprint digests every
+    chunk (not only the first), so neither the stored solve nor any chunk is used."""
     quiet(w.scores, tmp_path, streamed=True)
     changed = w.tasks(8, 0)
     t = changed[5]
     changed[5] = mf.Task(support=(t.support[0] + 1, t.support[1]), query=t.query, id=t.id)
     _, prob = w.problem(chunk_size=2)
-    with pytest.warns(
-        RuntimeWarning, match=r"scores-00000004-00000006.*another computation.*tasks"
-    ):
+    with pytest.raises(ValueError, match=r"differing keys: train_tasks\.chunks"):
         mf.removal_effects(
             prob,
             prob.init_params(),

@@ -174,8 +174,8 @@ class BilevelPoint:
 
     def tasks_fingerprint(self) -> dict[str, Any]:
         """What identifies this point's tasks (cached). Stacked: a digest of every tensor, weight
-        and id (ids by ``repr``). Streamed: the ids, ``M`` and a digest of the first chunk
-        (reading them all would cost a full pass)."""
+        and id (ids by ``repr``). Streamed: the ids, ``M`` and a digest of every chunk (one read
+        of the data, without adaptation)."""
         if self._fingerprint is None:
             self._fingerprint = self._tasks_fingerprint()
         return self._fingerprint
@@ -184,14 +184,18 @@ class BilevelPoint:
         if self.source is None:
             return {"kind": "stacked", "batch": batch_digest(self.batch), "M": self.num_local}
         src = self.source
-        first = next(src.chunks(self.chunk_size, self.lam.dtype, self.lam.device), None)
+        # every chunk: one read of the data (no inner adaptation), far cheaper than any solve's
+        # passes, so that a stored solve is bound to all of the tasks, not only the first chunk
+        chunks = [
+            batch_digest(b) for b in src.chunks(self.chunk_size, self.lam.dtype, self.lam.device)
+        ]
         lo = src.offset
         return {
             "kind": "streamed",
             "ids": digest([repr(i) for i in src.ids[lo : lo + src.num_tasks]]),
             "M": src.total_tasks,
             "shard": [lo, lo + src.num_tasks],
-            "first_chunk": None if first is None else batch_digest(first),
+            "chunks": digest(chunks),
         }
 
     def _source_ids(self) -> list[Any]:

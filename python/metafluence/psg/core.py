@@ -67,9 +67,7 @@ def uses_batch_statistics(model: nn.Module) -> bool:
 
 
 # ---- validation ----------------------------------------------------------------------------------
-def _check(
-    model: Any, params: Any, x: Any, y: Any = None, loss: Any = None, probe: bool = True
-) -> None:
+def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model)}")
     if not isinstance(params, Mapping) or not params:
@@ -111,8 +109,13 @@ def _check(
             lambda: functional_call(model, dict(params), (x[:1],)),
             f"x of shape {tuple(x.shape)} (dtype {x.dtype}) does not fit the model",
         )
-    if probe and loss == "cross_entropy" and not y.is_floating_point() and y.numel():
-        _check_labels(y, out.shape[-1])  # (else the hooks path checks them on its own logits)
+    if loss == "cross_entropy" and not y.is_floating_point() and y.numel():
+        _check_labels(y, out.shape[-1])
+    if loss == "mse" and tuple(y.shape[1:]) != tuple(out.shape[1:]):  # would broadcast silently
+        raise ValueError(
+            f"y has shape {tuple(y.shape)}; loss='mse' needs targets shaped like the outputs: "
+            f"[{x.shape[0]}, {', '.join(map(str, out.shape[1:]))}]"
+        )
     if loss is not None:
         with torch.no_grad():
             _probe(
@@ -138,16 +141,6 @@ def _check_labels(y: Tensor, n_out: int) -> None:
         raise ValueError(
             f"y has label {int(y[bad][0])} outside [0, {n_out}) (the model has {n_out} outputs)"
         )
-
-
-def _probe_first(model: Any, method: Any) -> bool:
-    """False where the hooks path runs: it checks the labels against the logits of its own
-    forward pass, so :func:`_check`'s probe only checks that ``x`` and ``y`` fit."""
-    return not (
-        isinstance(model, nn.Module)
-        and method in ("auto", "hooks")
-        and not uses_batch_statistics(model)
-    )
 
 
 def _check_vectors(params: Mapping[str, Tensor], vectors: Any) -> int:
@@ -372,7 +365,7 @@ def per_sample_grads(
     Returns:
         ``{name: [N, *shape]}`` (detached), same dtype as the parameters.
     """
-    _check(model, params, x, y, loss, probe=_probe_first(model, method))
+    _check(model, params, x, y, loss)
     loss_fn = resolve_loss(loss)
     how = _method(model, method)
     n = x.shape[0]
@@ -408,7 +401,7 @@ def _reduce(
     method: Method,
     vectors: Mapping[str, Tensor] | None,
 ) -> Tensor:
-    _check(model, params, x, y, loss, probe=_probe_first(model, method))
+    _check(model, params, x, y, loss)
     loss_fn = resolve_loss(loss)
     m = _check_vectors(params, vectors) if vectors is not None else 0
     how = _method(model, method)
