@@ -66,7 +66,10 @@ def test_run_tiny_end_to_end_and_deterministic(tmp_path, glyph_cache, capsys):
     md = (out / "report.md").read_text()
     for needle in ("ROC AUC", "edited", "retrained", "Wall time per stage", "scores.png"):
         assert needle in md
-    assert '<img src="detection.png"' in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()  # self-contained: every image embedded
+    assert page.count('<img src="data:image/png;base64,') == 3 and 'src="detection.png"' not in page
+    mode = (out / "summary.json").stat().st_mode & 0o777
+    assert mode == (out / "report.md").stat().st_mode & 0o777, oct(mode)
     rows = list(csv.DictReader(open(out / "task_scores.csv")))
     assert len(rows) == 12 and sum(int(r["label_flipped"]) for r in rows) == 2
     summary = json.loads((out / "summary.json").read_text())

@@ -445,6 +445,9 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
     # written last and atomically: its presence means every other file is complete
     data = json.dumps(summary, indent=2, default=str).encode()
     atomic_write_bytes(staging / "summary.json", data)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(staging / "summary.json", 0o666 & ~mask)  # like the other files (not the temp's 0600)
     _publish(staging, out, work)
     return summary
 

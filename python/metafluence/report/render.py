@@ -254,8 +254,10 @@ def _markdown(summary: dict, pngs: list[str], csvs: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _html(md: str) -> str:
-    """A minimal Markdown → HTML conversion for the report's own constructs."""
+def _html(md: str, folder: Path | None = None) -> str:
+    """A minimal Markdown → HTML conversion for the report's own constructs; images found in
+    ``folder`` are embedded (``data:`` URIs), so the page is one self-contained file."""
+    import base64
     import re
 
     body, in_table = [], False
@@ -277,9 +279,11 @@ def _html(md: str) -> str:
             in_table = False
         m = re.match(r"!\[(.*?)\]\((.*?)\)", line)
         if m:
-            body.append(
-                f'<p><img src="{html.escape(m.group(2))}" alt="{html.escape(m.group(1))}"></p>'
-            )
+            src = html.escape(m.group(2))
+            img = folder / m.group(2) if folder is not None else None
+            if img is not None and img.suffix == ".png" and img.is_file():
+                src = "data:image/png;base64," + base64.b64encode(img.read_bytes()).decode()
+            body.append(f'<p><img src="{src}" alt="{html.escape(m.group(1))}"></p>')
         elif line.startswith("# "):
             body.append(f"<h1>{_inline(line[2:])}</h1>")
         elif line.startswith("## "):
@@ -325,4 +329,4 @@ def write_report(
     csvs = _csvs(out, task_ids, task_classes, task_scores, task_mask, support_scores, query_scores)
     md = _markdown(summary, pngs, csvs)
     (out / "report.md").write_text(md)
-    (out / "report.html").write_text(_html(md))
+    (out / "report.html").write_text(_html(md, out))
