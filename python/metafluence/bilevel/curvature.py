@@ -31,7 +31,6 @@ a checksum (the checkpoint store keeps it beside the solve).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import warnings
 from collections.abc import Mapping
@@ -44,7 +43,7 @@ from torch import Tensor
 from .._checks import MAX_DAMPING, check_float, check_int
 from .._progress import digest, load_tensors, save_tensors
 from ..solvers import SOLVERS, SolveResult, get_solver
-from ..solvers._base import relative_residual
+from ..solvers._base import default_rtol, eps, relative_residual
 from .point import CURVATURES, BilevelPoint, check_curvature
 
 METHODS = ("krylov", "dense", "lowrank")
@@ -150,9 +149,10 @@ class Curvature:
             return resolve_auto(self, pt).solve(pt, b)
         one = b.dim() == 1
         B = b.unsqueeze(0) if one else b
-        if self.fits(pt) and self.method == "dense":
+        here = self.fits(pt)  # (one digest of λ per solve)
+        if here and self.method == "dense":
             res = self._dense_solve(B)
-        elif self.fits(pt) and self.solver == "approx":
+        elif here and self.solver == "approx":
             res = self._approx_solve(pt, B)
         elif self.method == "dense" and self.fitted:  # elsewhere: a dense solve there
             res = get_solver("direct")(pt.matvec(self.kind), B, damping=self.solve_damping)
@@ -176,7 +176,7 @@ class Curvature:
     def _dense_solve(self, B: Tensor) -> SolveResult:
         assert self.eigvecs is not None and self.eigvals is not None
         Q, lam = self.eigvecs.to(B.dtype), self.eigvals.to(B.dtype) + self.solve_damping
-        cutoff = lam.abs().max().clamp_min(0) * lam.numel() * torch.finfo(B.dtype).eps
+        cutoff = lam.abs().max() * lam.numel() * eps(B.dtype)  # as solve_direct's eigh path
         keep = lam.abs() > cutoff
         inv = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), 0.0)
         C = B @ Q
@@ -185,7 +185,7 @@ class Curvature:
         res = relative_residual(
             torch.linalg.vector_norm(R, dim=1), torch.linalg.vector_norm(B, dim=1)
         )
-        tol = float(self.options.get("rtol", math.sqrt(torch.finfo(B.dtype).eps)))
+        tol = float(self.options.get("rtol", default_rtol(B.dtype)))
         col = res <= tol
         neg = bool((lam <= 0).any())
         return SolveResult(

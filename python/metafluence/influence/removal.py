@@ -171,7 +171,7 @@ def diagnose(
     small MAMLs, Spearman against plain leave-one-out was 0.38 at condition 2.8e3 and 0.88 at
     1.3e3, but 0.97–1.0 at condition ≤ 2.2e2.
     """
-    curv = as_curvature(curvature, "cg", solve_damping) if isinstance(curvature, str) else curvature
+    curv = as_curvature(curvature, solve_damping=solve_damping)  # δ' twice is refused there
     P = pt.lam.shape[0]
     exact = curv.extreme_eigenvalues() if curv.fits(pt) else None
     if exact is not None:
