@@ -23,7 +23,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import PEAK_GFLOPS, RESULTS_DIR, append_csv, load_note, machine_info, time_fn  # noqa: E402
-from metafluence.bilevel import HeadOnly, MetaProblem, Task, Unrolled  # noqa: E402
+from metafluence import Task
+from metafluence.bilevel import HeadOnly, MetaProblem, Unrolled  # noqa: E402
 
 WAYS, SHOTS, QUERIES = 5, 1, 15
 

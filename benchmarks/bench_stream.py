@@ -76,7 +76,7 @@ def run_one(args: argparse.Namespace, M: int) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     import metafluence as mf
-    from metafluence.bilevel.source import TaskSource
+    from metafluence.data.source import TaskSource
     from metafluence.models import MLP
 
     glyphs = mf.data.load_glyphs()

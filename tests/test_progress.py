@@ -1,4 +1,4 @@
-"""metafluence._progress: atomic writes, checksummed tensor files, ProgressStore."""
+"""metafluence._store: atomic writes, checksummed tensor files, ProgressStore."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from metafluence._progress import (
+from metafluence._store import (
     CheckpointCorruptError,
     CheckpointForeignError,
     ProgressStore,

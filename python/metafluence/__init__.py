@@ -15,10 +15,10 @@ from ._determinism import set_deterministic as set_deterministic
 from ._version import __version__ as __version__
 from .bilevel import Curvature as Curvature  # noqa: E402
 from .bilevel import MetaProblem as MetaProblem  # noqa: E402
-from .bilevel import Task as Task  # noqa: E402
-from .bilevel import TaskBatch as TaskBatch  # noqa: E402
-from .bilevel import TaskSource as TaskSource  # noqa: E402
 from .bilevel import fit_curvature as fit_curvature  # noqa: E402
+from .data.source import TaskSource as TaskSource  # noqa: E402
+from .data.tasks import Task as Task  # noqa: E402
+from .data.tasks import TaskBatch as TaskBatch  # noqa: E402
 from .influence import InfluenceResult as InfluenceResult  # noqa: E402
 from .influence import edit as edit  # noqa: E402
 from .influence import param_influence as param_influence  # noqa: E402

@@ -152,7 +152,7 @@ def test_save_load_and_binding(setup, tmp_path):
     other = prob.point(prob.flat(lam) + 1e-3, train)
     assert back.fits(pt) and not back.fits(other)
     assert not back.fits(prob.point(lam, train[:-1]))
-    from metafluence._progress import save_tensors
+    from metafluence._store import save_tensors
 
     save_tensors(tmp_path / "x.safetensors", {"a": torch.zeros(1)}, {"stage": "solve"})
     with pytest.raises(ValueError, match="not a stored Curvature"):

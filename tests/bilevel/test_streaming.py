@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import metafluence as mf
-from metafluence.bilevel.source import TaskSource
+from metafluence.data.source import TaskSource
 
 
 def y(n: int, g: torch.Generator) -> torch.Tensor:

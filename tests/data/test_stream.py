@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import metafluence as mf
-from metafluence.bilevel.source import TaskSource
 from metafluence.data import TaskDataset
+from metafluence.data.source import TaskSource
 from metafluence.models import MLP
 from tests.data.test_sampling import _toy
 

@@ -37,7 +37,7 @@ def build(inner: str) -> mf.MetaProblem:
 def compute(prob: mf.MetaProblem, stream: bool) -> dict[str, torch.Tensor]:
     """Everything a run does, as tensors: training, scores of three kinds, an edit."""
     train = tasks(7, 0)
-    src = mf.bilevel.source.TaskSource(train) if stream else train
+    src = mf.TaskSource(train) if stream else train
     lam = mf.train.meta_train(prob, None, src, steps=3, outer_lr=0.05, seed=1, batch_size=5)
     res = mf.removal_effects(
         prob,

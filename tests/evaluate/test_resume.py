@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import metafluence as mf
-from metafluence._progress import ProgressStore
+from metafluence._store import ProgressStore
 from metafluence.evaluate.groups import leave_group_out
 from tests import resume_worker as w
 

@@ -188,7 +188,7 @@ def test_remove_out_of_range_and_unknown_kind(prob, tasks):
 
 
 _GAP_REMOVE = (
-    "bilevel/tasks.py item_masks (lead): remove entries go through int(), so a task id string "
+    "data/tasks.py item_masks (lead): remove entries go through int(), so a task id string "
     "('t0') fails with \"invalid literal for int() with base 10: 't0'\", a float position 1.7 "
     "is silently truncated to 1, and a position listed twice is silently merged; use "
     "operator.index(e) (TypeError naming remove['task'] and the item, saying positions are "

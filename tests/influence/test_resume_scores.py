@@ -111,7 +111,7 @@ def test_damaged_files_are_reported_and_recomputed(tmp_path, reference):
 
 def test_chunks_of_another_solve_are_not_used(tmp_path, reference):
     quiet(w.scores, tmp_path)
-    from metafluence._progress import load_tensors, save_tensors
+    from metafluence._store import load_tensors, save_tensors
 
     # a solve file with a different s (as if a rerun had solved to another precision)
     path = tmp_path / "scores" / "solve.safetensors"

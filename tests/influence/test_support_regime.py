@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import metafluence as mf
-from metafluence.bilevel.source import TaskSource
+from metafluence.data.source import TaskSource
 from metafluence.influence.regime import TRACK_BELOW, checked_items, expected_spearman
 from tests.toy_tasks import random_tasks
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import metafluence as mf
-from metafluence._progress import CheckpointCorruptError, load_tensors
+from metafluence._store import CheckpointCorruptError, load_tensors
 from metafluence.train.checkpoint import (
     default_checkpoint_path,
     load_checkpoint,

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .._checks import MAX_DAMPING, check_float, check_int
-from .._progress import digest, load_tensors, save_tensors
+from .._store import digest, load_tensors, save_tensors
 from ..solvers import SOLVERS, SolveResult, get_solver
 from ..solvers._base import default_rtol, eps, relative_residual
 from .point import CURVATURES, BilevelPoint, check_curvature

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, vmap
 
+from ..data.tasks import TaskBatch
 from ..solvers import (
     WoodburyFactor,
     compute_kfac_factors_batched,
@@ -63,7 +64,6 @@ from .ekfac_inner import EKFACLayout
 from .functional import FunctionalModel
 from .inner import Implicit
 from .losses import cross_entropy, logit_hessian_sqrt, logit_hessian_vp, mse
-from .tasks import TaskBatch
 
 
 class ImplicitEngine:

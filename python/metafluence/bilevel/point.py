@@ -22,12 +22,12 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from .._progress import digest
+from .._store import digest
+from ..data.source import TaskSource, _localise
+from ..data.tasks import TaskBatch, item_masks
 from ._func import jvp, vjp
 from .inner import Implicit
 from .losses import logit_hessian_vp
-from .source import TaskSource, _localise
-from .tasks import TaskBatch, item_masks
 
 CURVATURES = ("exact", "gauss_newton", "gamma")
 
@@ -86,7 +86,7 @@ class BilevelPoint:
     """All first- and second-order quantities of the meta-objective at one ``λ``.
 
     ``tasks`` is a :class:`TaskBatch` (engines for its chunks are built once and cached) or a
-    :class:`~metafluence.bilevel.source.TaskSource` (streamed: each pass reads and adapts one
+    :class:`~metafluence.data.source.TaskSource` (streamed: each pass reads and adapts one
     chunk at a time, so memory stays bounded by ``chunk_size`` tasks; every pass pays the inner
     adaptation again). ``reduce`` combines this process's tasks with other processes' (a
     :class:`LocalReduce` by default; ``distributed.ShardedProblem`` passes an all-reduce).

@@ -9,14 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import MAX_DAMPING, check_finite, check_float, check_int
+from ..data.source import TaskSource
+from ..data.tasks import Task, TaskBatch, tasks_device
 from .functional import FunctionalModel
 from .implicit import ImplicitEngine
 from .inner import Implicit, Unrolled
 from .losses import PerSampleLoss, resolve_loss
 from .params import ParamSpec
 from .point import BilevelPoint
-from .source import TaskSource
-from .tasks import Task, TaskBatch, tasks_device
 from .unrolled import UnrolledEngine
 
 TasksLike = Sequence[Task] | TaskBatch | TaskSource | Iterable[Task]

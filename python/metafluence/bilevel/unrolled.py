@@ -26,10 +26,10 @@ from __future__ import annotations
 from torch import Tensor
 from torch.func import grad, vmap
 
+from ..data.tasks import TaskBatch
 from ._func import jvp, vjp
 from .functional import FunctionalModel
 from .inner import Unrolled
-from .tasks import TaskBatch
 
 _TASK = (None, 0, 0, 0)  # in_dims for (λ, xs, ys, w)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .dataset import SPLITS, DatasetLayoutError, FewShotDataset, LazyImages
-from .glyphs import cache_root, load_glyphs
+from .dataset import SPLITS, DatasetLayoutError, FewShotDataset, LazyImages, cache_root
+from .glyphs import load_glyphs
 from .loaders import (
     LAYOUTS,
     LOADERS,
@@ -27,7 +27,9 @@ from .loaders import (
     safe_unpickle,
 )
 from .sampling import flip_labels, sample_tasks
+from .source import TaskSource
 from .stream import TaskDataset
+from .tasks import Task, TaskBatch
 
 EMBEDDED = ("glyphs",)
 
@@ -79,7 +81,10 @@ __all__ = [
     "DatasetLayoutError",
     "FewShotDataset",
     "LazyImages",
+    "Task",
+    "TaskBatch",
     "TaskDataset",
+    "TaskSource",
     "cache_root",
     "flip_labels",
     "load",

@@ -10,8 +10,10 @@ instance split (10-class MNIST-style sets) shares classes and divides their samp
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -182,3 +184,36 @@ def random_class_split(
         "val": sorted(perm[n_tr : n_tr + n_va].tolist()),
         "test": sorted(perm[n_tr + n_va :].tolist()),
     }
+
+
+def group_split(
+    groups: Sequence[str], seed: int, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+) -> dict[str, list[int]]:
+    """Split classes by group (alphabet, radical), greedily to the class fractions; seeded."""
+    uniq = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    total = len(groups)
+    sizes = {g: 0 for g in uniq}
+    for g in groups:
+        sizes[g] += 1
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    assign: dict[str, str] = {}
+    counts = {"val": 0, "test": 0}
+    for k in order:
+        g = uniq[int(k)]
+        for name, frac in (("val", fractions[1]), ("test", fractions[2])):
+            if counts[name] < frac * total and counts[name] + sizes[g] <= frac * total * 1.5 + 1:
+                assign[g] = name
+                counts[name] += sizes[g]
+                break
+        else:
+            assign[g] = "train"
+    for i, g in enumerate(groups):
+        out[assign[g]].append(i)
+    return out
+
+
+def cache_root() -> Path:
+    """``$METAFLUENCE_CACHE`` or ``~/.cache/metafluence``."""
+    env = os.environ.get("METAFLUENCE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "metafluence"

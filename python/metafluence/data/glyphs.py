@@ -30,18 +30,12 @@ import numpy as np
 import torch
 
 from .._checks import check_int
-from .dataset import FewShotDataset, class_split
+from .dataset import FewShotDataset, cache_root, class_split, group_split
 
 VIEW = 109.0  # KanjiVG viewBox size
 GLYPHS_VERSION = 1
 MIN_SIZE = 4  # the widest pen disk (9 supersampled px) must fit the 3x grid
 LICENCE = "KanjiVG (c) Ulrich Apel, CC BY-SA 3.0, https://kanjivg.tagaini.net"
-
-
-def cache_root() -> Path:
-    """``$METAFLUENCE_CACHE`` or ``~/.cache/metafluence``."""
-    env = os.environ.get("METAFLUENCE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "metafluence"
 
 
 def kanjivg_dir() -> Path:
@@ -369,13 +363,11 @@ def _read_cache(path: Path, key: dict) -> tuple[np.ndarray, list, list] | None:
 
 
 def _dataset(images: np.ndarray, codes: list, radicals: list, key: dict, path: Path | None):
-    from .loaders import _group_split
-
     C, n = images.shape[:2]
     labels = np.repeat(np.arange(C), n)
     codes = [str(c) for c in codes]
     radicals = [str(r) for r in radicals]
-    sc = _group_split(radicals, int(key["seed"]))
+    sc = group_split(radicals, int(key["seed"]))
     names = [f"{chr(int(c, 16))} U+{c.upper()}" for c in codes]
     meta = {
         "source": LICENCE,

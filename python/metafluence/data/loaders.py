@@ -40,7 +40,9 @@ from .dataset import (
     DatasetLayoutError,
     FewShotDataset,
     LazyImages,
+    cache_root,
     class_split,
+    group_split,
     random_class_split,
 )
 from .dataset import one_line as _one_line
@@ -229,8 +231,6 @@ def load_omniglot(
     root = Path(path).expanduser()
     if not root.exists():
         raise _err("omniglot", root, "path does not exist", OMNIGLOT_LAYOUT)
-    from .glyphs import cache_root
-
     extract = Path(cache_dir) if cache_dir else cache_root() / "omniglot"
     extract.mkdir(parents=True, exist_ok=True)
     trees = _omniglot_trees(root, extract)
@@ -277,7 +277,7 @@ def load_omniglot(
             "test": [i for i, a in enumerate(alphabets) if a in test_a],
         }
         if not sc["val"] or not sc["test"]:  # a subset without the Vinyals alphabets
-            sc = _group_split(alphabets, seed)
+            sc = group_split(alphabets, seed)
     elif split == "lake":
         bg = sorted({a for a, p in zip(alphabets, parts, strict=True) if p != "images_evaluation"})
         val_a = set(bg[-5:])
@@ -303,33 +303,6 @@ def load_omniglot(
         invert=True,
         meta={"path": str(root), "layout": [p for p, _ in trees], "groups": alphabets},
     )
-
-
-def _group_split(
-    groups: Sequence[str], seed: int, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
-) -> dict[str, list[int]]:
-    """Split classes by group (alphabet, radical), greedily to the class fractions; seeded."""
-    uniq = sorted(set(groups))
-    order = np.random.default_rng(seed).permutation(len(uniq))
-    total = len(groups)
-    sizes = {g: 0 for g in uniq}
-    for g in groups:
-        sizes[g] += 1
-    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-    assign: dict[str, str] = {}
-    counts = {"val": 0, "test": 0}
-    for k in order:
-        g = uniq[int(k)]
-        for name, frac in (("val", fractions[1]), ("test", fractions[2])):
-            if counts[name] < frac * total and counts[name] + sizes[g] <= frac * total * 1.5 + 1:
-                assign[g] = name
-                counts[name] += sizes[g]
-                break
-        else:
-            assign[g] = "train"
-    for i, g in enumerate(groups):
-        out[assign[g]].append(i)
-    return out
 
 
 # ---- miniImageNet -----------------------------------------------------------------------------

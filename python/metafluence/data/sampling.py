@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from .._checks import check_float, check_int
-from ..bilevel.tasks import Task
 from .dataset import FewShotDataset
+from .tasks import Task
 
 LEVELS = ("task", "point")
 WHERE = ("support", "query")

@@ -4,7 +4,7 @@
 stream ``SeedSequence([seed, crc32(split), first_id + i])`` — the same task as
 ``sample_tasks(dataset, ..., seed=seed, split=split, first_id=first_id)[i]`` — and caches
 nothing, so memory is the image pool plus whatever the caller keeps. Wrapped in a
-:class:`metafluence.bilevel.source.TaskSource` (or passed as ``train_tasks``), influence reads it
+:class:`metafluence.data.source.TaskSource` (or passed as ``train_tasks``), influence reads it
 chunk by chunk (``MetaProblem.chunk_size`` tasks at a time).
 """
 
@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import torch
 
 from .._checks import check_int
-from ..bilevel.tasks import Task
 from .dataset import FewShotDataset
 from .sampling import EpisodeSpec
+from .tasks import Task
 
 
 class TaskDataset:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..bilevel.point import BilevelPoint, LocalReduce
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
-from ..bilevel.tasks import TaskBatch
+from ..data.tasks import TaskBatch
 
 
 def shard_range(M: int, rank: int, world: int) -> tuple[int, int]:

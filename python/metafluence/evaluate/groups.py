@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._progress import ProgressStore, map_chunks
+from .._store import ProgressStore, map_chunks
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
-from ..bilevel.source import TaskSource
-from ..bilevel.tasks import TaskBatch
+from ..data.source import TaskSource
+from ..data.tasks import TaskBatch
 from ..influence.removal import ITEMS, TargetLike
 from ..train._bar import progress_bar
 from ..train.meta_train import meta_train

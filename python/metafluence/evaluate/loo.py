@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._progress import ProgressStore, digest, map_chunks
+from .._store import ProgressStore, digest, map_chunks
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
-from ..bilevel.source import TaskSource
-from ..bilevel.tasks import Task, TaskBatch
+from ..data.source import TaskSource
+from ..data.tasks import Task, TaskBatch
 from ..influence.removal import ITEMS, TargetLike, target_value
 from ..train._bar import progress_bar
 from ..train.meta_train import newton_refine
@@ -99,7 +99,7 @@ def leave_one_out(
     original seed for retraining from the same initialisation. ``factor`` scales the item's
     weight instead of zeroing it (``1 ± ε`` for infinitesimal checks).
 
-    ``checkpoint_dir``: a :class:`~metafluence._progress.ProgressStore` directory; every
+    ``checkpoint_dir``: a :class:`~metafluence._store.ProgressStore` directory; every
     ``chunk_size`` finished retrains are saved atomically, and a rerun (e.g. after the process
     was killed) loads them instead of retraining, giving the identical result. The store is
     bound to ``items``, ``factor``, ``indices``, ``f(λ*)`` and fingerprints of λ*, the tasks and
@@ -193,7 +193,7 @@ def stage_fingerprint(
 ) -> dict[str, Any]:
     """Config entries that bind a retraining stage's progress store to its inputs.
 
-    λ*, the tasks and list-like targets are hashed (:func:`~metafluence._progress.digest`;
+    λ*, the tasks and list-like targets are hashed (:func:`~metafluence._store.digest`;
     ``None`` where an input cannot be fingerprinted, e.g. a one-pass iterator); a callable
     target is recorded by name and, through ``f0 = f(λ*)`` (exact ``repr``), by its value.
     """

@@ -1,6 +1,6 @@
 """Resumable removal effects: the progress store of :func:`~metafluence.removal_effects`.
 
-A run with ``checkpoint_dir`` keeps three stages in a :class:`~metafluence._progress.ProgressStore`
+A run with ``checkpoint_dir`` keeps three stages in a :class:`~metafluence._store.ProgressStore`
 (atomic, checksummed files; a damaged one is reported and recomputed, never used):
 
 - ``solve``: the target gradient ``∇f [P]`` and the total solve ``s = (H + δ'I)⁻¹ ∇f`` with the
@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .._progress import ProgressStore, digest
+from .._store import ProgressStore, digest
 from ..bilevel.point import BilevelPoint, batch_digest
 from ..solvers import SolveResult
 

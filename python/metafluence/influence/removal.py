@@ -34,7 +34,7 @@ from .._checks import check_bool, check_int
 from ..bilevel.curvature import Curvature, as_curvature, resolve_auto
 from ..bilevel.point import BilevelPoint
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
-from ..bilevel.tasks import check_items
+from ..data.tasks import check_items
 from ..solvers import SolveResult, lanczos_extreme_eigenvalues
 from . import _checkpoint as ck
 from ._newton import newton_descent

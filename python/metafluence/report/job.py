@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .._progress import atomic_write_bytes
+from .._store import atomic_write_bytes
 
 INNERS = ("anil", "anil-implicit", "maml", "imaml")
 
@@ -455,7 +455,7 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
 def _stage_store(work: Path, cfg: RunConfig) -> Any:
     """The store of finished stages, bound to everything that determines their results (a
     store written with another configuration is cleared, not mixed in)."""
-    from .._progress import ProgressStore
+    from .._store import ProgressStore
     from .._version import __version__
 
     keep = {k: v for k, v in asdict(cfg).items() if k not in ("quiet", "out", "name")}

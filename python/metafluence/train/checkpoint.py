@@ -2,8 +2,8 @@
 
 Files are safetensors when the path ends in ``.safetensors`` (readable by any safetensors tool),
 else ``torch.save`` payloads loaded with ``weights_only=True``: no code runs on load. Every file
-carries a SHA-256 checksum of its content (:mod:`metafluence._progress`); a truncated or
-corrupted checkpoint raises :class:`~metafluence._progress.CheckpointCorruptError` and is never
+carries a SHA-256 checksum of its content (:mod:`metafluence._store`); a truncated or
+corrupted checkpoint raises :class:`~metafluence._store.CheckpointCorruptError` and is never
 used. Writes are atomic and durable (temp file, ``fsync``, ``os.replace``, ``fsync`` of the
 directory), so a killed run leaves the previous checkpoint or the new one, never a torn file.
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._progress import (
+from .._store import (
     CheckpointCorruptError,
     config_diff,
     digest,
@@ -31,8 +31,8 @@ from .._progress import (
     save_tensors,
 )
 from ..bilevel.problem import MetaProblem, TasksLike
-from ..bilevel.source import TaskSource
-from ..bilevel.tasks import Task, TaskBatch
+from ..data.source import TaskSource
+from ..data.tasks import Task, TaskBatch
 from .meta_train import TrainState, meta_train
 
 __all__ = [

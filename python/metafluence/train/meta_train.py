@@ -30,8 +30,8 @@ from torch import Tensor
 
 from .._checks import check_float, check_int
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
-from ..bilevel.source import TaskSource
-from ..bilevel.tasks import TaskBatch
+from ..data.source import TaskSource
+from ..data.tasks import TaskBatch
 from ..solvers.newton import damped_newton
 from ._bar import progress_bar
 from .stationary import make_stationary
@@ -45,7 +45,7 @@ class TrainState:
 
     ``step``: optimizer steps done; ``lam`` ``[P]``; ``f``: ``F`` reported at the last step;
     ``tensors`` / ``meta``: the optimizer state and the generator state, already split into a
-    tensor dict and a JSON-able dict (the form :func:`metafluence._progress.save_tensors` takes).
+    tensor dict and a JSON-able dict (the form :func:`metafluence._store.save_tensors` takes).
     """
 
     step: int
