@@ -63,8 +63,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metafluence as mf  # noqa: E402
 from harness import RESULTS_DIR, append_csv, load_note, machine_info  # noqa: E402
+from metafluence.evaluate import adapted_performance as evaluate  # noqa: E402
 from metafluence.models import build_model  # noqa: E402
-from metafluence.report.job import RunConfig, _inner, evaluate  # noqa: E402
+from metafluence.report.job import RunConfig, _inner  # noqa: E402
 
 OUT = RESULTS_DIR / "fidelity_speed"
 KINDS = ("task", "support_point", "query_point")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import metafluence as mf
+import metafluence.bilevel.point as point_module
 from tests import resume_worker as w
 from tests._close import assert_close_normwise
 
@@ -72,13 +73,13 @@ def test_streamed_rerun_builds_only_unfinished_engines(tmp_path, reference, monk
     for k in (2, 6):  # as if killed before these chunks were saved
         (tmp_path / "scores" / f"scores-{k:08d}-{k + 2:08d}.safetensors").unlink()
     built = []
-    engine = mf.MetaProblem._engine
+    engine = point_module.build_engine
 
-    def counting(self, batch, lam):
+    def counting(fm, inner, batch, lam):
         built.append(list(batch.ids))
-        return engine(self, batch, lam)
+        return engine(fm, inner, batch, lam)
 
-    monkeypatch.setattr(mf.MetaProblem, "_engine", counting)
+    monkeypatch.setattr(point_module, "build_engine", counting)
     (tmp_path / "work.log").unlink()
     resumed = quiet(w.scores, tmp_path, streamed=True)
     assert built == [[2, 3], [6, 7]]  # solve and diagnostics loaded, finished chunks skipped

@@ -26,8 +26,10 @@ from .._store import digest
 from ..data.source import TaskSource, _localise
 from ..data.tasks import TaskBatch, item_masks
 from ._func import jvp, vjp
+from .engine import Engine, build_engine
 from .inner import Implicit
 from .losses import logit_hessian_vp
+from .reduce import LocalReduce, Reduction
 
 CURVATURES = ("exact", "gauss_newton", "gamma")
 
@@ -60,36 +62,14 @@ class ChunkBuild:
         return self._build()
 
 
-class LocalReduce:
-    """Reductions across processes for a single process: identities (see ``distributed/``).
-
-    ``sum(t)``: ``Σ_ranks t``; ``cat(t)``: the ranks' ``t`` concatenated along dim 0 in rank
-    order; ``objects(xs)``: the ranks' lists concatenated; ``max(x)``: the largest.
-    """
-
-    world = 1
-
-    def sum(self, t: Tensor) -> Tensor:
-        return t
-
-    def cat(self, t: Tensor) -> Tensor:
-        return t
-
-    def objects(self, xs: list[Any]) -> list[Any]:
-        return xs
-
-    def max(self, x: float) -> float:
-        return x
-
-
 class BilevelPoint:
     """All first- and second-order quantities of the meta-objective at one ``λ``.
 
     ``tasks`` is a :class:`TaskBatch` (engines for its chunks are built once and cached) or a
     :class:`~metafluence.data.source.TaskSource` (streamed: each pass reads and adapts one
     chunk at a time, so memory stays bounded by ``chunk_size`` tasks; every pass pays the inner
-    adaptation again). ``reduce`` combines this process's tasks with other processes' (a
-    :class:`LocalReduce` by default; ``distributed.ShardedProblem`` passes an all-reduce).
+    adaptation again). ``reduce`` combines this process's tasks with other processes' (the
+    problem's :class:`~metafluence.bilevel.reduce.Reduction`; a multi-process one shards tasks).
     Per-item inputs and outputs (``dc [M]``, ``dW [M, n]``, ...) always cover *all* ``M`` tasks.
     """
 
@@ -99,11 +79,11 @@ class BilevelPoint:
         lam: Tensor,
         tasks: TaskBatch | TaskSource,
         chunk_size: int | None,
-        reduce: LocalReduce | None = None,
+        reduce: Reduction | None = None,
         offset: int = 0,
     ):
         self.problem, self.lam = problem, lam
-        self.reduce = LocalReduce() if reduce is None else reduce
+        self.reduce: Reduction = LocalReduce() if reduce is None else reduce
         self.damping = float(problem.damping)
         self.chunk_size = chunk_size
         self.num_local = tasks.num_tasks
@@ -111,10 +91,8 @@ class BilevelPoint:
         if isinstance(tasks, TaskBatch):
             self._batch: TaskBatch | None = tasks
             self.source: TaskSource | None = None
-            M = tasks.num_tasks
-            cs = M if not chunk_size else max(1, int(chunk_size))
-            self._engines: list[Any] | None = [
-                problem._engine(tasks.slice(i, min(M, i + cs)), lam) for i in range(0, M, cs)
+            self._engines: list[Engine] | None = [
+                build_engine(problem.fm, problem.inner, b, lam) for b in tasks.chunks(chunk_size)
             ]
         else:
             self._batch, self.source, self._engines = None, tasks, None
@@ -134,7 +112,7 @@ class BilevelPoint:
         return self._batch
 
     @property
-    def engines(self) -> list[Any] | Iterator[Any]:
+    def engines(self) -> list[Engine] | Iterator[Engine]:
         """One engine per chunk of this process's tasks (a list; a generator when streaming)."""
         if self._engines is not None:
             return self._engines
@@ -161,8 +139,9 @@ class BilevelPoint:
             yield (start, stop), ChunkBuild(b, functools.partial(self._build_engine, b))
             start = stop
 
-    def _build_engine(self, b: TaskBatch) -> Any:
-        return self.problem._engine(self.problem.checked(b, self.lam), self.lam)
+    def _build_engine(self, b: TaskBatch) -> Engine:
+        pb = self.problem
+        return build_engine(pb.fm, pb.inner, pb.checked(b, self.lam), self.lam)
 
     @property
     def ids(self) -> list[Any]:
@@ -259,8 +238,14 @@ class BilevelPoint:
         return self._sum(lambda e: (e.batch.task_weight * e.task_losses()).sum(), zero)
 
     def objective(self) -> Tensor:
-        """``F(λ)`` including the damping term."""
+        """``F(λ)`` including the damping term ``(δ/2)‖λ‖²``."""
         return self.outer_loss() + 0.5 * self.damping * (self.lam * self.lam).sum()
+
+    def _damped(self, total: Tensor, x: Tensor) -> Tensor:
+        """``total + δx``: the one place the objective's damping ``δ`` enters a gradient
+        (``x = λ``) or a Hessian product (``x = d``); the solve damping ``δ'`` lives in the
+        :class:`~metafluence.bilevel.curvature.Curvature` only."""
+        return total + self.damping * x
 
     def grad_all(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Gradient of ``Φ = Σ c_k F_k`` in ``(λ, c, W, V)``; λ-block includes ``δλ``."""
@@ -268,7 +253,7 @@ class BilevelPoint:
         g_l = torch.zeros_like(self.lam)
         for p in parts:
             g_l = g_l + p[0]
-        g_l = self.reduce.sum(g_l) + self.damping * self.lam
+        g_l = self._damped(self.reduce.sum(g_l), self.lam)
         return (g_l, *self.cat_items([p[1:] for p in parts]))
 
     def cat_items(self, parts: Sequence[Sequence[Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
@@ -278,9 +263,14 @@ class BilevelPoint:
             self.reduce.cat(self._local_cat([p[i] for p in parts], i)) for i in range(3)
         )
 
+    def outer_grad(self) -> Tensor:
+        """``Σ_i c_i g_i`` ``[P]``: the gradient of the outer losses, without ``δλ`` (the
+        gradient of a target ``f``)."""
+        return self._sum(lambda e: e.grad_all()[0], self.lam)
+
     def meta_grad(self) -> Tensor:
         """``∇F(λ) = Σ_i c_i g_i + δλ`` ``[P]``."""
-        return self._sum(lambda e: e.grad_all()[0], self.lam) + self.damping * self.lam
+        return self._damped(self.outer_grad(), self.lam)
 
     def task_grads(self) -> Tensor:
         """Total gradients ``g_i [M, P]`` (materialised: use only where needed)."""
@@ -310,7 +300,7 @@ class BilevelPoint:
             )
             h_l = h_l + part[0]
             parts.append(part[1:])
-        h_l = self.reduce.sum(h_l) + self.damping * dlam
+        h_l = self._damped(self.reduce.sum(h_l), dlam)
         return (h_l, *self.cat_items(parts))
 
     def item_scores(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -367,7 +357,7 @@ class BilevelPoint:
             out = self._sum(lambda e: self._gn_chunk(e, Dk), Dk)
         else:
             out = self._sum(lambda e: self._gamma_chunk(e, Dk), Dk) + self.gamma_constant() * Dk
-        out = out + self.damping * Dk
+        out = self._damped(out, Dk)
         return out[0] if one else out
 
     def _gn_chunk(self, e: Any, D: Tensor) -> Tensor:

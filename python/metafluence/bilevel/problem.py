@@ -11,13 +11,13 @@ from torch import Tensor, nn
 from .._checks import MAX_DAMPING, check_finite, check_float, check_int
 from ..data.source import TaskSource
 from ..data.tasks import Task, TaskBatch, tasks_device
+from .engine import Engine, build_engine
 from .functional import FunctionalModel
-from .implicit import ImplicitEngine
 from .inner import Implicit, Unrolled
 from .losses import PerSampleLoss, resolve_loss
 from .params import ParamSpec
 from .point import BilevelPoint
-from .unrolled import UnrolledEngine
+from .reduce import LocalReduce, Reduction
 
 TasksLike = Sequence[Task] | TaskBatch | TaskSource | Iterable[Task]
 ParamsLike = Mapping[str, Tensor] | Tensor
@@ -34,6 +34,10 @@ class MetaProblem:
             :func:`~metafluence.inner.HeadOnly`.
         damping: ``δ ≥ 0``.
         chunk_size: tasks per batched engine call (bounds memory; None = all at once).
+        reduce: how this process's tasks combine with other processes' (:class:`Reduction`);
+            a single process by default. ``mf.distributed.ShardedProblem(problem)`` passes the
+            all-reduce of ``torch.distributed``: each rank then owns a contiguous block of the
+            tasks (:func:`shard_range`) and every result is the single-process one.
     """
 
     def __init__(
@@ -43,6 +47,7 @@ class MetaProblem:
         inner: Unrolled | Implicit | None = None,
         damping: float = 0.0,
         chunk_size: int | None = None,
+        reduce: Reduction | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -54,8 +59,16 @@ class MetaProblem:
         damping = check_float(damping, "damping", minimum=0.0, maximum=MAX_DAMPING)
         if chunk_size is not None:
             chunk_size = check_int(chunk_size, "chunk_size", minimum=1)
+        reduce = LocalReduce() if reduce is None else reduce
+        if not isinstance(reduce, Reduction):
+            raise TypeError(
+                f"reduce must be a Reduction (sum, cat, objects, max, rank, world), got "
+                f"{type(reduce).__name__}"
+            )
         self.model = model
         self.inner = inner
+        self.reduce: Reduction = reduce
+        self._loss = loss
         self.damping = damping
         self.chunk_size = chunk_size
         # input shapes/dtypes that passed the one-task dry run (see :meth:`checked`)
@@ -270,19 +283,40 @@ class MetaProblem:
                     f"(the model has {n_out} outputs)"
                 )
 
-    # ---- engines ----------------------------------------------------------------------------
-    def _engine(self, batch: TaskBatch, lam: Tensor) -> Any:
-        if isinstance(self.inner, Implicit):
-            return ImplicitEngine(self.fm, self.inner, batch, lam)
-        return UnrolledEngine(self.fm, self.inner, batch, lam)
+    # ---- engines and points -------------------------------------------------------------
+    def engine(self, meta_params: ParamsLike, tasks: TasksLike) -> Engine:
+        """The inner map's :class:`~metafluence.bilevel.engine.Engine` for ``tasks`` (stacked
+        into one chunk, validated) at ``meta_params``: the blocks of the weighted meta-objective,
+        batched over the tasks (what :class:`BilevelPoint` sums over chunks)."""
+        self.check_device(meta_params, tasks)
+        lam = self.flat(meta_params)
+        b = self.batch(tasks, lam)
+        if isinstance(b, TaskSource):
+            b = next(b.chunks(None, lam.dtype, lam.device))
+        return build_engine(self.fm, self.inner, self.checked(b, lam), lam)
 
     def point(
         self, meta_params: ParamsLike, tasks: TasksLike, task_weight: Tensor | None = None
     ) -> BilevelPoint:
-        """Everything about ``F`` at ``λ`` over ``tasks`` (cached engines unless streamed)."""
+        """Everything about ``F`` at ``λ`` over ``tasks`` (cached engines unless streamed).
+
+        With a multi-process :attr:`reduce`, this rank's point covers tasks
+        ``shard_range(M, rank, world)`` and every reduction over tasks spans all ranks."""
         self.check_device(meta_params, tasks)
         lam = self.flat(meta_params)
-        return BilevelPoint(self, lam, self.batch(tasks, lam, task_weight), self.chunk_size)
+        full = self.batch(tasks, lam, task_weight)
+        if self.reduce.world == 1:
+            return BilevelPoint(self, lam, full, self.chunk_size)
+        lo, hi = shard_range(full.num_tasks, self.reduce.rank, self.reduce.world)
+        local = full.slice(lo, hi) if isinstance(full, TaskBatch) else full.shard(lo, hi)
+        return BilevelPoint(self, lam, local, self.chunk_size, reduce=self.reduce, offset=lo)
+
+    def with_reduce(self, reduce: Reduction) -> MetaProblem:
+        """The same problem (model, loss, inner map, ``δ``, chunk size) whose points combine
+        their tasks through ``reduce`` (built anew from the arguments, no state copied)."""
+        return MetaProblem(
+            self.model, self._loss, self.inner, self.damping, self.chunk_size, reduce=reduce
+        )
 
     def check_device(self, meta_params: ParamsLike, tasks: Any) -> None:
         """Meta-parameters and tasks must share one device (ValueError naming both)."""
@@ -318,10 +352,20 @@ class MetaProblem:
         return self.point(meta_params, tasks).meta_grad()
 
     def __repr__(self) -> str:
+        ranks = f", rank {self.reduce.rank} of {self.reduce.world}" if self.reduce.world > 1 else ""
         return (
             f"MetaProblem(model={type(self.model).__name__}, loss={self.loss_name!r}, "
-            f"inner={self.inner!r}, damping={self.damping}, P={self.spec.size})"
+            f"inner={self.inner!r}, damping={self.damping}, P={self.spec.size}{ranks})"
         )
+
+
+def shard_range(M: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous block ``[lo, hi)`` of ``M`` tasks for ``rank`` of ``world`` (sizes differ ≤ 1)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank={rank}, world={world}: expected 0 <= rank < world")
+    base, extra = divmod(int(M), int(world))
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
 
 
 def _first_line(e: BaseException) -> str:

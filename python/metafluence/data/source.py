@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_finite
-from .tasks import Task, TaskBatch, as_task_weight, check_items
+from .tasks import Task, TaskBatch, as_task_weight, check_items, chunk_bounds
 
 Removal = tuple[dict[str, list[Any]], float]
 
@@ -189,20 +189,20 @@ class TaskSource:
     def chunks(
         self, size: int | None, dtype: torch.dtype | None = None, device: Any = None
     ) -> Iterator[TaskBatch]:
-        """This source's tasks as consecutive batches of at most ``size`` tasks (None = one)."""
-        size = self.num_tasks if not size else max(1, int(size))
+        """This source's tasks as consecutive batches of at most ``size`` tasks (None = one),
+        read one chunk at a time (the chunks of :func:`~metafluence.data.tasks.chunk_bounds`)."""
         it = self._iter_range(self._lo, self._hi)
-        lo = self._lo
-        while lo < self._hi:
-            part = list(itertools.islice(it, min(size, self._hi - lo)))
-            if not part:
-                raise ValueError(f"train_tasks ended after {lo} tasks; expected {self._hi}")
-            n = len(part)
-            batch = self._stack(part, lo, dtype, device)
+        for lo, hi in chunk_bounds(self._hi - self._lo, size):
+            part = list(itertools.islice(it, hi - lo))
+            if len(part) < hi - lo:
+                raise ValueError(
+                    f"train_tasks ended after {self._lo + lo + len(part)} tasks; expected "
+                    f"{self._hi}"
+                )
+            batch = self._stack(part, self._lo + lo, dtype, device)
             del part  # only one chunk of drawn tasks alive at a time
             yield batch
             del batch
-            lo += n
 
     def select(
         self, index: Sequence[int], dtype: torch.dtype | None = None, device: Any = None

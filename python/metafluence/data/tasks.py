@@ -11,7 +11,7 @@ weights; removing an item sets its weight to 0.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,6 +43,26 @@ class Task:
             if not isinstance(x, Tensor) or not isinstance(y, Tensor):
                 raise TypeError(f"task {self.id!r}: {name} x and y must be tensors")
             setattr(self, name, (x, y))
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Task:
+        """A copy on ``device`` with floating tensors (inputs, weights; float targets) in
+        ``dtype``; integer labels keep their dtype."""
+
+        def conv(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        (xs, ys), (xq, yq) = self.support, self.query
+        return replace(
+            self,
+            support=(conv(xs), conv(ys)),
+            query=(conv(xq), conv(yq)),
+            support_weight=conv(self.support_weight),
+            query_weight=conv(self.query_weight),
+        )
 
 
 FIELDS = ("support x", "support y", "query x", "query y")
@@ -199,6 +219,13 @@ class TaskBatch:
             torch.where(m, w * factor, w) for m, w in zip(masks, self.weights(), strict=True)
         )
         return self.with_weights(c, W, V)
+
+    def chunks(self, size: int | None) -> Iterator[TaskBatch]:
+        """Consecutive batches of at most ``size`` tasks (None = one): with
+        :meth:`TaskSource.chunks <metafluence.data.source.TaskSource.chunks>`, the one chunker
+        (:func:`chunk_bounds`) of every computation over tasks."""
+        for lo, hi in chunk_bounds(self.num_tasks, size):
+            yield self.slice(lo, hi)
 
     def slice(self, start: int, stop: int) -> TaskBatch:
         """Tasks ``start:stop`` (weights kept as they are, not renormalised)."""
@@ -434,3 +461,12 @@ def check_ids(ids: Sequence[Any]) -> None:
         if tid in seen:
             raise ValueError(f"duplicate task id {tid!r} (tasks {seen[tid]} and {i})")
         seen[tid] = i
+
+
+def chunk_bounds(n: int, size: int | None) -> Iterator[tuple[int, int]]:
+    """``[lo, hi)`` of consecutive chunks of at most ``size`` of ``n`` tasks (``None``: one chunk
+    of all ``n``; ``n = 0``: none). ``size`` is validated once, where it enters
+    (``MetaProblem(chunk_size=...)``)."""
+    step = n if size is None else int(size)
+    for lo in range(0, n, max(step, 1)):
+        yield lo, min(n, lo + step)

@@ -13,6 +13,7 @@ floating-point additions). Launch with ``torchrun --nproc-per-node N script.py``
 ``metafluence run --nproc N``.
 """
 
-from .sharded import DistReduce, ShardedProblem, init_from_env, shard_range
+from ..bilevel.problem import shard_range
+from .sharded import DistReduce, ShardedProblem, init_from_env
 
 __all__ = ["DistReduce", "ShardedProblem", "init_from_env", "shard_range"]

@@ -9,22 +9,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..bilevel.point import BilevelPoint, LocalReduce
-from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
-from ..data.tasks import TaskBatch
+from ..bilevel.problem import MetaProblem
 
 
-def shard_range(M: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous block ``[lo, hi)`` of ``M`` tasks for ``rank`` of ``world`` (sizes differ ≤ 1)."""
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank={rank}, world={world}: expected 0 <= rank < world")
-    base, extra = divmod(int(M), int(world))
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
-
-
-class DistReduce(LocalReduce):
-    """:class:`LocalReduce` over the ranks of ``group`` (all ranks get every result)."""
+class DistReduce:
+    """The :class:`~metafluence.bilevel.reduce.Reduction` over the ranks of ``group`` (all ranks
+    get every result)."""
 
     def __init__(self, group: Any = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
@@ -65,45 +55,19 @@ class DistReduce(LocalReduce):
         return float(t)
 
 
-class ShardedProblem(MetaProblem):
+def ShardedProblem(problem: MetaProblem, group: Any = None) -> MetaProblem:  # noqa: N802
     """``problem`` with its tasks sharded over the ranks of ``group``.
 
-    Shares the wrapped problem's model, inner map, loss and damping; only :meth:`point` differs:
-    rank ``r`` builds engines for tasks ``shard_range(M, r, world)`` and every reduction over tasks
-    is completed across ranks, so all derived quantities (gradients, HVPs, solves, scores, edits,
-    meta-training steps) are the single-process ones. All ranks must make the same calls with the
-    same ``λ`` and tasks (collectives run in lock step).
+    The same model, inner map, loss and damping, with the all-reduce of ``group`` as its
+    reduction (``problem.with_reduce(DistReduce(group))``): rank ``r`` builds engines for tasks
+    ``shard_range(M, r, world)`` and every reduction over tasks is completed across ranks, so all
+    derived quantities (gradients, HVPs, solves, scores, edits, meta-training steps) are the
+    single-process ones. All ranks must make the same calls with the same ``λ`` and tasks
+    (collectives run in lock step). (A function, named like the class it used to be.)
     """
-
-    def __init__(self, problem: MetaProblem, group: Any = None) -> None:
-        if not isinstance(problem, MetaProblem):
-            raise TypeError(f"problem must be a MetaProblem, got {type(problem).__name__}")
-        self.__dict__.update(problem.__dict__)
-        self.reducer = DistReduce(group)
-
-    @property
-    def rank(self) -> int:
-        return self.reducer.rank
-
-    @property
-    def world(self) -> int:
-        return self.reducer.world
-
-    def point(
-        self, meta_params: ParamsLike, tasks: TasksLike, task_weight: Tensor | None = None
-    ) -> BilevelPoint:
-        """This rank's share of the point at ``λ`` (all reductions span every rank)."""
-        lam = self.flat(meta_params)
-        full = self.batch(tasks, lam, task_weight)
-        lo, hi = shard_range(full.num_tasks, self.rank, self.world)
-        if isinstance(full, TaskBatch):
-            return BilevelPoint(
-                self, lam, full.slice(lo, hi), self.chunk_size, reduce=self.reducer, offset=lo
-            )
-        return BilevelPoint(self, lam, full.shard(lo, hi), self.chunk_size, reduce=self.reducer)
-
-    def __repr__(self) -> str:
-        return f"Sharded({super().__repr__()}, rank {self.rank} of {self.world})"
+    if not isinstance(problem, MetaProblem):
+        raise TypeError(f"problem must be a MetaProblem, got {type(problem).__name__}")
+    return problem.with_reduce(DistReduce(group))
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:

@@ -23,10 +23,11 @@ from .groups import (
 )
 from .lds import lds, lds_predictions, random_subsets
 from .loo import item_index, leave_one_out, newton_retrain, reweighted, target_value
-from .metrics import correlation
+from .metrics import adapted_performance, correlation
 
 __all__ = [
     "BASELINES",
+    "adapted_performance",
     "BaselineScores",
     "baselines",
     "correlation",

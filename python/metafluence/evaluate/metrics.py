@@ -49,3 +49,26 @@ def correlation(pred: Any, truth: Any) -> dict[str, float]:
     denom = float(np.linalg.norm(t))
     out["rel_error"] = float(np.linalg.norm(p - t) / denom) if denom > 0 else float("nan")
     return out
+
+
+def adapted_performance(problem: Any, meta_params: Any, tasks: Any) -> dict[str, float]:
+    """Mean post-adaptation query loss and accuracy over ``tasks``: ``{"loss", "accuracy"}``.
+
+    ``loss = (1/M) Σ_i L_O(θ_i(λ); Q_i)``; ``accuracy`` = correct query predictions of the
+    adapted models ``θ_i`` over all query points. The adaptation runs on the problem's point
+    (sharded over ranks when the problem has a multi-process reduction: ``task_losses`` and
+    ``adapted`` come back gathered, ``[M]`` and ``[M, P]``); the query logits are then one
+    forward batched over the ``M`` tasks on every rank.
+    """
+    from torch.func import vmap
+
+    pt = problem.point(meta_params, tasks)
+    with torch.no_grad():
+        losses = pt.task_losses()
+        thetas = pt.adapted()
+        b = problem.batch(tasks, pt.lam)
+        if b.num_tasks == 0:
+            return {"loss": float("nan"), "accuracy": float("nan")}
+        logits = vmap(problem.fm.logits)(thetas, b.xq)  # [M, m, classes]
+        correct = (logits.argmax(-1) == b.yq).sum()
+    return {"loss": float(losses.mean()), "accuracy": int(correct) / max(1, b.yq.numel())}

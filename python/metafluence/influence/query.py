@@ -21,26 +21,27 @@ chunk's tasks (one batched call instead of one psg call per task).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.func import vmap
 
 from ..bilevel._func import jvp
+from ..bilevel.engine import Engine
 from ..bilevel.problem import MetaProblem
 from ..psg import per_sample_grad_dots
 
 QUERY_METHODS = ("psg", "jvp")
 
 
-def query_point_scores(problem: MetaProblem, engine: Any, s: Tensor, method: str = "psg") -> Tensor:
+def query_point_scores(
+    problem: MetaProblem, engine: Engine, s: Tensor, method: str = "psg"
+) -> Tensor:
     """Query-point removal scores ``[M_chunk, m]`` of one chunk's engine for the s-test ``s``.
 
     Args:
         problem: the :class:`MetaProblem` the engine belongs to.
-        engine: one chunk's engine, as built by ``problem._engine(batch, lam)`` (any object with
-            ``batch`` and ``theta_jvp(D [k, P]) -> (Θ [M, P], dΘ [k, M, P])``).
+        engine: one chunk's :class:`~metafluence.bilevel.engine.Engine` (its ``batch`` and
+            ``theta_jvp``), e.g. ``problem.engine(meta_params, tasks)``.
         s: the s-test ``[P]`` (flat layout of ``problem.spec``).
         method: ``"psg"`` (per-task fused per-sample gradient dots) or ``"jvp"``.
 

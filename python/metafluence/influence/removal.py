@@ -106,8 +106,7 @@ def target_gradient(problem: MetaProblem, lam: Tensor, target: TargetLike | None
             return out.reshape(())
 
         return torch.func.grad(f)(lam).detach()
-    tp = problem.point(lam, target)
-    return (tp.grad_all()[0] - problem.damping * lam).detach()
+    return problem.point(lam, target).outer_grad().detach()
 
 
 def target_value(problem: MetaProblem, meta_params: ParamsLike, target: TargetLike) -> float:

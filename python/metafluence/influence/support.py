@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..bilevel.engine import build_engine
 from ..bilevel.point import BilevelPoint
 
 
@@ -39,7 +40,7 @@ def exact_support_scores(pt: BilevelPoint, s: Tensor) -> Tensor:
         pt: the point at ``λ*`` (in memory or streamed, any inner map, sharded or not).
         s: the total solve ``(H + δ'I)⁻¹∇f`` ``[P]``.
     """
-    problem, lam = pt.problem, pt.lam
+    lam, fm, inner = pt.lam, pt.problem.fm, pt.problem.inner
     s = s.detach()
     parts = []
     for _, build in pt.chunk_engines():
@@ -51,7 +52,7 @@ def exact_support_scores(pt: BilevelPoint, s: Tensor) -> Tensor:
         for j in range(W.shape[1]):  # over support positions; tasks stay batched
             Wj = W.clone()
             Wj[:, j] = 0
-            cols.append(_directional(problem._engine(batch.with_weights(c, Wj, V), lam), s))
+            cols.append(_directional(build_engine(fm, inner, batch.with_weights(c, Wj, V), lam), s))
         without = torch.stack(cols, 1) if cols else W.new_zeros(W.shape[0], 0)
         # a point of weight 0 is not in the objective: removing it changes nothing
         parts.append(torch.where(W != 0, c[:, None] * (base[:, None] - without), 0.0).detach())

@@ -137,27 +137,6 @@ def _inner(cfg: RunConfig):
     raise ValueError(f"inner={cfg.inner!r}: expected one of {INNERS}")
 
 
-def evaluate(problem, meta_params, tasks) -> dict[str, float]:
-    """Mean post-adaptation query loss and accuracy over ``tasks``.
-
-    The adaptation runs on the problem's point (sharded over ranks for a ``ShardedProblem``;
-    ``task_losses`` and ``adapted`` come back gathered, ``[M]`` and ``[M, P]``); the query
-    logits are then taken on every rank for all ``M`` tasks (a cheap forward pass).
-    """
-    pt = problem.point(meta_params, tasks)
-    with torch.no_grad():
-        losses = pt.task_losses()
-        thetas = pt.adapted()
-        b = problem.batch(tasks, pt.lam)
-        correct = 0
-        total = 0
-        for i in range(b.num_tasks):
-            logits = problem.fm.logits(thetas[i], b.xq[i])
-            correct += int((logits.argmax(-1) == b.yq[i]).sum())
-            total += int(b.yq[i].numel())
-    return {"loss": float(losses.mean()), "accuracy": correct / max(1, total)}
-
-
 def _messages(caught: list[warnings.WarningMessage]) -> list[str]:
     """The warnings about the run; deprecations of libraries are left out (they are raised once
     per process, on the first import that triggers them, so they would make the summary depend
@@ -194,262 +173,382 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return summary
 
 
+@dataclass
+class _Job:
+    """What every stage of one run shares: its configuration, rank, device, dtype, the work
+    folder (``<out>/.<name>.partial``: finished stages, then the report), the store of
+    finished stages and the stage timer."""
+
+    cfg: RunConfig
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    work: Path
+    store: Any
+    stages: _Stages
+    caught: list[str] = field(default_factory=list)
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def progress(self) -> bool:
+        return not (self.cfg.quiet or not self.lead)
+
+
+@dataclass
+class _Data:
+    ds: Any
+    tasks: list
+    mask: torch.Tensor  # [M] bool: the tasks whose support labels were flipped
+    target: list
+    held_out: list
+
+
 def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
-    import torch.distributed as dist
-
-    import metafluence as mf
-    from metafluence.models import build_model
-    from metafluence.report import metrics as M
-    from metafluence.report.render import write_report
-
+    """The stages in order (each a function over library calls); see the module docstring."""
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
     device = torch.device(cfg.device)
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK
-    lead = rank == 0
-    out = Path(cfg.out) / cfg.run_name()
     # everything is written into <out>/.<name>.partial/ (finished stages, then the report) and
     # moved into place at the end: a killed run leaves no half-written report beside an old
     # one, and a rerun with the same configuration resumes from its last finished stage
     work = Path(cfg.out) / f".{cfg.run_name()}.partial"
-    staging = work / "report"
-    store = _stage_store(work, cfg) if world == 1 else None
-    if lead:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True, exist_ok=True)
-    quiet = cfg.quiet or not lead
-    stages = _Stages(quiet, 7)
-    progress = not quiet
+    job = _Job(
+        cfg,
+        rank,
+        world,
+        device,
+        {"float32": torch.float32, "float64": torch.float64}[cfg.dtype],
+        work,
+        _stage_store(work, cfg) if world == 1 else None,
+        _Stages(cfg.quiet or rank != 0, 7),
+    )
+    if job.lead:
+        shutil.rmtree(work / "report", ignore_errors=True)
+        (work / "report").mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    caught: list[str] = []
     try:
-        with stages("data"):
-            if world > 1 and not lead:
-                dist.barrier()  # rank 0 builds (and caches) the dataset first
-            if cfg.dataset in ("glyphs", "glyphs:"):
-                ds = mf.data.load_glyphs(num_classes=cfg.glyph_classes, seed=0, progress=progress)
-            else:
-                ds = mf.data.load(cfg.dataset)
-            if world > 1 and lead:
-                dist.barrier()
-            kw: dict[str, Any] = dict(
-                ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=cfg.seed
-            )
-            clean = mf.data.sample_tasks(ds, num_tasks=cfg.tasks, split="train", **kw)
-            tasks, mask = mf.data.flip_labels(clean, cfg.noise, level="task", seed=cfg.seed)
-            tsplit = "val" if len(ds.by_class("val")) >= cfg.ways else "train"
-            esplit = "test" if len(ds.by_class("test")) >= cfg.ways else tsplit
-            target = mf.data.sample_tasks(
-                ds, num_tasks=cfg.target_tasks, split=tsplit, first_id=10**6, **kw
-            )
-            held_out = mf.data.sample_tasks(
-                ds, num_tasks=cfg.eval_tasks, split=esplit, first_id=2 * 10**6, **kw
-            )
-            move = lambda ts: [  # noqa: E731
-                mf.Task(
-                    (t.support[0].to(device, dtype), t.support[1].to(device)),
-                    (t.query[0].to(device, dtype), t.query[1].to(device)),
-                    id=t.id,
-                    meta=t.meta,
-                )
-                for t in ts
-            ]
-            tasks, target, held_out = move(tasks), move(target), move(held_out)
-        with stages("meta-train"):
-            c, h, _ = ds.image_shape
-            model = build_model(
-                cfg.model, cfg.ways, c, h, width=cfg.width, seed=cfg.seed, pool="stride"
-            ).to(device, dtype)
-            problem = mf.MetaProblem(
-                model, inner=_inner(cfg), damping=cfg.damping, chunk_size=cfg.chunk_size
-            )
-            if world > 1:
-                problem = mf.distributed.ShardedProblem(problem)
-            init = problem.init_params()
-            history: list[float] = []
-            train_info: dict[str, Any] = {}
-
-            def train(train_set: list, steps: int, seed: int, **extra: Any) -> dict:
-                """Adam on meta-batches, then the stationarity rule: λ*, the retrain and the
-                control are all trained (and stopped) this one way."""
-                return mf.train.meta_train(
-                    problem,
-                    model,
-                    train_set,
-                    steps=steps,
-                    outer_lr=cfg.outer_lr,
-                    seed=seed,
-                    optimizer="adam",
-                    batch_size=cfg.meta_batch,
-                    progress=progress,
-                    stationary_tol=cfg.stationary_tol,
-                    stationary_evals=cfg.stationary_evals,
-                    **extra,
-                )
-
-            def first_training() -> dict[str, torch.Tensor]:
-                return train(tasks, cfg.steps, cfg.seed, history=history, info=train_info)
-
-            lam, extra = _stage(
-                store, "meta-train", problem, first_training,
-                lambda: {"history": history, "stationarity": train_info.get("stationarity")},
-            )  # fmt: skip
-            history = list(extra.get("history", history))
-            train_info["stationarity"] = extra.get("stationarity")
-        with stages("influence"), warnings.catch_warnings(record=True) as wlist:
-            warnings.simplefilter("always")
-            # one curvature for the job: every solve (scores, edit) reuses it
-            curv = mf.fit_curvature(
-                problem,
-                lam,
-                tasks,
-                kind=cfg.curvature,
-                method=cfg.curvature_method,
-                solver=cfg.solver,
-                solve_damping=cfg.solve_damping,
-                rank=cfg.rank,
-                options={"maxiter": cfg.maxiter} if cfg.solver in ("cg", "neumann") else {},
-            )
-            res = mf.removal_effects(
-                problem,
-                lam,
-                tasks,
-                target=target,
-                items="task",
-                curvature=curv,
-                lanczos_steps=10,
-                checkpoint_dir=None if store is None else work / "scores",
-            )
-            caught += _messages(wlist)
-        with stages("detection"):
-            task_all = res.all_scores["task"]
-            assert isinstance(task_all, torch.Tensor)
-            task_scores = task_all.double().cpu()
-            sup = torch.stack(res.all_scores["support_point"]).double().cpu()
-            qry = torch.stack(res.all_scores["query_point"]).double().cpu()
-            n_sup, n_qry = sup.shape[1], qry.shape[1]
-            assert isinstance(mask, torch.Tensor)  # level="task": one flag per task [M]
-            m = mask.cpu()
-            sup_mask = m[:, None].expand(-1, n_sup)
-            qry_mask = m[:, None].expand(-1, n_qry)
-            k = int(cfg.remove) if cfg.remove is not None else int(m.sum())
-            k = max(1, min(k, len(tasks) - 1))
-            # baseline: rank tasks by their own post-adaptation query loss (high = suspicious)
-            task_loss = problem.point(lam, tasks).task_losses().detach().double().cpu()
-            detect = {
-                "task_auc": M.roc_auc(-task_scores, m),
-                "task_auc_loss_baseline": M.roc_auc(task_loss, m),
-                "support_point_auc": M.roc_auc(-sup.reshape(-1), sup_mask.reshape(-1)),
-                "query_point_auc": M.roc_auc(-qry.reshape(-1), qry_mask.reshape(-1)),
-                "k": k,
-                "recall_at_k": M.recall_at_k(-task_scores, m, k),
-                "recall_at_2k": M.recall_at_k(-task_scores, m, 2 * k),
-                "n_flipped": int(m.sum()),
-                "n_tasks": len(tasks),
-                "harmful_predicted": int((task_scores < 0).sum()),
-            }
-            order = torch.argsort(task_scores).tolist()  # most harmful first
-            removed = sorted(order[:k])
-        with stages("edit"), warnings.catch_warnings(record=True) as wlist:
-            warnings.simplefilter("always")
+        with job.stages("data"):
+            data = _data_stage(job)
+        with job.stages("meta-train"):
+            problem, init, lam, train, training = _meta_train_stage(job, data)
+        with job.stages("influence"), _recorded(job):
+            curv, res = _influence_stage(job, problem, lam, data)
+        with job.stages("detection"):
+            detect, removed, scores = _detection_stage(job, problem, lam, data, res)
+        with job.stages("edit"), _recorded(job):
             edited, _ = _stage(
-                store, "edit", problem,
-                lambda: mf.edit(problem, lam, tasks, remove={"task": removed}, curvature=curv),
+                job.store, "edit", problem,
+                lambda: _edit_stage(problem, lam, data.tasks, removed, curv),
             )  # fmt: skip
-            caught += _messages(wlist)
-        with stages("retrain"):
-            keep = [t for i, t in enumerate(tasks) if i not in set(removed)]
-
-            def warm_retrain(train_set: list) -> dict:
-                """``retrain_steps`` more steps from λ* (seed + 1) on ``train_set``, stopped by
-                λ*'s stationarity rule (edit and retrain compared at one tolerance)."""
-                return train(train_set, cfg.retrain_steps, cfg.seed + 1, init=lam)
-
-            retrained, _ = _stage(store, "retrain", problem, lambda: warm_retrain(keep))
-            # control: the same extra steps on all tasks (separates removal from more training)
-            continued = None
-            if cfg.extra.get("control", True):
-                continued, _ = _stage(store, "control", problem, lambda: warm_retrain(tasks))
-        with stages("report"):
+        with job.stages("retrain"):
+            retrained, continued = _retrain_stage(job, problem, lam, data, removed, train)
+        with job.stages("report"):
             models = {"initial": init, "original": lam, "edited": edited, "retrained": retrained}
             if continued is not None:
                 models["continued (all tasks)"] = continued
-            evals = {
-                name: {
-                    "target": evaluate(problem, p, target),
-                    "test": evaluate(problem, p, held_out),
-                }
-                for name, p in models.items()
-            }
-            f0 = evals["original"]["target"]["loss"]
-            change = {
-                "predicted": float(task_scores[removed].sum()),
-                "edited": evals["edited"]["target"]["loss"] - f0,
-                "retrained": evals["retrained"]["target"]["loss"] - f0,
-            }
-            if continued is not None:
-                change["continued"] = evals["continued (all tasks)"]["target"]["loss"] - f0
-            diag = {
-                k2: v
-                for k2, v in res.diagnostics.items()
-                if isinstance(v, (int, float, str, bool, list))
-            }
-            diag_solve = dict(res.diagnostics.get("solve", {}))
-            summary: dict[str, Any] = {
-                "config": asdict(cfg),
-                "dataset": ds.summary(),
-                "dataset_source": ds.meta.get("source", ds.meta.get("path")),
-                "parameters": int(problem.spec.size),
-                "detection": detect,
-                "removed_tasks": [tasks[i].id for i in removed],
-                "removed_flipped": int(m[removed].sum()),
-                "evaluation": evals,
-                "target_change": change,
-                "solve": {"purpose": "total solve for the target (s-test)", **diag_solve},
-                "curvature": {**curv.config(), "fit": curv.fit_info},
-                "stationarity": train_info.get("stationarity"),
-                "meta_grad_norm": res.meta_grad_norm,
-                "diagnostics": diag,
-                "warnings": sorted(set(caught)),
-                "train_history": history,
-            }
-            summary["stage_seconds"] = dict(stages.times)
-            summary["processes"] = getattr(problem, "world", 1)  # ranks sharing the tasks
-            if lead:
+            summary = _summary(
+                job, problem, data, res, curv, detect, removed, scores, models, training
+            )
+            if job.lead:
+                from metafluence.report.render import write_report
+
                 write_report(
-                    staging,
+                    work / "report",
                     summary,
-                    task_scores=task_scores,
-                    task_mask=m,
-                    support_scores=sup,
-                    query_scores=qry,
-                    task_ids=[t.id for t in tasks],
-                    task_classes=[t.meta.get("class_names", []) for t in tasks],
+                    task_scores=scores["task"],
+                    task_mask=data.mask,
+                    support_scores=scores["support_point"],
+                    query_scores=scores["query_point"],
+                    task_ids=[t.id for t in data.tasks],
+                    task_classes=[t.meta.get("class_names", []) for t in data.tasks],
                 )
     finally:
-        stages.close()
-    summary["stage_seconds"] = dict(stages.times)
+        job.stages.close()
+    summary["stage_seconds"] = dict(job.stages.times)
     summary["wall_seconds"] = time.perf_counter() - t_all
+    out = Path(cfg.out) / cfg.run_name()
     summary["out"] = str(out)
-    if not lead:
-        return summary
-    # the report files carry the stage times known when they were written; add the total
+    if job.lead:
+        _finish(work / "report", summary, world)
+        _publish(work / "report", out, work)
+    return summary
+
+
+class _recorded:  # noqa: N801 - a context manager used like a function
+    """Record the warnings of a stage into ``job.caught`` (shown in the report)."""
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.ctx = warnings.catch_warnings(record=True)
+
+    def __enter__(self) -> None:
+        self.wlist = self.ctx.__enter__()
+        warnings.simplefilter("always")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.job.caught += _messages(self.wlist)
+        self.ctx.__exit__(*exc)
+
+
+def _data_stage(job: _Job) -> _Data:
+    """The dataset (embedded glyphs by default), ``tasks`` meta-training tasks with the support
+    labels of ``noise`` of them flipped, target tasks (val split) and held-out tasks (test)."""
+    import torch.distributed as dist
+
+    import metafluence as mf
+
+    cfg = job.cfg
+    if job.world > 1 and not job.lead:
+        dist.barrier()  # rank 0 builds (and caches) the dataset first
+    if cfg.dataset in ("glyphs", "glyphs:"):
+        ds = mf.data.load_glyphs(num_classes=cfg.glyph_classes, seed=0, progress=job.progress)
+    else:
+        ds = mf.data.load(cfg.dataset)
+    if job.world > 1 and job.lead:
+        dist.barrier()
+    kw: dict[str, Any] = dict(ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=cfg.seed)
+    clean = mf.data.sample_tasks(ds, num_tasks=cfg.tasks, split="train", **kw)
+    tasks, mask = mf.data.flip_labels(clean, cfg.noise, level="task", seed=cfg.seed)
+    assert isinstance(mask, torch.Tensor)  # level="task": one flag per task [M]
+    tsplit = "val" if len(ds.by_class("val")) >= cfg.ways else "train"
+    esplit = "test" if len(ds.by_class("test")) >= cfg.ways else tsplit
+    target = mf.data.sample_tasks(
+        ds, num_tasks=cfg.target_tasks, split=tsplit, first_id=10**6, **kw
+    )
+    held_out = mf.data.sample_tasks(
+        ds, num_tasks=cfg.eval_tasks, split=esplit, first_id=2 * 10**6, **kw
+    )
+
+    def move(ts: list) -> list:
+        return [t.to(job.device, job.dtype) for t in ts]
+
+    return _Data(ds, move(tasks), mask.cpu(), move(target), move(held_out))
+
+
+def _meta_train_stage(job: _Job, data: _Data) -> tuple:
+    """``(problem, λ_0, λ*, train, {"history", "stationarity"})``: Adam on meta-batches, then the
+    stationarity phase; ``train(tasks, steps, seed, **kw)`` is the one training rule (λ*, the
+    retrain and the control are all trained and stopped this way)."""
+    import metafluence as mf
+    from metafluence.models import build_model
+
+    cfg = job.cfg
+    c, h, _ = data.ds.image_shape
+    model = build_model(cfg.model, cfg.ways, c, h, width=cfg.width, seed=cfg.seed, pool="stride")
+    model = model.to(job.device, job.dtype)
+    problem = mf.MetaProblem(
+        model, inner=_inner(cfg), damping=cfg.damping, chunk_size=cfg.chunk_size
+    )
+    if job.world > 1:
+        problem = mf.distributed.ShardedProblem(problem)
+    history: list[float] = []
+    info: dict[str, Any] = {}
+
+    def train(train_set: list, steps: int, seed: int, **extra: Any) -> dict:
+        return mf.train.meta_train(
+            problem,
+            model,
+            train_set,
+            steps=steps,
+            outer_lr=cfg.outer_lr,
+            seed=seed,
+            optimizer="adam",
+            batch_size=cfg.meta_batch,
+            progress=job.progress,
+            stationary_tol=cfg.stationary_tol,
+            stationary_evals=cfg.stationary_evals,
+            **extra,
+        )
+
+    init = problem.init_params()
+    lam, extra = _stage(
+        job.store, "meta-train", problem,
+        lambda: train(data.tasks, cfg.steps, cfg.seed, history=history, info=info),
+        lambda: {"history": history, "stationarity": info.get("stationarity")},
+    )  # fmt: skip
+    training = {
+        "history": list(extra.get("history", history)),
+        "stationarity": extra.get("stationarity"),
+    }
+    return problem, init, lam, train, training
+
+
+def _influence_stage(job: _Job, problem: Any, lam: Any, data: _Data) -> tuple:
+    """The job's one curvature (fitted once, reused by every solve) and the removal effects of
+    every task, support point and query point on the target's mean query loss."""
+    import metafluence as mf
+
+    cfg = job.cfg
+    curv = mf.fit_curvature(
+        problem,
+        lam,
+        data.tasks,
+        kind=cfg.curvature,
+        method=cfg.curvature_method,
+        solver=cfg.solver,
+        solve_damping=cfg.solve_damping,
+        rank=cfg.rank,
+        options={"maxiter": cfg.maxiter} if cfg.solver in ("cg", "neumann") else {},
+    )
+    res = mf.removal_effects(
+        problem,
+        lam,
+        data.tasks,
+        target=data.target,
+        items="task",
+        curvature=curv,
+        lanczos_steps=10,
+        checkpoint_dir=None if job.store is None else job.work / "scores",
+    )
+    return curv, res
+
+
+def _detection_stage(job: _Job, problem: Any, lam: Any, data: _Data, res: Any) -> tuple:
+    """Detection of the flipped tasks (AUC, recall@k; harm = −removal effect) beside the loss
+    ranking baseline; the ``k`` most harmful tasks to remove (``k`` = ``remove`` or the number
+    flipped)."""
+    import metafluence as mf
+
+    cfg = job.cfg
+    task_all = res.all_scores["task"]
+    assert isinstance(task_all, torch.Tensor)
+    scores = {
+        "task": task_all.double().cpu(),
+        "support_point": torch.stack(res.all_scores["support_point"]).double().cpu(),
+        "query_point": torch.stack(res.all_scores["query_point"]).double().cpu(),
+    }
+    m = data.mask
+    k = int(cfg.remove) if cfg.remove is not None else int(m.sum())
+    k = max(1, min(k, len(data.tasks) - 1))
+    # baseline: rank tasks by their own post-adaptation query loss (high = suspicious)
+    loss = problem.point(lam, data.tasks).task_losses().detach().double().cpu()
+    auc = mf.evaluate.detection_auc
+    per_point = {
+        f"{kind}_auc": auc(s.reshape(-1), m[:, None].expand_as(s).reshape(-1))
+        for kind, s in scores.items()
+        if kind != "task"
+    }
+    detect = {
+        "task_auc": auc(scores["task"], m),
+        "task_auc_loss_baseline": auc(-loss, m),
+        **per_point,
+        "k": k,
+        "recall_at_k": mf.evaluate.recall_at_k(scores["task"], m, k),
+        "recall_at_2k": mf.evaluate.recall_at_k(scores["task"], m, 2 * k),
+        "n_flipped": int(m.sum()),
+        "n_tasks": len(data.tasks),
+        "harmful_predicted": int((scores["task"] < 0).sum()),
+    }
+    removed = sorted(torch.argsort(scores["task"]).tolist()[:k])  # most harmful first
+    return detect, removed, scores
+
+
+def _edit_stage(problem: Any, lam: Any, tasks: list, removed: list[int], curv: Any) -> Any:
+    """``λ* + Δλ`` without the ``removed`` tasks, through the job's curvature."""
+    import metafluence as mf
+
+    return mf.edit(problem, lam, tasks, remove={"task": removed}, curvature=curv)
+
+
+def _retrain_stage(
+    job: _Job, problem: Any, lam: Any, data: _Data, removed: list[int], train: Any
+) -> tuple:
+    """``retrain_steps`` more steps from λ* (seed + 1) without the removed tasks, and the
+    control (the same extra steps on all tasks: separates removal from more training); both
+    stopped by λ*'s stationarity rule, so edit and retrain are compared at one tolerance."""
+    cfg = job.cfg
+    gone = set(removed)
+    keep = [t for i, t in enumerate(data.tasks) if i not in gone]
+
+    def warm(train_set: list) -> dict:
+        return train(train_set, cfg.retrain_steps, cfg.seed + 1, init=lam)
+
+    retrained, _ = _stage(job.store, "retrain", problem, lambda: warm(keep))
+    continued = None
+    if cfg.extra.get("control", True):
+        continued, _ = _stage(job.store, "control", problem, lambda: warm(data.tasks))
+    return retrained, continued
+
+
+def _summary(
+    job: _Job,
+    problem: Any,
+    data: _Data,
+    res: Any,
+    curv: Any,
+    detect: dict,
+    removed: list[int],
+    scores: dict,
+    models: dict,
+    training: dict,
+) -> dict[str, Any]:
+    """Everything the report shows: evaluations of every model on the target and held-out
+    tasks, the target change (predicted, edited, retrained, continued), the solve, the
+    curvature, stationarity, diagnostics and the run's warnings."""
+    import metafluence as mf
+
+    perf = mf.evaluate.adapted_performance
+    evals = {
+        name: {"target": perf(problem, p, data.target), "test": perf(problem, p, data.held_out)}
+        for name, p in models.items()
+    }
+    f0 = evals["original"]["target"]["loss"]
+    change = {"predicted": float(scores["task"][removed].sum())}
+    for key, name in (
+        ("edited", "edited"),
+        ("retrained", "retrained"),
+        ("continued", "continued (all tasks)"),
+    ):
+        if name in evals:
+            change[key] = evals[name]["target"]["loss"] - f0
+    diag = {
+        k: v for k, v in res.diagnostics.items() if isinstance(v, (int, float, str, bool, list))
+    }
+    return {
+        "config": asdict(job.cfg),
+        "dataset": data.ds.summary(),
+        "dataset_source": data.ds.meta.get("source", data.ds.meta.get("path")),
+        "parameters": int(problem.spec.size),
+        "detection": detect,
+        "removed_tasks": [data.tasks[i].id for i in removed],
+        "removed_flipped": int(data.mask[removed].sum()),
+        "evaluation": evals,
+        "target_change": change,
+        "solve": {
+            "purpose": "total solve for the target (s-test)",
+            **dict(res.diagnostics.get("solve", {})),
+        },
+        "curvature": {**curv.config(), "fit": curv.fit_info},
+        "stationarity": training["stationarity"],
+        "meta_grad_norm": res.meta_grad_norm,
+        "diagnostics": diag,
+        "warnings": sorted(set(job.caught)),
+        "train_history": training["history"],
+        "stage_seconds": dict(job.stages.times),
+        "processes": problem.reduce.world,  # ranks sharing the tasks
+    }
+
+
+def _finish(staging: Path, summary: dict[str, Any], world: int) -> None:
+    """Append the total wall time to ``report.md`` and write ``summary.json`` last, atomically
+    (its presence means every other file is complete), with the other files' permissions."""
     procs = f"{world} processes, " if world > 1 else ""
     with open(staging / "report.md", "a") as fh:
         fh.write(
             f"\nTotal wall time: {summary['wall_seconds']:.1f} s ({procs}{os.cpu_count()} CPU "
             f"cores visible, torch threads {torch.get_num_threads()}).\n"
         )
-    # written last and atomically: its presence means every other file is complete
     data = json.dumps(summary, indent=2, default=str).encode()
     atomic_write_bytes(staging / "summary.json", data)
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(staging / "summary.json", 0o666 & ~mask)  # like the other files (not the temp's 0600)
-    _publish(staging, out, work)
-    return summary
 
 
 def _stage_store(work: Path, cfg: RunConfig) -> Any:
