@@ -16,7 +16,13 @@ A :class:`Curvature` holds
     (``power_iters + 2`` passes of ``r``-row HVPs; ``τ`` the smallest kept ``|Λ|``). Used as the
     preconditioner of CG (``solver="cg"``: Nyström-style PCG, the same answer in fewer
     iterations) or directly (``solver="approx"``: ``x = U (Λ+δ')⁻¹ Uᵀ b + (b − UUᵀb)/(τ+δ')``,
-    no pass over the tasks per solve).
+    no pass over the tasks per solve);
+  * ``"secant"``: the same form ``U Λ Uᵀ + τ (I − UUᵀ)`` from the secant pairs ``(s_j, y_j)``,
+    ``y_j = ∇F(λ_{j+1}) − ∇F(λ_j) ≈ H s_j``, that the stationarity phase's L-BFGS collected on
+    its way to ``λ*`` (:func:`secant_eigenpairs`: Rayleigh-Ritz on ``span(S)``). The pairs are
+    free (they are training's own gradients); only the tail ``τ`` costs ``tail_probes`` HVP
+    rows (one batched pass; 0: ``τ`` = the smallest ``|Ritz value|``). Exact curvature only
+    (differences of ``∇F`` measure the exact ``H``, ``δ`` included).
 
 - ``solver`` and ``options`` (the solver's keyword arguments: ``rtol``, ``maxiter``, ...).
 
@@ -46,7 +52,8 @@ from ..solvers import SOLVERS, SolveResult, get_solver
 from ..solvers._base import default_rtol, eps, relative_residual
 from .point import CURVATURES, BilevelPoint, check_curvature
 
-METHODS = ("krylov", "dense", "lowrank")
+METHODS = ("krylov", "dense", "lowrank", "secant")
+LOWRANK = ("lowrank", "secant")  # methods with the form U Λ Uᵀ + τ (I − UUᵀ)
 # "approx": the low-rank inverse used directly; "auto" (with method "auto"): dense or CG by P
 SOLVE_MODES = (*SOLVERS, "approx", "auto")
 AUTO_DENSE_MAX = 1024  # "auto": dense eigendecomposition up to this P (P HVP rows, once)
@@ -84,8 +91,11 @@ class Curvature:
             raise ValueError(f"solver={self.solver!r}: expected one of {SOLVE_MODES}")
         if (self.method == "auto") != (self.solver == "auto"):
             raise ValueError("method='auto' and solver='auto' go together (resolved by P)")
-        if self.solver == "approx" and self.method != "lowrank":
-            raise ValueError("solver='approx' uses a low-rank fit: it needs method='lowrank'")
+        if self.solver == "approx" and self.method not in LOWRANK:
+            raise ValueError(
+                f"solver='approx' uses a low-rank fit: it needs method in {LOWRANK}, not "
+                f"{self.method!r}"
+            )
         self.solve_damping = check_solve_damping(self.solve_damping)
         if not isinstance(self.options, Mapping):
             raise TypeError(f"options must be a dict of solver arguments, got {self.options!r}")
@@ -158,7 +168,7 @@ class Curvature:
             res = get_solver("direct")(pt.matvec(self.kind), B, damping=self.solve_damping)
         else:
             kw = dict(self.options)
-            if self.method == "lowrank" and self.fitted and self.solver == "cg":
+            if self.method in LOWRANK and self.fitted and self.solver == "cg":
                 kw.setdefault("precond", lambda R: self._approx_inverse(R, spd=True))
             solver = "cg" if self.solver == "approx" else self.solver
             # always [k, P]: solvers then apply the operator to all rows in one batched call
@@ -344,6 +354,8 @@ def fit_curvature(
     seed: int = 0,
     options: Mapping[str, Any] | None = None,
     task_weight: Tensor | None = None,
+    pairs: tuple[Tensor, Tensor] | None = None,
+    tail_probes: int = 4,
 ) -> Curvature:
     """Fit the curvature of ``(λ*, train_tasks)`` once; pass it to every solve of the job.
 
@@ -354,11 +366,17 @@ def fit_curvature(
         solver: ``"cg"`` (the default: with a low-rank fit as its preconditioner), ``"approx"``
             (low-rank inverse used directly), or another total solver for ``"krylov"``.
         solve_damping: ``δ'``.
-        rank, power_iters, seed: of the randomized low-rank fit.
+        rank, power_iters, seed: of the randomized low-rank fit (``seed`` also draws the
+            secant fit's tail probes).
         options: the solver's keyword arguments (``rtol``, ``maxiter``, ...).
+        pairs: ``(S [r, P], Y [r, P])`` for ``method="secant"``: the stationarity phase's
+            secant pairs (``meta_train(..., info=info)`` leaves them in
+            ``info["secant_pairs"]``; ``make_stationary``'s report holds them as ``.pairs``).
+        tail_probes: HVP rows that estimate the secant fit's tail ``τ`` (0: none).
 
     Cost: dense ``P`` HVP rows; low-rank ``(power_iters + 2) · rank`` HVP rows in
-    ``power_iters + 2`` batched passes; krylov none. ``fit_info`` records rows and seconds.
+    ``power_iters + 2`` batched passes; secant ``tail_probes`` rows (one pass); krylov none.
+    ``fit_info`` records rows and seconds.
     """
     if method not in (*METHODS, "auto"):
         raise ValueError(f"method={method!r}: expected one of {(*METHODS, 'auto')}")
@@ -368,9 +386,28 @@ def fit_curvature(
         method = "dense" if P <= AUTO_DENSE_MAX else "lowrank"
     if method == "dense" and solver in ("cg", "auto"):
         solver = "direct"
+    if (method == "secant") != (pairs is not None):
+        raise ValueError(
+            "pairs=(S, Y) go with method='secant' (the stationarity phase's secant pairs: "
+            "info['secant_pairs'] of mf.train.meta_train), and method='secant' needs them"
+        )
+    if method == "secant" and kind != "exact":
+        raise ValueError(
+            f"method='secant' measures the exact Hessian (differences of ∇F): use "
+            f"kind='exact', not {kind!r}"
+        )
     curv = Curvature(kind, method, solver, solve_damping, dict(options or {}))
     if method == "krylov":
         return curv
+    if method == "secant":
+        assert pairs is not None
+        return _fit_secant(
+            curv,
+            pt,
+            pairs,
+            tail_probes=check_int(tail_probes, "tail_probes", minimum=0),
+            seed=check_int(seed, "seed", minimum=0),
+        )
     return _fit(
         curv,
         pt,
@@ -418,4 +455,66 @@ def _fit(
         rows = r * (power_iters + 2)
     out.fitted_at = point_digest(pt)
     out.fit_info = {"P": P, "hvp_rows": rows, "seconds": time.perf_counter() - t0}
+    return out
+
+
+def secant_eigenpairs(S: Tensor, Y: Tensor, rcond: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Ritz pairs ``(Λ [r'], U [P, r'])`` of ``H`` on ``span(S)`` from secant pairs.
+
+    With ``Sᵀ = W Σ Vᵀ`` (thin SVD, singular values below ``rcond · σ_max`` dropped: dependent
+    steps), ``H W ≈ Yᵀ V Σ⁻¹`` because ``Yᵀ ≈ H Sᵀ``; the Rayleigh-Ritz matrix
+    ``T = Wᵀ Yᵀ V Σ⁻¹`` (symmetrised) ``= Z Λ Zᵀ`` gives ``U = W Z``, ordered by ``|Λ|``
+    descending. ``S``, ``Y``: ``[r, P]``, row ``j`` the step ``s_j`` and the gradient change
+    ``y_j``.
+    """
+    if S.dim() != 2 or S.shape != Y.shape:
+        raise ValueError(
+            f"pairs must be two [r, P] tensors of one shape, got {tuple(S.shape)} and "
+            f"{tuple(Y.shape)}"
+        )
+    if S.shape[0] == 0:
+        raise ValueError("pairs are empty: the stationarity phase kept no secant pair")
+    W, sig, Vh = torch.linalg.svd(S.T, full_matrices=False)  # S.T = W diag(sig) Vh
+    keep = sig > rcond * sig.max()
+    W, sig, Vh = W[:, keep], sig[keep], Vh[keep]
+    HW = (Y.T @ Vh.T) / sig  # [P, r'] ≈ H W
+    T = W.T @ HW
+    lam, Z = torch.linalg.eigh(0.5 * (T + T.T))
+    order = torch.argsort(lam.abs(), descending=True)
+    return lam[order], W @ Z[:, order]
+
+
+def _fit_secant(
+    curv: Curvature, pt: BilevelPoint, pairs: tuple[Tensor, Tensor], tail_probes: int, seed: int
+) -> Curvature:
+    """The secant fit (module docstring): Ritz pairs from the pairs, and the tail ``τ`` as the
+    mean Rayleigh quotient of ``tail_probes`` random directions projected out of ``span(U)``
+    (the best constant for ``H`` on the complement in the Frobenius sense), else the smallest
+    ``|Ritz value|``."""
+    t0 = time.perf_counter()
+    P, dt, dev = pt.lam.numel(), pt.lam.dtype, pt.lam.device
+    S, Y = (t.detach().to(dev, torch.float64) for t in pairs)
+    if S.dim() != 2 or S.shape[1] != P:
+        raise ValueError(f"pairs have shape {tuple(S.shape)}; expected [r, P={P}]")
+    lam, U = secant_eigenpairs(S, Y)
+    lam, U = lam.to(dt), U.to(dt)
+    tail = float(lam.abs().min())
+    if tail_probes:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        Z = torch.randn(tail_probes, P, generator=gen, dtype=dt).to(dev)
+        Z = Z - (Z @ U) @ U.T
+        Z = Z / torch.linalg.vector_norm(Z, dim=1, keepdim=True)
+        quotients = (_hvp_rows(pt, curv.kind, Z) * Z).sum(1)
+        tail = float(quotients.mean())
+        if not tail > 0:  # an indefinite complement: fall back to the smallest Ritz value
+            tail = float(lam.abs().min())
+    out = dataclasses.replace(curv, eigvecs=U, eigvals=lam, tail=tail)
+    out.fitted_at = point_digest(pt)
+    out.fit_info = {
+        "P": P,
+        "hvp_rows": tail_probes,
+        "pairs": int(S.shape[0]),
+        "rank": int(lam.numel()),
+        "seconds": time.perf_counter() - t0,
+    }
     return out

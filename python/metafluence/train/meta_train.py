@@ -171,7 +171,9 @@ def meta_train(
             ``‖∇F‖ ≤ stationary_tol``, at most ``stationary_evals`` gradient evaluations).
             ``None`` (default): no such phase.
         info: if given, ``info["stationarity"]`` receives the phase's
-            :class:`~metafluence.train.stationary.StationarityReport` as a dict.
+            :class:`~metafluence.train.stationary.StationarityReport` as a dict and
+            ``info["secant_pairs"]`` its secant pairs ``(S, Y)`` (or None), the raw material
+            of ``mf.fit_curvature(..., method="secant", pairs=...)``.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
@@ -277,6 +279,7 @@ def meta_train(
         )
         if info is not None:
             info["stationarity"] = report.as_dict()
+            info["secant_pairs"] = report.pairs  # (S, Y) or None: mf.fit_curvature(method="secant")
         return out
     return problem.unflat(lam)
 

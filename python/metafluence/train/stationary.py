@@ -17,9 +17,10 @@ stationary_tol=tol)``), so that an edit and a retrain are compared at the same t
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .._checks import check_float, check_int
@@ -31,7 +32,10 @@ from ._bar import progress_bar
 class StationarityReport:
     """What the stationarity phase did: ``‖∇F‖`` and ``F`` before and after, the number of
     ``(F, ∇F)`` evaluations (each one full meta-gradient over the tasks), the wall time, and
-    whether ``‖∇F‖ ≤ tol`` was reached."""
+    whether ``‖∇F‖ ≤ tol`` was reached. ``pairs`` holds the secant pairs ``(S [r, P],
+    Y [r, P])`` the phase accepted (the newest ``keep_pairs``; ``y_j = ∇F(λ_{j+1}) − ∇F(λ_j)``),
+    a curvature for free (``mf.fit_curvature(method="secant", pairs=...)``); it is left out of
+    :meth:`as_dict`."""
 
     tol: float
     grad_norm_before: float
@@ -42,9 +46,12 @@ class StationarityReport:
     seconds: float
     converged: bool
     method: str = "lbfgs"
+    pairs: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pairs"}
+        out["secant_pairs"] = 0 if self.pairs is None else int(self.pairs[0].shape[0])
+        return out
 
     def line(self) -> str:
         """One line for reports."""
@@ -66,6 +73,7 @@ def make_stationary(
     history_size: int = 20,
     task_weight: Tensor | None = None,
     progress: bool = False,
+    keep_pairs: int = 64,
 ) -> tuple[dict[str, Tensor], StationarityReport]:
     """Full-batch L-BFGS from ``meta_params`` until ``‖∇F‖₂ ≤ tol`` (module docstring).
 
@@ -74,12 +82,15 @@ def make_stationary(
         max_evals: at most this many ``(F, ∇F)`` evaluations (line-search trials and the
             first evaluation included).
         history_size: L-BFGS memory.
+        keep_pairs: how many of the newest accepted secant pairs the report keeps (the
+            ``"secant"`` curvature's raw material; 0: none).
 
     Returns ``(meta_params, report)``. Deterministic on CPU for a fixed thread count.
     """
     tol = check_float(tol, "stationary_tol", positive=True)
     max_evals = check_int(max_evals, "stationary_evals", minimum=1)
     history_size = check_int(history_size, "history_size", minimum=1)
+    keep_pairs = check_int(keep_pairs, "keep_pairs", minimum=0)
     t0 = time.perf_counter()
     lam = problem.flat(meta_params).detach().clone()
     batch = problem.batch(tasks, lam, task_weight)
@@ -97,6 +108,7 @@ def make_stationary(
     best = (x, f, gn)  # the most stationary accepted iterate (‖∇F‖ need not fall monotonically)
     S: list[Tensor] = []
     Y: list[Tensor] = []
+    kept: list[tuple[Tensor, Tensor]] = []  # the newest keep_pairs accepted pairs
     bar = progress_bar(max_evals, progress, "stationarity (L-BFGS)")
     while gn > tol and evals < max_evals:
         d = -_two_loop(g, S, Y)
@@ -121,6 +133,9 @@ def make_stationary(
             S.append(s_k), Y.append(y_k)
             if len(S) > history_size:
                 S.pop(0), Y.pop(0)
+            if keep_pairs:
+                kept.append((s_k, y_k))
+                del kept[:-keep_pairs]
         x, f, g = x + s_k, f_new, g_new
         gn = float(g.norm())
         if gn < best[2]:
@@ -139,6 +154,9 @@ def make_stationary(
         evaluations=evals,
         seconds=time.perf_counter() - t0,
         converged=gn <= tol,
+        pairs=(torch.stack([p[0] for p in kept]), torch.stack([p[1] for p in kept]))
+        if kept
+        else None,
     )
     return problem.unflat(x.detach()), report
 

@@ -1,0 +1,252 @@
+"""Where the influence time goes on the job's problem, and what the curvature choice costs
+(issue 16): meta-training (Adam, then the stationarity phase) against scores + edit.
+
+The problem is ``metafluence run``'s (glyphs, 5-way 1-shot, 5 queries per class, Conv-4/32
+ANIL, float32, 1 thread, δ = 1e-3, 20% of the tasks with flipped support labels; target = the
+mean post-adaptation query loss of 40 val-split tasks). For ``M`` tasks:
+
+1. meta-train: ``steps`` Adam steps on meta-batches of 32, then the stationarity phase
+   (full-batch L-BFGS, ``--tol``, at most ``--evals`` gradient evaluations), which keeps its
+   secant pairs; the unit costs of one meta-gradient, one Gauss-Newton and one exact total-HVP
+   product over all ``M`` tasks are measured at ``λ*``;
+2. for each curvature variant (``--variants``): fit, all scores (task, support point, query
+   point: one ``removal_effects`` call, ``diagnostics=False``), one edit removing the ``k``
+   most harmful tasks (``k`` = the number flipped), each timed; the variant's task scores are
+   compared (Spearman, relative error) with the reference solve (the secant-preconditioned
+   exact solve run to ``--ref-rtol``) and its flipped-task AUC is reported.
+
+Variants: ``cg15`` the job's former default (Gauss-Newton, CG, 15 iterations, δ' = 1);
+``secant`` the stationarity phase's pairs used directly (``solver="approx"``, exact
+curvature, δ' = ``--secant-damping``); ``secant-pcgK``: the same pairs as the preconditioner
+of CG with ``K`` iterations.
+
+    python benchmarks/influence_cost.py --M 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import metafluence as mf  # noqa: E402
+from harness import RESULTS_DIR, append_csv, machine_info  # noqa: E402
+from metafluence.evaluate import adapted_performance  # noqa: E402
+from metafluence.models import build_model  # noqa: E402
+from metafluence.report.job import RunConfig, _inner  # noqa: E402
+
+OUT = RESULTS_DIR / "influence_cost"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--M", type=int, default=120, help="meta-training tasks")
+    p.add_argument("--steps", type=int, default=150, help="Adam steps before the phase")
+    p.add_argument("--tol", type=float, default=1e-3, help="stationarity tolerance on ‖∇F‖")
+    p.add_argument("--evals", type=int, default=60, help="stationarity gradient evaluations")
+    p.add_argument("--variants", default="cg15,secant,secant-pcg2,secant-pcg4")
+    p.add_argument("--secant-damping", type=float, default=0.0, help="δ' of the secant variants")
+    p.add_argument("--ref-rtol", type=float, default=1e-3)
+    p.add_argument("--ref-maxiter", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=Path("/tmp/mf_influence_cost"))
+    p.add_argument("--out", type=Path, default=OUT)
+    return p.parse_args(argv)
+
+
+class Job:
+    """The job's data, model and problem (``RunConfig`` defaults)."""
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.cfg = cfg = RunConfig(seed=a.seed)
+        ds = mf.data.load_glyphs(num_classes=cfg.glyph_classes, seed=0, progress=False)
+        kw: dict[str, Any] = dict(ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=a.seed)
+        clean = mf.data.sample_tasks(ds, num_tasks=a.M, split="train", **kw)
+        self.tasks, mask = mf.data.flip_labels(clean, cfg.noise, level="task", seed=a.seed)
+        assert isinstance(mask, torch.Tensor)
+        self.mask = mask
+        self.target = mf.data.sample_tasks(
+            ds, num_tasks=cfg.target_tasks, split="val", first_id=10**6, **kw
+        )
+        self.test = mf.data.sample_tasks(
+            ds, num_tasks=cfg.eval_tasks, split="test", first_id=2 * 10**6, **kw
+        )
+        c, h, _ = ds.image_shape
+        self.model = build_model(
+            "conv4", cfg.ways, c, h, width=cfg.width, seed=a.seed, pool="stride"
+        )
+        self.problem = mf.MetaProblem(
+            self.model, inner=_inner(cfg), damping=cfg.damping, chunk_size=cfg.chunk_size
+        )
+
+    def train(self) -> tuple[dict, dict[str, Any]]:
+        """λ*, its stationarity report and secant pairs, and the stage times (cached)."""
+        a = self.a
+        key = a.cache / f"M{a.M}-s{a.steps}-tol{a.tol:g}-e{a.evals}-seed{a.seed}.pt"
+        if key.exists():
+            got = torch.load(key, weights_only=False)
+            log(f"meta-train: cached {key}")
+            return got["lam"], got["info"]
+        info: dict[str, Any] = {}
+        stamps: list[float] = []
+        t0 = time.perf_counter()
+        lam = mf.train.meta_train(
+            self.problem,
+            self.model,
+            self.tasks,
+            steps=a.steps,
+            outer_lr=self.cfg.outer_lr,
+            seed=a.seed,
+            optimizer="adam",
+            batch_size=self.cfg.meta_batch,
+            stationary_tol=a.tol,
+            stationary_evals=a.evals,
+            info=info,
+            callback=lambda *_: stamps.append(time.perf_counter()),
+        )
+        info["t_train"] = time.perf_counter() - t0
+        info["t_adam"] = (stamps[-1] - t0) if stamps else float("nan")
+        a.cache.mkdir(parents=True, exist_ok=True)
+        torch.save({"lam": lam, "info": info}, key)
+        return lam, info
+
+
+def unit_costs(job: Job, lam: dict) -> dict[str, float]:
+    """Seconds of one meta-gradient, one GN product and one exact HVP over all M tasks."""
+    pt = job.problem.point(lam, job.tasks)
+    v = torch.randn(pt.lam.numel(), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, fn in (
+        ("t_grad", pt.meta_grad),
+        ("t_gn", lambda: pt.hvp(v, "gauss_newton")),
+        ("t_hvp", lambda: pt.hvp(v, "exact")),
+    ):
+        ts = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        out[name] = statistics.median(ts)
+    return out
+
+
+def curvature(job: Job, lam: dict, info: dict, variant: str, a: argparse.Namespace):
+    """The variant's fitted curvature (and the fit's seconds)."""
+    t0 = time.perf_counter()
+    if variant == "cg15":
+        curv = mf.fit_curvature(
+            job.problem, lam, job.tasks, kind="gauss_newton", method="krylov", solver="cg",
+            solve_damping=1.0, options={"maxiter": 15},
+        )  # fmt: skip
+    elif variant.startswith("secant") or variant == "ref":
+        if variant == "ref":
+            solver, opts = "cg", {"maxiter": a.ref_maxiter, "rtol": a.ref_rtol}
+        elif variant == "secant":
+            solver, opts = "approx", {"check_residual": False}
+        else:
+            solver, opts = "cg", {"maxiter": int(variant.removeprefix("secant-pcg")), "rtol": 1e-6}
+        curv = mf.fit_curvature(
+            job.problem, lam, job.tasks, kind="exact", method="secant", solver=solver,
+            solve_damping=a.secant_damping, pairs=info["secant_pairs"], options=opts,
+        )  # fmt: skip
+    else:
+        raise SystemExit(f"unknown variant {variant!r}")
+    return curv, time.perf_counter() - t0
+
+
+def run_variant(job: Job, lam: dict, info: dict, variant: str, a: argparse.Namespace) -> dict:
+    curv, t_fit = curvature(job, lam, info, variant, a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        res = mf.removal_effects(
+            job.problem, lam, job.tasks, target=job.target, curvature=curv, diagnostics=False
+        )
+        t_scores = time.perf_counter() - t0
+        k = int(job.mask.sum())
+        removed = sorted(torch.argsort(res.scores).tolist()[:k])
+        t0 = time.perf_counter()
+        edited = mf.edit(job.problem, lam, job.tasks, remove={"task": removed}, curvature=curv)
+        t_edit = time.perf_counter() - t0
+    solve = res.diagnostics.get("solve", {})
+    return {
+        "variant": variant,
+        "t_fit": t_fit,
+        "t_scores": t_scores,
+        "t_edit": t_edit,
+        "t_influence": t_fit + t_scores + t_edit,
+        "solve_iters": solve.get("iters"),
+        "solve_residual": solve.get("residual"),
+        "tail": curv.tail,
+        "rank": None if curv.eigvals is None else int(curv.eigvals.numel()),
+        "task_auc": mf.evaluate.detection_auc(res.scores, job.mask),
+        "scores": res.scores.detach().double(),
+        "edited_target_loss": adapted_performance(job.problem, edited, job.target)["loss"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    job = Job(a)
+    P = job.problem.spec.size
+    log(f"M={a.M} P={P}: meta-train")
+    lam, info = job.train()
+    st = info["stationarity"]
+    log(f"trained in {info['t_train']:.1f} s (Adam {info['t_adam']:.1f} s); {st}")
+    units = unit_costs(job, lam)
+    log(f"unit costs {units}")
+    base = adapted_performance(job.problem, lam, job.target)["loss"]
+    rows, ref = [], None
+    for variant in ["ref", *[v for v in a.variants.split(",") if v]]:
+        log(f"variant {variant}")
+        r = run_variant(job, lam, info, variant, a)
+        scores = r.pop("scores")
+        if variant == "ref":
+            ref = scores
+        assert ref is not None
+        corr = mf.evaluate.correlation(scores, ref)
+        r.update(
+            spearman_vs_ref=corr["spearman"],
+            rel_err_vs_ref=corr["rel_error"],
+            edit_delta_target=r.pop("edited_target_loss") - base,
+            influence_over_train=r["t_influence"] / info["t_train"],
+        )
+        log({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+        rows.append(
+            {
+                "M": a.M,
+                "P": P,
+                **{k: v for k, v in r.items()},
+                "t_train": info["t_train"],
+                "t_adam": info["t_adam"],
+                "t_stationary": st["seconds"],
+                "stationary_evals": st["evaluations"],
+                "grad_norm_before": st["grad_norm_before"],
+                "grad_norm_after": st["grad_norm_after"],
+                "secant_pairs": st.get("secant_pairs"),
+                **units,
+                "secant_damping": a.secant_damping,
+                "threads": a.threads,
+                **machine_info(),
+            }
+        )
+    append_csv(a.out / "influence_cost.csv", rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
