@@ -57,6 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--evals", type=int, default=60, help="stationarity gradient evaluations")
     p.add_argument("--variants", default="cg15,secant,secant-pcg2,secant-pcg4")
     p.add_argument("--secant-damping", type=float, default=0.0, help="δ' of the secant variants")
+    p.add_argument("--tail-probes", type=int, default=0, help="HVP rows for the secant tail")
+    p.add_argument(
+        "--ref",
+        default="exact",
+        choices=("exact", "gauss_newton"),
+        help="reference solve: exact curvature (secant-preconditioned CG) or Gauss-Newton CG, "
+        "both with δ' = --secant-damping",
+    )
     p.add_argument("--ref-rtol", type=float, default=1e-3)
     p.add_argument("--ref-maxiter", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
@@ -146,7 +154,13 @@ def unit_costs(job: Job, lam: dict) -> dict[str, float]:
 def curvature(job: Job, lam: dict, info: dict, variant: str, a: argparse.Namespace):
     """The variant's fitted curvature (and the fit's seconds)."""
     t0 = time.perf_counter()
-    if variant == "cg15":
+    if variant == "ref" and a.ref == "gauss_newton":
+        curv = mf.fit_curvature(
+            job.problem, lam, job.tasks, kind="gauss_newton", method="krylov", solver="cg",
+            solve_damping=a.secant_damping,
+            options={"maxiter": a.ref_maxiter, "rtol": a.ref_rtol},
+        )  # fmt: skip
+    elif variant == "cg15":
         curv = mf.fit_curvature(
             job.problem, lam, job.tasks, kind="gauss_newton", method="krylov", solver="cg",
             solve_damping=1.0, options={"maxiter": 15},
@@ -161,6 +175,7 @@ def curvature(job: Job, lam: dict, info: dict, variant: str, a: argparse.Namespa
         curv = mf.fit_curvature(
             job.problem, lam, job.tasks, kind="exact", method="secant", solver=solver,
             solve_damping=a.secant_damping, pairs=info["secant_pairs"], options=opts,
+            tail_probes=a.tail_probes,
         )  # fmt: skip
     else:
         raise SystemExit(f"unknown variant {variant!r}")
@@ -240,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                 "secant_pairs": st.get("secant_pairs"),
                 **units,
                 "secant_damping": a.secant_damping,
+                "tail_probes": a.tail_probes,
+                "ref": a.ref,
                 "threads": a.threads,
                 **machine_info(),
             }

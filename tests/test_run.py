@@ -80,7 +80,13 @@ def test_run_tiny_end_to_end_and_deterministic(tmp_path, glyph_cache, capsys):
     assert "after the stationarity phase" in md and "total solve for the target" in md
     assert "ranked by their own query loss" in md and "- tasks: " in md
     assert 0.0 <= summary["detection"]["task_auc_loss_baseline"] <= 1.0
-    assert summary["curvature"]["curvature"] == "gauss_newton"
+    # the job's curvature: the stationarity phase's secant pairs (free), exact Hessian
+    assert summary["secant_pairs"] >= 1
+    assert (summary["curvature"]["method"], summary["curvature"]["curvature"]) == (
+        "secant",
+        "exact",
+    )
+    assert summary["diagnostics"]["lanczos_steps"] == 0  # spectrum from the fit, no pass
     assert "report:" in capsys.readouterr().out
     # same seed → identical scores
     assert cli.main([*TINY, "--out", str(tmp_path), "--name", "b"]) == 0

@@ -109,3 +109,19 @@ def test_secant_arguments_are_checked(stationary):
     with pytest.raises(ValueError, match="pairs are empty"):
         secant_eigenpairs(S[:0], Y[:0])
     assert report.as_dict()["secant_pairs"] == S.shape[0] and "pairs" not in report.as_dict()
+
+
+def test_diagnostics_read_the_fit_ritz_values(stationary):
+    """``diagnose`` with a fitted secant curvature spends no Lanczos pass: its bounds are the
+    fit's Ritz values, inside the dense spectrum of ``H + δ'I`` (up to 1%: the training pairs
+    measure ``H`` along the path to λ*, not at λ* exactly)."""
+    prob, lam, train, report, pt, H = stationary
+    curv = mf.fit_curvature(
+        prob, lam, train, kind="exact", method="secant", solver="approx",
+        solve_damping=DP, pairs=report.pairs, tail_probes=0,
+    )  # fmt: skip
+    d = mf.influence.removal.diagnose(pt, curv)
+    assert d["lanczos_steps"] == 0 and d["spectrum_from"] == "fit Ritz values"
+    ev = torch.linalg.eigvalsh(H) + DP
+    lo, hi = float(ev.min()), float(ev.max())
+    assert 0.99 * lo <= d["lambda_min"] <= d["lambda_max"] <= 1.01 * hi

@@ -224,6 +224,16 @@ class Curvature:
         ev = self.eigvals.double() + self.solve_damping
         return float(ev.min()), float(ev.max())
 
+    def ritz_extremes(self) -> tuple[float, float] | None:
+        """``(θ_min, θ_max)`` of ``H + δ'I`` on the span of a low-rank or secant fit (``None``
+        otherwise): Ritz values, so ``θ_min ≥ λ_min`` and ``θ_max ≤ λ_max`` (bounds of the
+        same sense as a Lanczos estimate's, at no cost; for a secant fit only approximately:
+        its pairs measure ``H`` along the path to ``λ*``)."""
+        if self.method not in LOWRANK or self.eigvals is None or self.eigvals.numel() == 0:
+            return None
+        ev = self.eigvals.double() + self.solve_damping
+        return float(ev.min()), float(ev.max())
+
     # ---- storage -------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Store the curvature (factorisation, fit point, settings) atomically, checksummed."""

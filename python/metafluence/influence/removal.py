@@ -157,8 +157,9 @@ def diagnose(
 ) -> dict[str, Any]:
     """Extreme eigenvalues of ``H + δ'I`` and the regime they imply.
 
-    Exact from a dense curvature fit (``method="dense"``, the default for ``P ≤ 1024``);
-    otherwise Lanczos estimates: the smallest Ritz value is an *upper bound* on ``λ_min`` (so
+    Exact from a dense curvature fit (``method="dense"``, the default for ``P ≤ 1024``); from a
+    low-rank or secant fit its Ritz values (bounds of the Lanczos sense, no pass); otherwise
+    Lanczos estimates: the smallest Ritz value is an *upper bound* on ``λ_min`` (so
     the condition number is a lower bound: ``condition_exact`` says which) and the largest a
     lower bound on ``λ_max``. Regimes: ``"indefinite"`` (``λ_min ≤ 0``: influence undefined
     without damping), ``"proximal"`` (``δ' > 0``: scores predict ``argmin F_{-e}(λ) +
@@ -173,8 +174,12 @@ def diagnose(
     curv = as_curvature(curvature, solve_damping=solve_damping)  # δ' twice is refused there
     P = pt.lam.shape[0]
     exact = curv.extreme_eigenvalues() if curv.fits(pt) else None
+    ritz = curv.ritz_extremes() if curv.fits(pt) else None
     if exact is not None:
         lo, hi = exact
+        used = 0
+    elif ritz is not None:  # the fit's own Ritz values: Lanczos-like bounds, no pass
+        lo, hi = ritz
         used = 0
     else:
         used = min(int(steps), P)
@@ -183,7 +188,13 @@ def diagnose(
         )
     dp = curv.solve_damping
     notes: list[str] = []
-    bound = "" if exact is not None else " (Lanczos: at least)"
+    bound = (
+        ""
+        if exact is not None
+        else " (Ritz values of the curvature fit: at least)"
+        if ritz is not None
+        else " (Lanczos: at least)"
+    )
     if lo <= 0:
         regime = "indefinite"
         notes.append(
@@ -210,6 +221,11 @@ def diagnose(
         "lambda_max": hi,
         "condition": hi / lo if lo > 0 else math.inf,
         "condition_exact": exact is not None,
+        "spectrum_from": "dense fit"
+        if exact is not None
+        else "fit Ritz values"
+        if ritz
+        else "lanczos",
         "lanczos_steps": used,
         "regime": regime,
         "notes": notes,

@@ -61,9 +61,9 @@ class RunConfig:
     model: str = "conv4"
     width: int = 32
     curvature: str = "gauss_newton"
-    curvature_method: str = "krylov"
+    curvature_method: str = "secant"
     rank: int = 32
-    solver: str = "cg"
+    solver: str = "approx"
     maxiter: int = 15
     damping: float = 1e-3
     solve_damping: float = 1.0
@@ -238,7 +238,7 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
         with job.stages("meta-train"):
             problem, init, lam, train, training = _meta_train_stage(job, data)
         with job.stages("influence"), _recorded(job):
-            curv, res = _influence_stage(job, problem, lam, data)
+            curv, res = _influence_stage(job, problem, lam, data, training)
         with job.stages("detection"):
             detect, removed, scores = _detection_stage(job, problem, lam, data, res)
         with job.stages("edit"), _recorded(job):
@@ -367,35 +367,71 @@ def _meta_train_stage(job: _Job, data: _Data) -> tuple:
         )
 
     init = problem.init_params()
+
+    def pairs() -> dict[str, torch.Tensor]:
+        got = info.get("secant_pairs")
+        return {} if got is None else {"secant_S": got[0], "secant_Y": got[1]}
+
     lam, extra = _stage(
         job.store, "meta-train", problem,
         lambda: train(data.tasks, cfg.steps, cfg.seed, history=history, info=info),
         lambda: {"history": history, "stationarity": info.get("stationarity")},
+        pairs,
     )  # fmt: skip
+    kept = extra["tensors"]
     training = {
         "history": list(extra.get("history", history)),
         "stationarity": extra.get("stationarity"),
+        "secant_pairs": (kept["secant_S"], kept["secant_Y"]) if "secant_S" in kept else None,
     }
     return problem, init, lam, train, training
 
 
-def _influence_stage(job: _Job, problem: Any, lam: Any, data: _Data) -> tuple:
+def _job_curvature(job: _Job, problem: Any, lam: Any, data: _Data, pairs: Any) -> Any:
+    """The job's one curvature. ``secant`` (default): the exact total Hessian from the secant
+    pairs the stationarity phase collected on its way to λ* (free: no pass over the tasks to
+    fit; ``solver="approx"`` uses it directly, ``"cg"`` as the preconditioner); without pairs
+    (no stationarity phase) it falls back to Krylov CG on ``curvature`` (a report note says
+    so). Other methods as ``mf.fit_curvature``."""
+    import metafluence as mf
+
+    cfg = job.cfg
+    method, kind, solver = cfg.curvature_method, cfg.curvature, cfg.solver
+    if method == "secant":
+        if pairs is None:
+            job.caught.append(
+                "no secant pairs (the stationarity phase did not run or kept none): the job's "
+                f"curvature falls back to Krylov CG on {kind!r}"
+            )
+            method, solver = "krylov", "cg"
+        else:
+            kind = "exact"  # differences of ∇F measure the exact Hessian
+    elif solver == "approx" and method != "lowrank":
+        solver = "cg"
+    options: dict[str, Any] = {"maxiter": cfg.maxiter} if solver in ("cg", "neumann") else {}
+    return mf.fit_curvature(
+        problem,
+        lam,
+        data.tasks,
+        kind=kind,
+        method=method,
+        solver=solver,
+        solve_damping=cfg.solve_damping,
+        rank=cfg.rank,
+        options=options,
+        pairs=pairs if method == "secant" else None,
+        tail_probes=0,
+    )
+
+
+def _influence_stage(
+    job: _Job, problem: Any, lam: Any, data: _Data, training: dict[str, Any]
+) -> tuple:
     """The job's one curvature (fitted once, reused by every solve) and the removal effects of
     every task, support point and query point on the target's mean query loss."""
     import metafluence as mf
 
-    cfg = job.cfg
-    curv = mf.fit_curvature(
-        problem,
-        lam,
-        data.tasks,
-        kind=cfg.curvature,
-        method=cfg.curvature_method,
-        solver=cfg.solver,
-        solve_damping=cfg.solve_damping,
-        rank=cfg.rank,
-        options={"maxiter": cfg.maxiter} if cfg.solver in ("cg", "neumann") else {},
-    )
+    curv = _job_curvature(job, problem, lam, data, training.get("secant_pairs"))
     res = mf.removal_effects(
         problem,
         lam,
@@ -530,6 +566,9 @@ def _summary(
         "diagnostics": diag,
         "warnings": sorted(set(job.caught)),
         "train_history": training["history"],
+        "secant_pairs": None
+        if training.get("secant_pairs") is None
+        else int(training["secant_pairs"][0].shape[0]),
         "stage_seconds": dict(job.stages.times),
         "processes": problem.reduce.world,  # ranks sharing the tasks
     }
@@ -568,16 +607,22 @@ def _stage(
     problem: Any,
     compute: Any,
     meta: Any = None,
+    tensors: Any = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(meta_params, meta)`` of a finished stage from ``store``, else ``compute()`` (then
-    stored, with ``meta()``). Bit-identical on resume: the parameters are stored exactly."""
+    stored, with ``meta()`` and the tensors ``tensors()``; those come back in
+    ``meta["tensors"]``). Bit-identical on resume: the parameters are stored exactly."""
     got = store.get(key) if store is not None else None
     if got is not None and "lam" in got[0]:
-        return problem.unflat(got[0]["lam"]), dict(got[1])
+        extra = dict(got[1])
+        extra["tensors"] = {k: v for k, v in got[0].items() if k != "lam"}
+        return problem.unflat(got[0]["lam"]), extra
     params = compute()
     extra = dict(meta()) if meta is not None else {}
+    more = dict(tensors()) if tensors is not None else {}
     if store is not None:
-        store.save(key, {"lam": problem.flat(params).detach()}, extra)
+        store.save(key, {"lam": problem.flat(params).detach(), **more}, extra)
+    extra["tensors"] = more
     return params, extra
 
 

@@ -167,8 +167,21 @@ def _reliability(summary: dict) -> list[str]:
             f"{sv.get('solve_damping', 0.0):g}: {sv['iters']} iterations, relative residual "
             f"{sv['residual']:.2g} ({state})."
         )
+    cv = summary.get("curvature") or {}
+    if cv.get("method") == "secant":
+        fit = cv.get("fit") or {}
+        out.append(
+            f"- curvature: the exact total Hessian from the {fit.get('pairs', '?')} secant pairs "
+            "the stationarity phase collected (free: no pass over the tasks to fit it), rank "
+            f"{fit.get('rank', '?')} plus a constant tail; used by every solve of the job "
+            "(scores and edit)."
+        )
     dg = summary["diagnostics"]
-    bound = "" if dg.get("condition_exact") else " (Lanczos estimates)"
+    src = dg.get("spectrum_from", "dense fit" if dg.get("condition_exact") else "lanczos")
+    bound = {
+        "dense fit": "",
+        "fit Ritz values": " (Ritz values of the curvature fit: bounds, not exact)",
+    }.get(src, " (Lanczos estimates)")
     out.append(
         f"- spectrum of H + δ'I{bound}: λ_min ≈ {dg.get('lambda_min', float('nan')):.3g}, "
         f"λ_max ≈ {dg.get('lambda_max', float('nan')):.3g}; regime `{dg.get('regime', 'n/a')}`."
@@ -190,8 +203,10 @@ def _markdown(summary: dict, pngs: list[str], csvs: list[str]) -> str:
         f"{d['n_tasks']} meta-training tasks of which {d['n_flipped']} "
         f"({100 * c['noise']:.0f}%) have their support labels permuted (injected harm). Model: "
         f"{c['model']} (width {c['width']}, {summary['parameters']:,} meta-parameters); inner map "
-        f"`{c['inner']}`; curvature `{c['curvature']}`, solver `{c['solver']}` (maxiter "
-        f"{c['maxiter']}), damping {c['damping']:g}, seed {c['seed']}.",
+        f"`{c['inner']}`; curvature `{summary['curvature'].get('curvature', c['curvature'])}` "
+        f"({summary['curvature'].get('method', c['curvature_method'])}), solver "
+        f"`{summary['curvature'].get('solver', c['solver'])}`, damping {c['damping']:g}, seed "
+        f"{c['seed']}.",
         "",
         "Sign convention: removal effect > 0 means removing the item would raise the target loss "
         "(the item helps); < 0 means the item is harmful. Target: mean post-adaptation query "
