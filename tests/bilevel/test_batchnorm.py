@@ -171,3 +171,28 @@ def test_eval_mode_uses_running_statistics():
     g_eval = prob_eval.meta_grad(lam, tasks())
     assert bool(torch.isfinite(g_eval).all()) and not torch.allclose(g_eval, g_train)
     assert all(torch.equal(before[k], v) for k, v in buffers(net).items())
+
+
+@pytest.mark.parametrize("inner_name", ["implicit-cg", "anil-implicit-cg"])
+def test_float32_implicit_inner_cg_converges(inner_name):
+    """float32 inner CG solves stop at the dtype's rounding floor instead of running to maxiter
+    (what made the implicit map look hung on a BatchNorm Conv-4)."""
+    inner = (
+        INNERS["implicit-cg"]
+        if inner_name == "implicit-cg"
+        else mf.inner.HeadOnly(head="head", reg=1.0, solver="cg")
+    )
+    prob = mf.MetaProblem(model(track=True).float(), inner=inner, damping=0.01)
+    lam = prob.init_params()
+    ts = [
+        mf.Task(
+            support=(t.support[0].float(), t.support[1]),
+            query=(t.query[0].float(), t.query[1]),
+            id=t.id,
+        )
+        for t in tasks()
+    ]
+    pt = prob.point(lam, ts)
+    engine = pt.engines[0]
+    assert engine.inner_solves > 0 and engine.inner_unconverged == 0
+    assert bool(torch.isfinite(pt.meta_grad()).all())
