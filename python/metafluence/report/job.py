@@ -427,6 +427,9 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
                     query_scores=qry,
                     task_ids=[t.id for t in tasks],
                     task_classes=[t.meta.get("class_names", []) for t in tasks],
+                    problem=problem,
+                    meta_params=lam,
+                    tasks=tasks,
                 )
     finally:
         stages.close()
