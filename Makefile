@@ -32,8 +32,9 @@ $(STAMPS)/deps: | $(PY)
 	mkdir -p $(STAMPS)
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q $(TORCH_SPEC) $(TRITON_SPEC) $(BUILD_DEPS) $(RUN_DEPS) $(TEST_DEPS)
-	# kronfluence only without its dependencies (they would replace torch through torchvision)
-	$(PIP) install -q --no-deps kronfluence accelerate einconv einops opt_einsum
+	# kronfluence only without its dependencies (they would replace torch through torchvision);
+	# higher (pure Python) for tests/integrations/test_maml_libraries.py; learn2learn does not build
+	$(PIP) install -q --no-deps kronfluence accelerate einconv einops opt_einsum higher
 	touch $@
 
 $(STAMPS)/install: $(STAMPS)/deps $(NATIVE_SRCS)

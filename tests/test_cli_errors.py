@@ -111,3 +111,23 @@ def test_real_process_exit_code_and_one_line():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--threads" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_every_option_has_help():
+    """Every option and positional of every subcommand (``metafluence run`` above all) says what
+    it does in ``--help``."""
+    import argparse
+
+    from metafluence.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not (action.help or "").strip() or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert "run" in subs.choices and len(subs.choices["run"]._actions) > 30
+    assert not missing, f"options without help: {missing}"

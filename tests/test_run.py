@@ -57,6 +57,7 @@ def test_run_tiny_end_to_end_and_deterministic(tmp_path, glyph_cache, capsys):
         "scores.png",
         "detection.png",
         "change.png",
+        "gallery.png",
         "task_scores.csv",
         "support_point_scores.csv",
         "query_point_scores.csv",
@@ -67,7 +68,8 @@ def test_run_tiny_end_to_end_and_deterministic(tmp_path, glyph_cache, capsys):
     for needle in ("ROC AUC", "edited", "retrained", "Wall time per stage", "scores.png"):
         assert needle in md
     page = (out / "report.html").read_text()  # self-contained: every image embedded
-    assert page.count('<img src="data:image/png;base64,') == 3 and 'src="detection.png"' not in page
+    assert page.count('<img src="data:image/png;base64,') == 4 and 'src="detection.png"' not in page
+    assert "The most harmful and the most helpful tasks" in md and 'src="gallery.png"' not in page
     mode = (out / "summary.json").stat().st_mode & 0o777
     assert mode == (out / "report.md").stat().st_mode & 0o777, oct(mode)
     rows = list(csv.DictReader(open(out / "task_scores.csv")))

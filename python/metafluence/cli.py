@@ -221,8 +221,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="'glyphs' (embedded) or '<kind>:<path>', kind one of "
         "omniglot, mini-imagenet, tiered-imagenet, cifar-fs, fc100, cub, idx, npz, folder",
     )
-    a("--ways", type=_int_at_least(2), default=d.ways)
-    a("--shots", type=positive, default=d.shots)
+    a("--ways", type=_int_at_least(2), default=d.ways, help="classes per task (N-way)")
+    a("--shots", type=positive, default=d.shots, help="support points per class (K-shot)")
     a("--queries", type=positive, default=d.queries, help="query points per class")
     a("--tasks", type=positive, default=d.tasks, help="meta-training tasks")
     a("--target-tasks", type=positive, default=d.target_tasks, help="target tasks (val split)")
@@ -234,9 +234,19 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="fraction of tasks with flipped labels",
     )
     a("--inner", choices=INNERS, default=d.inner, help="inner map")
-    a("--inner-steps", type=positive, default=d.inner_steps)
-    a("--inner-lr", type=_float_in(0.0, low_open=True), default=d.inner_lr)
-    a("--model", choices=["conv4", "mlp"], default=d.model)
+    a(
+        "--inner-steps",
+        type=positive,
+        default=d.inner_steps,
+        help="gradient steps of the inner map per task (unrolled / head-only)",
+    )
+    a(
+        "--inner-lr",
+        type=_float_in(0.0, low_open=True),
+        default=d.inner_lr,
+        help="step size of the inner map's gradient steps",
+    )
+    a("--model", choices=["conv4", "mlp"], default=d.model, help="network meta-trained")
     a("--width", type=positive, default=d.width, help="Conv-4 filters / MLP width")
     a(
         "--curvature",
@@ -275,16 +285,32 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         default=d.stationary_evals,
         help="gradient evaluations the stationarity phase may use",
     )
-    a("--outer-lr", type=_float_in(0.0, low_open=True), default=d.outer_lr)
+    a(
+        "--outer-lr",
+        type=_float_in(0.0, low_open=True),
+        default=d.outer_lr,
+        help="meta-training step size (Adam)",
+    )
     a("--meta-batch", type=positive, default=d.meta_batch, help="tasks per meta-training step")
-    a("--retrain-steps", type=nonneg, default=d.retrain_steps)
+    a(
+        "--retrain-steps",
+        type=nonneg,
+        default=d.retrain_steps,
+        help="meta-training steps of each retraining from λ* (ground truth and the "
+        "continued-training control)",
+    )
     a("--remove", type=nonneg, default=None, help="tasks to remove (default: number flipped)")
-    a("--glyph-classes", type=_int_at_least(3), default=d.glyph_classes)
+    a(
+        "--glyph-classes",
+        type=_int_at_least(3),
+        default=d.glyph_classes,
+        help="classes drawn from the embedded glyph dataset (--dataset glyphs)",
+    )
     a("--device", type=_device, default=d.device, help="cpu, cuda, cuda:<index> or mps")
-    a("--dtype", choices=["float32", "float64"], default=d.dtype)
+    a("--dtype", choices=["float32", "float64"], default=d.dtype, help="floating dtype")
     a("--threads", type=nonneg, default=d.threads, help="torch CPU threads (0: torch default)")
     a("--chunk-size", type=positive, default=d.chunk_size, help="tasks per batched engine call")
-    a("--seed", type=nonneg, default=d.seed)
+    a("--seed", type=nonneg, default=d.seed, help="seed of task sampling, noise and training")
     a("--out", default=d.out, help="results folder (the report goes to <out>/<name>/)")
     a("--name", default=None, help="run name (default from the configuration)")
     a("--quiet", action="store_true", help="no progress bars")
@@ -415,9 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_build.set_defaults(func=_cmd_build)
 
     p_demo = sub.add_parser("demo", help="tiny per-sample-gradient demo comparing backends")
-    p_demo.add_argument("--samples", type=_int_at_least(1), default=97)
-    p_demo.add_argument("--device", type=_device, default="cpu")
-    p_demo.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    p_demo.add_argument(
+        "--samples", type=_int_at_least(1), default=97, help="samples in the demo batch"
+    )
+    p_demo.add_argument("--device", type=_device, default="cpu", help="cpu, cuda[:i] or mps")
+    p_demo.add_argument(
+        "--dtype", choices=["float32", "float64"], default="float64", help="floating dtype"
+    )
     p_demo.set_defaults(func=_cmd_demo)
 
     p_run = sub.add_parser("run", help="the main job: influence of meta-training tasks")
@@ -427,7 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench = sub.add_parser(
         "bench", help="run benchmark scripts (results appended under benchmarks/results/)"
     )
-    p_bench.add_argument("family", nargs="?", default="all", choices=[*BENCH_FAMILIES, "all"])
+    p_bench.add_argument(
+        "family",
+        nargs="?",
+        default="all",
+        choices=[*BENCH_FAMILIES, "all"],
+        help="which benchmark scripts to run (default: all)",
+    )
     p_bench.add_argument("extra", nargs=argparse.REMAINDER, help="arguments for each script")
     p_bench.set_defaults(func=_cmd_bench)
     return parser

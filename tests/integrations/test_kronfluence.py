@@ -22,9 +22,10 @@ def _inputs(tokens):
     return a, go
 
 
+@pytest.mark.parametrize("backend", [None, "native", "reference"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tokens", [True, False])
-def test_patched_tracked_linear_equals_kronfluence(bias, tokens):
+def test_patched_tracked_linear_equals_kronfluence(bias, tokens, backend):
     m = _module(bias)
     a, go = _inputs(tokens)
     n_in = 6 if bias else 5
@@ -44,7 +45,7 @@ def test_patched_tracked_linear_equals_kronfluence(bias, tokens):
     ref_self = m.compute_self_measurement_score(pg_self, a, go)
     m.einsum_path = None
     orig = TrackedLinear.compute_pairwise_score
-    with mk.use_metafluence_kernels():
+    with mk.use_metafluence_kernels(backend=backend):
         assert TrackedLinear.compute_pairwise_score is not orig
         psg = m.compute_per_sample_gradient(a, go)
         pair = m.compute_pairwise_score(pg, a, go)
@@ -76,8 +77,9 @@ CONVS = [
 ]
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
 @pytest.mark.parametrize("idx", range(len(CONVS)))
-def test_patched_tracked_conv2d_equals_kronfluence(idx):
+def test_patched_tracked_conv2d_equals_kronfluence(idx, backend):
     from kronfluence.module.conv2d import TrackedConv2d
 
     torch.manual_seed(idx)
@@ -103,7 +105,7 @@ def test_patched_tracked_conv2d_equals_kronfluence(idx):
         m.einsum_path = None
         refs.append(fn(*args))
     orig = TrackedConv2d.compute_pairwise_score
-    with mk.use_metafluence_kernels():
+    with mk.use_metafluence_kernels(backend=backend):
         assert TrackedConv2d.compute_pairwise_score is not orig
         got = [
             m.compute_per_sample_gradient(x, go),
@@ -116,3 +118,44 @@ def test_patched_tracked_conv2d_equals_kronfluence(idx):
     assert got[1].shape == refs[1].shape == (5, 6)
     for out, ref in zip(got, refs, strict=True):
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", mk.BACKENDS)
+@pytest.mark.parametrize("tokens", [True, False])
+@pytest.mark.parametrize("queries", [1, 7])
+def test_every_backend_of_the_functions(backend, tokens, queries):
+    """Each path of pairwise / self scores (full and low-rank P; both contraction orders of the
+    einsum path: one query or many, with or without tokens) equals kronfluence's formula."""
+    a, go = _inputs(tokens)
+    g = torch.Generator().manual_seed(4)
+    G = torch.einsum("bto,bti->boi", go.reshape(6, -1, 4), a.reshape(6, -1, 5))
+    pg = torch.randn(queries, 4, 5, generator=g, dtype=torch.float64)
+    left = torch.randn(queries, 4, 2, generator=g, dtype=torch.float64)
+    right = torch.randn(queries, 2, 5, generator=g, dtype=torch.float64)
+    psg = mk.per_sample_gradient(a, go, backend=backend)
+    torch.testing.assert_close(psg, G, rtol=1e-10, atol=1e-10)
+    pair = mk.pairwise_score(pg, a, go, backend=backend)
+    torch.testing.assert_close(pair, torch.einsum("qoi,boi->qb", pg, G), rtol=1e-10, atol=1e-10)
+    low = mk.pairwise_score([left, right], a, go, backend=backend)
+    ref_low = torch.einsum("qoi,boi->qb", left @ right, G)
+    torch.testing.assert_close(low, ref_low, rtol=1e-10, atol=1e-10)
+    selfs = mk.self_score(G, a, go, backend=backend)
+    torch.testing.assert_close(selfs, G.square().sum((1, 2)), rtol=1e-10, atol=1e-10)
+
+
+def test_default_policy():
+    """DEFAULT_BACKEND (from benchmarks/results/kronfluence.csv): the einsum path for linear
+    layers, metafluence's native kernels for convolutions; every method is patched."""
+    from kronfluence.module.conv2d import TrackedConv2d
+
+    assert {mk.DEFAULT_BACKEND[("linear", f)] for f in mk._METHODS.values()} == {"einsum"}
+    assert {mk.DEFAULT_BACKEND[("conv2d", f)] for f in mk._METHODS.values()} == {"native"}
+    lin = {n: getattr(TrackedLinear, n) for n in mk._METHODS}
+    with mk.use_metafluence_kernels():
+        assert all(getattr(TrackedLinear, n) is not lin[n] for n in mk._METHODS)
+        assert TrackedConv2d.compute_pairwise_score.__name__ == "conv_pairwise_score"
+    assert all(getattr(TrackedLinear, n) is lin[n] for n in mk._METHODS)
+    with pytest.raises(ValueError, match="backend"), mk.use_metafluence_kernels(backend="x"):
+        pass
+    with pytest.raises(ValueError, match="backend"):
+        mk.pairwise_score(torch.zeros(1, 4, 5), *_inputs(False), backend="cuda")

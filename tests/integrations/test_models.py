@@ -97,3 +97,32 @@ def test_functional_model(reference, style):
 def test_inner_from_maml_rejects_non_wrapper():
     with pytest.raises(TypeError):
         inner_from_maml(nn.Linear(2, 2))
+
+
+def test_learn2learn_metasgd_and_others_rejected():
+    class MetaSGD(MAML):
+        pass
+
+    with pytest.raises(TypeError, match="MetaSGD"):
+        inner_from_maml(MetaSGD(nn.Linear(2, 2), lr=LR))
+    with pytest.raises(TypeError, match="SGD"):
+        inner_from_maml(torch.optim.Adam(nn.Linear(2, 2).parameters()))
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("momentum", 0.9), ("weight_decay", 1e-4), ("maximize", True)],
+)
+def test_sgd_settings_without_unrolled_meaning_are_named(setting, value):
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=LR, **{setting: value})
+    with pytest.raises(ValueError, match=setting):
+        inner_from_maml(opt)
+
+
+def test_torch_sgd_subset_gives_adapt():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model[2].parameters(), lr=LR)
+    inner = inner_from_maml(opt, steps=3, model=model)
+    assert inner.lr == LR and inner.steps == 3 and list(inner.adapt) == ["2.weight", "2.bias"]
+    assert inner_from_maml(torch.optim.SGD(model.parameters(), lr=LR), model=model).adapt is None

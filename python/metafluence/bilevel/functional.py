@@ -6,6 +6,14 @@ block only, so an engine computes them once per chunk of tasks (and, for derivat
 pushes tangents / pulls cotangents through the body once) and runs every inner step, Newton
 iteration and inner solve on the features. :meth:`FunctionalModel.split` finds and verifies such
 a split; without one the "features" are the inputs themselves and nothing changes.
+
+BatchNorm in training mode (MAML's transductive setting) normalises every set by its own batch
+statistics, with or without running-statistics buffers; in eval mode by its running statistics.
+Every evaluation runs under :func:`pure_batch_norm`: the layers compute that formula from
+elementary ops, so they never write their buffers (an in-place write that ``torch.func``
+transforms refuse) and their second derivatives are right under ``vmap`` (``F.batch_norm``'s
+are not: ``grad(vmap(grad(f)))`` and nested ``jvp`` of it are off by up to a few percent in
+torch 2.13, pytorch issue 196699).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,6 +29,52 @@ from torch import Tensor, nn
 
 from .losses import PerSampleLoss, weighted_mean
 from .params import ParamSpec
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def batch_norms(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The BatchNorm layers of ``model`` (any dimension, ``SyncBatchNorm`` included)."""
+    return tuple(m for m in model.modules() if isinstance(m, _BatchNorm))
+
+
+def _batch_norm(m: nn.Module, x: Tensor) -> Tensor:
+    """``y = (x − μ) / sqrt(σ² + eps) · weight + bias`` per channel (dim 1) for BatchNorm ``m``:
+    ``μ, σ²`` the batch mean and biased variance over every dim but 1 in training mode (or
+    without running statistics), else ``running_mean``, ``running_var``."""
+    m._check_input_dim(x)  # type: ignore[operator]
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if m.training or m.running_mean is None:
+        dims = (0, *range(2, x.dim()))
+        mean = x.mean(dims, keepdim=True)
+        var = (x - mean).square().mean(dims, keepdim=True)
+    else:
+        mean, var = m.running_mean.view(shape), m.running_var.view(shape)
+    y = (x - mean) * torch.rsqrt(var + m.eps)
+    if m.weight is not None:
+        y = y * m.weight.view(shape)
+    if m.bias is not None:
+        y = y + m.bias.view(shape)
+    return y
+
+
+@contextmanager
+def pure_batch_norm(layers: tuple[nn.Module, ...]) -> Iterator[None]:
+    """Inside: each of ``layers`` (BatchNorm) computes its forward by :func:`_batch_norm` —
+    batch statistics in training mode, running statistics in eval mode, the values of its own
+    forward — and writes no buffer (``running_mean``, ``running_var``,
+    ``num_batches_tracked`` stay as they are)."""
+    saved = [(m, m.__dict__.get("forward")) for m in layers]
+    for m, _ in saved:
+        m.forward = partial(_batch_norm, m)
+    try:
+        yield
+    finally:
+        for m, old in saved:
+            if old is None:
+                del m.forward
+            else:
+                m.forward = old
 
 
 @dataclass
@@ -34,14 +89,23 @@ class FunctionalModel:
     loss_fn: PerSampleLoss
     cache_body: bool = True
     _body_head: Any = field(default=None, init=False, repr=False, compare=False)
+    _batch_norms: tuple[nn.Module, ...] = field(default=(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._batch_norms = batch_norms(self.model)
+
+    def call(self, module: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """``module`` (the model or one of its submodules) evaluated with ``params`` on ``x``,
+        its BatchNorm layers by :func:`pure_batch_norm`."""
+        with pure_batch_norm(self._batch_norms):
+            return torch.func.functional_call(module, params, (x,))
 
     def logits(self, theta: Tensor, x: Tensor) -> Tensor:
-        return torch.func.functional_call(self.model, self.spec.unflatten(theta), (x,))
+        return self.call(self.model, self.spec.unflatten(theta), x)
 
     def logits_split(self, fixed: Tensor, adapted: Tensor, x: Tensor) -> Tensor:
         """``logits`` with the fixed and adapted blocks passed separately (see unflatten_split)."""
-        params = self.spec.unflatten_split(fixed, adapted)
-        return torch.func.functional_call(self.model, params, (x,))
+        return self.call(self.model, self.spec.unflatten_split(fixed, adapted), x)
 
     def set_loss_split(self, fixed: Tensor, adapted: Tensor, x: Tensor, y: Tensor, w: Tensor):
         """``L((fixed, adapted); S, w)``."""
@@ -168,7 +232,7 @@ class BodyHead(Whole):
             n: t.view(s) for n, s, t in zip(self.fixed_names, self.fixed_shapes, parts, strict=True)
         }
         with self._headless():
-            return torch.func.functional_call(self.fm.model, params, (x,))
+            return self.fm.call(self.fm.model, params, x)
 
     def logits(self, fixed: Tensor, adapted: Tensor, f: Tensor) -> Tensor:
         """``head(θ_a; f)`` (``fixed`` unused: the head has no fixed parameters)."""
@@ -176,7 +240,7 @@ class BodyHead(Whole):
         params = {
             n: t.view(s) for n, s, t in zip(self.head_names, self.head_shapes, parts, strict=True)
         }
-        return torch.func.functional_call(self.head, params, (f,))
+        return self.fm.call(self.head, params, f)
 
     def set_loss(self, fixed: Tensor, adapted: Tensor, f: Tensor, y: Tensor, w: Tensor) -> Tensor:
         return weighted_mean(self.fm.loss_fn(self.logits(fixed, adapted, f), y), w)

@@ -65,6 +65,10 @@ from .functional import FunctionalModel
 from .inner import Implicit
 from .losses import cross_entropy, logit_hessian_sqrt, logit_hessian_vp, mse
 
+#: the inner CG's relative tolerance is at least this many machine epsilons of the dtype (1.2e-4
+#: in float32, 2.2e-13 in float64): the same rounding floor as the forward solve's ``‖∇_θ G‖``
+_RTOL_FLOOR = 1e3
+
 
 class ImplicitEngine:
     """Batched implicit-map computations for one chunk of tasks at fixed ``λ``."""
@@ -270,7 +274,8 @@ class ImplicitEngine:
             res = solve_cg(
                 mv,
                 Bl.reshape(L * M, p),
-                rtol=self.inner.rtol,
+                # float32 residuals stagnate near eps·cond: below this floor CG ran to maxiter
+                rtol=max(self.inner.rtol, _RTOL_FLOOR * torch.finfo(Bl.dtype).eps),
                 maxiter=self.inner.maxiter,
                 shrink=False,
             )
@@ -295,7 +300,7 @@ class ImplicitEngine:
             norms = grad0.norm(dim=-1)  # [M]
             # rounding floor of ‖∇_θ G‖: a Newton step there no longer halves the norm (float32
             # never reaches the default tol; without this every task would run newton_steps)
-            floor = 1e3 * torch.finfo(theta.dtype).eps * norms.clamp_min(1.0)
+            floor = _RTOL_FLOOR * torch.finfo(theta.dtype).eps * norms.clamp_min(1.0)
             # per-task damped Newton, backtracking on ‖∇_θ G_k‖ (12 step lengths)
             res = damped_newton(
                 lambda th: (self._gradG(th), None),

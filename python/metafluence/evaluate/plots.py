@@ -20,6 +20,7 @@ __all__ = [
     "line_plot",
     "scatter_pred_vs_actual",
     "score_histograms",
+    "task_gallery",
 ]
 
 
@@ -33,9 +34,11 @@ def _plt() -> Any:
     return plt
 
 
-def _save(plt: Any, fig: Any, path: str | Path) -> Path:
-    """Lay out ``fig``, write it to ``path`` (PNG, 110 dpi; parents created) and close it."""
-    fig.tight_layout()
+def _save(plt: Any, fig: Any, path: str | Path, tight: bool = True) -> Path:
+    """Lay out ``fig`` (``tight_layout`` unless ``tight=False``), write it to ``path`` (PNG,
+    110 dpi; parents created) and close it."""
+    if tight:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -215,3 +218,63 @@ def line_plot(
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
+
+
+def _image(x: Any) -> np.ndarray:
+    """One input ``[C, H, W]`` (C = 1 or 3) or ``[H, W]`` as a displayable ``[H, W(, 3)]`` array
+    scaled to ``[0, 1]`` (min-max per image)."""
+    a = np.asarray(x.detach().double().cpu().numpy() if hasattr(x, "detach") else x, float)
+    if a.ndim == 3:
+        a = a[0] if a.shape[0] == 1 else np.moveaxis(a[:3], 0, -1)
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def task_gallery(rows: Sequence[Mapping[str, Any]], path: str | Path, max_query: int = 8) -> Path:
+    """One row of images per task: its support points, then up to ``max_query`` query points.
+
+    Each ``rows`` entry: ``title`` (str), ``support_x`` ``[n, C, H, W]``, ``support_y`` /
+    ``support_pred`` ``[n]`` (given labels, labels the adapted model predicts), optional
+    ``support_harmful`` ``[n]`` bool (drawn with a thick red frame), ``query_x`` ``[m, C, H, W]``,
+    ``query_y`` / ``query_pred`` ``[m]``. Each image is captioned ``y→pred``, red where they
+    differ.
+    """
+    plt = _plt()
+    cols = max(len(r["support_y"]) + min(max_query, len(r["query_y"])) for r in rows) if rows else 1
+    fig, axes = plt.subplots(
+        len(rows) or 1, cols, figsize=(0.95 * cols + 0.4, 1.3 * max(1, len(rows))), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, row in enumerate(rows):
+        n = len(row["support_y"])
+        harmful = row.get("support_harmful")
+        items = [
+            ("S", row["support_x"][j], row["support_y"][j], row["support_pred"][j],
+             bool(harmful[j]) if harmful is not None else False)
+            for j in range(n)
+        ] + [
+            ("Q", row["query_x"][j], row["query_y"][j], row["query_pred"][j], False)
+            for j in range(min(max_query, len(row["query_y"])))
+        ]  # fmt: skip
+        for c, (kind, x, y, pred, flag) in enumerate(items):
+            ax = axes[r, c]
+            img = _image(x)
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_edgecolor("red" if flag else ("#999" if kind == "S" else "#ccc"))
+                side.set_linewidth(3 if flag else 0.8)
+            wrong = int(y) != int(pred)
+            ax.set_xlabel(
+                f"{kind} {int(y)}→{int(pred)}", fontsize=7, color="red" if wrong else "black"
+            )
+        axes[r, 0].set_title(row["title"], fontsize=8, loc="left")
+    # a fixed layout: tight_layout shrinks every tile to fit a title wider than one tile
+    height = fig.get_figheight()
+    fig.subplots_adjust(
+        left=0.01, right=0.99, top=1 - 0.3 / height, bottom=0.25 / height, hspace=0.55, wspace=0.1
+    )
+    return _save(plt, fig, path, tight=False)

@@ -341,6 +341,7 @@ def ihvp_dataset_cg(
     mode: str = "rev-rev",
     reduction: str = "mean",
     return_result: bool = False,
+    rtol: float = 0.0,
 ) -> Tensor | SolveResult:
     """``(H_D + regularization I)⁻¹ v`` for the Hessian of the **whole dataset** ``D``.
 
@@ -351,8 +352,10 @@ def ihvp_dataset_cg(
         H_D v = Σ_b w_b H_b v,   w_b = |b| / n  (reduction="mean": func is a batch mean)
                                  w_b = 1        (reduction="sum":  func is a batch sum)
 
-    and inverted **once** by batched CG (``tol`` per column, absolute residual, from ``x0 = 0``),
-    unlike summing per-batch inverses ``Σ_b H_b⁻¹ v`` (dattri PR #241). ``v``: ``[P]`` or
+    and inverted **once** by batched CG from ``x0 = 0``, unlike summing per-batch inverses
+    ``Σ_b H_b⁻¹ v`` (dattri PR #241). Column ``j`` stops when
+    ``‖v_j − (H_D + reg I) x_j‖ ≤ max(tol, rtol · ‖v_j‖)`` (``tol`` absolute as in dattri,
+    ``rtol`` relative to the right-hand side; either may be 0). ``v``: ``[P]`` or
     ``[k, P]``; returns ``[k, P]`` (or the ``SolveResult`` with ``return_result=True``). ``loader``
     is iterated once per CG iteration (it must be re-iterable: a list or a ``DataLoader``).
     """
@@ -377,5 +380,5 @@ def ihvp_dataset_cg(
         return out
 
     b = _rows(v).detach()
-    res = solve_cg(matvec, b, damping=regularization, rtol=0.0, atol=tol, maxiter=max_iter)
+    res = solve_cg(matvec, b, damping=regularization, rtol=rtol, atol=tol, maxiter=max_iter)
     return res if return_result else res.x

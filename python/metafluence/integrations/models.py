@@ -5,9 +5,11 @@
 
 * **wrappers** holding the module, such as learn2learn's ``MAML`` / ``MetaSGD`` (``.module``),
   ``DataParallel`` / ``DistributedDataParallel`` (``.module``) and ``torch.compile``'s
-  ``OptimizedModule`` (``._orig_mod``): :func:`unwrap` returns the module inside, and
-  :func:`inner_from_maml` turns a learn2learn ``MAML`` wrapper's settings (``lr``,
-  ``first_order``) into :class:`metafluence.inner.Unrolled`;
+  ``OptimizedModule`` (``._orig_mod``): :func:`unwrap` returns the module inside;
+* **inner loops**: :func:`inner_from_maml` turns a learn2learn ``MAML`` wrapper's settings
+  (``lr``, ``first_order``), or higher's inner optimizer (``diffopt`` of
+  ``higher.innerloop_ctx``, or the ``torch.optim.SGD`` given to it), into
+  :class:`metafluence.inner.Unrolled` with one call;
 * **functional models**, a function of the parameters and the input, as built by ``higher``
   (``fmodel(x, params=[...])``) or written for ``torch.func`` (``f(params, x)``):
   :class:`FunctionalModel` registers the parameters on a module so that ``functional_call`` can
@@ -21,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..bilevel.inner import Unrolled
@@ -47,17 +50,143 @@ def unwrap(model: nn.Module) -> nn.Module:
     raise ValueError("unwrap: more than 16 nested wrappers")
 
 
-def inner_from_maml(wrapper: Any, steps: int = 1, **kwargs: Any) -> Unrolled:
-    """:class:`~metafluence.inner.Unrolled` with the step size and first-order flag of a
-    learn2learn ``MAML`` wrapper (``wrapper.lr``, ``wrapper.first_order``); ``steps`` is the
-    number of ``adapt`` calls per task in the user's training loop."""
-    lr = getattr(wrapper, "lr", None)
-    if lr is None:
-        raise TypeError(f"{type(wrapper).__name__} has no `lr`: not a learn2learn MAML wrapper")
+def _is_higher_patched(obj: Any) -> bool:
+    return any(c.__name__ == "_MonkeyPatchBase" for c in type(obj).__mro__)
+
+
+def _is_higher_optimizer(obj: Any) -> bool:
+    return any(c.__name__ == "DifferentiableOptimizer" for c in type(obj).__mro__)
+
+
+def _higher_param_names(fmodel: Any) -> list[str]:
+    """Dotted names of a higher patched module's fast parameters, in their order (the order of
+    the original module's ``parameters()``: each module's own, then its children's)."""
+    return [
+        f"{prefix}.{n}" if prefix else n
+        for prefix, m in fmodel.named_modules()
+        for n in getattr(m, "_param_names", ())
+    ]
+
+
+def _sgd_settings(source: Any, what: str) -> tuple[float, list[list[int]]]:
+    """``(lr, parameter indices per group)`` of a plain-SGD optimizer (torch or higher): one
+    ``lr`` for every group, no momentum, weight decay or Nesterov (ValueError naming each)."""
+    groups = getattr(source, "param_groups", None)
+    if not groups:
+        raise TypeError(f"{what} has no param_groups")
+    lrs = set()
+    for i, g in enumerate(groups):
+        for key in ("momentum", "weight_decay"):
+            if float(g.get(key, 0.0) or 0.0) != 0.0:
+                raise ValueError(
+                    f"{what}.param_groups[{i}][{key!r}] = {g[key]}: Unrolled takes plain "
+                    f"gradient steps θ ← θ − lr ∇L (set {key}=0)"
+                )
+        for key in ("nesterov", "maximize"):
+            if g.get(key, False):
+                raise ValueError(f"{what}.param_groups[{i}][{key!r}] is True: expected False")
+        lr = g.get("lr")
+        if isinstance(lr, Tensor):
+            lr = float(lr.detach())
+        lrs.add(float(lr))
+    if len(lrs) != 1:
+        raise ValueError(
+            f"{what} has param groups with different lr {sorted(lrs)}: Unrolled takes one step "
+            "size for every adapted parameter"
+        )
+    index = getattr(source, "_group_to_param_list", None)
+    return lrs.pop(), [list(ix) for ix in index] if index is not None else []
+
+
+def inner_from_maml(
+    source: Any,
+    steps: int = 1,
+    *,
+    lr: float | None = None,
+    first_order: bool | None = None,
+    model: nn.Module | None = None,
+    **kwargs: Any,
+) -> Unrolled:
+    """:class:`~metafluence.inner.Unrolled` (``steps`` steps ``θ ← θ − lr ∇_θ L_S(θ)``) from the
+    inner loop of a learn2learn or higher MAML, in one call.
+
+    ``source`` may be:
+
+    * a learn2learn ``MAML`` wrapper: its ``lr`` and ``first_order``;
+    * a higher differentiable optimizer (``diffopt`` of ``higher.innerloop_ctx(model, opt)``,
+      a ``DifferentiableSGD``): its ``lr``, ``first_order = not track_higher_grads``, and, when
+      its parameter groups cover only some of the model's parameters, ``adapt`` = their names
+      (from the patched module it is attached to, or ``model``);
+    * a ``torch.optim.SGD`` (the inner optimizer handed to higher): its ``lr``; ``adapt`` when
+      ``model`` is given and the optimizer holds only some of its parameters;
+    * a higher patched module (``fmodel``): ``first_order = not track_higher_grads``; it holds
+      no step size, so ``lr`` must be given.
+
+    ``steps`` is the number of inner steps per task in the user's loop (``adapt`` /
+    ``diffopt.step`` calls); ``lr`` and ``first_order`` override what ``source`` says;
+    ``kwargs`` go to :class:`Unrolled`. Raises ``TypeError`` for anything else (learn2learn's
+    ``MetaSGD``, with learned per-parameter step sizes, included) and ``ValueError`` for
+    optimizer settings an unrolled map does not have (momentum, weight decay, Nesterov,
+    several step sizes). The model for :class:`~metafluence.MetaProblem` is ``unwrap(source)``
+    for a learn2learn wrapper and the user's own module for higher.
+    """
+    name = type(source).__name__
+    fo: bool = False
+    adapt: list[str] | None = None
+    if name == "MetaSGD":
+        raise TypeError(
+            "inner_from_maml: learn2learn MetaSGD learns a step size per parameter, which "
+            "metafluence.inner.Unrolled (one lr) does not model"
+        )
+    if _is_higher_optimizer(source):
+        if name != "DifferentiableSGD":
+            raise TypeError(
+                f"inner_from_maml: higher {name} is not a plain gradient step; expected a "
+                "DifferentiableSGD (higher.innerloop_ctx with torch.optim.SGD)"
+            )
+        found, index = _sgd_settings(source, "diffopt")
+        fo = not bool(getattr(source, "_track_higher_grads", True))
+        fmodel = getattr(source, "_fmodel", None)
+        names = _higher_param_names(fmodel) if fmodel is not None else None
+        if names is None and model is not None:
+            names = [n for n, _ in model.named_parameters()]
+        used = sorted({i for ix in index for i in ix})
+        if names is not None and used != list(range(len(names))):
+            adapt = [names[i] for i in used]
+    elif isinstance(source, torch.optim.Optimizer):
+        if not isinstance(source, torch.optim.SGD):
+            raise TypeError(f"inner_from_maml: {name} is not torch.optim.SGD")
+        found, _ = _sgd_settings(source, name)
+        if model is not None:
+            held = {id(p) for g in source.param_groups for p in g["params"]}
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            if not all(id(p) in held for _, p in named):
+                adapt = [n for n, p in named if id(p) in held]
+    elif _is_higher_patched(source):
+        if lr is None:
+            raise TypeError(
+                "inner_from_maml: a higher patched module holds no step size; pass lr=... or "
+                "the differentiable optimizer (diffopt) instead"
+            )
+        found = lr
+        fo = not bool(getattr(source, "track_higher_grads", True))
+    else:
+        found = getattr(source, "lr", None)
+        if found is None or not isinstance(getattr(source, "module", None), nn.Module):
+            raise TypeError(
+                f"inner_from_maml: {name} is neither a learn2learn MAML wrapper (with `lr` and "
+                "`module`) nor a higher differentiable optimizer / patched module nor a "
+                "torch.optim.SGD"
+            )
+        if isinstance(found, Tensor):
+            found = float(found.detach())
+        fo = bool(getattr(source, "first_order", False))
+    if adapt is not None:
+        kwargs.setdefault("adapt", adapt)
     return Unrolled(
         steps=steps,
-        lr=float(lr),
-        first_order=bool(getattr(wrapper, "first_order", False)),
+        lr=float(found if lr is None else lr),
+        first_order=fo if first_order is None else bool(first_order),
         **kwargs,
     )
 

@@ -267,6 +267,9 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
                     query_scores=scores["query_point"],
                     task_ids=[t.id for t in data.tasks],
                     task_classes=[t.meta.get("class_names", []) for t in data.tasks],
+                    problem=problem,
+                    meta_params=lam,
+                    tasks=data.tasks,
                 )
     finally:
         job.stages.close()

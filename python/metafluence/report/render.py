@@ -1,4 +1,4 @@
-"""Write the run report: Markdown, HTML (same content, images inline by path), PNGs, CSVs."""
+"""Write the run report: Markdown, HTML (same content, images embedded), PNGs, CSVs."""
 
 from __future__ import annotations
 
@@ -58,6 +58,66 @@ def _plots(out: Path, summary: dict, task_scores: Tensor, mask: Tensor, sup: Ten
         f"Removing the {summary['detection']['k']} most harmful tasks: predicted vs actual",
     )
     return ["scores.png", "detection.png", "change.png"]
+
+
+GALLERY_TASKS = 3  # most harmful and most helpful tasks shown in the gallery
+
+
+def _gallery(
+    out: Path,
+    problem: Any,
+    meta_params: Any,
+    tasks: list | None,
+    task_scores: Tensor,
+    sup: Tensor,
+    mask: Tensor,
+) -> list[str]:
+    """``gallery.png``: the :data:`GALLERY_TASKS` most harmful tasks (most negative removal
+    effect) and the most helpful ones, each with its support images (in a harmful task its most
+    harmful support point, if its effect is negative, framed red) and its first query images,
+    captioned ``given label → label predicted by the model adapted to that task``; a task whose
+    labels were flipped (``mask``) says so. Nothing when the inputs are not images
+    ``[n, C, H, W]`` or the problem is sharded over processes (its adaptation is collective)."""
+    import torch
+
+    if problem is None or tasks is None or problem.reduce.world > 1 or not len(tasks):
+        return []
+    if tasks[0].support[0].dim() != 4:
+        return []
+    order = torch.argsort(task_scores, stable=True).tolist()
+    k = min(GALLERY_TASKS, len(order) // 2 or 1)
+    chosen = [(i, "harmful") for i in order[:k]] + [
+        (i, "helpful") for i in order[::-1][:k] if i not in order[:k]
+    ]
+    adapted = problem.adapt(meta_params, [tasks[i] for i, _ in chosen])
+    rows = []
+    with torch.no_grad():
+        for (i, kind), params in zip(chosen, adapted, strict=True):
+            t = tasks[i]
+            (xs, ys), (xq, yq) = t.support, t.query
+            full = dict(params)
+
+            def predict(x: Tensor, full: dict = full) -> Tensor:
+                x = x.to(next(iter(full.values())).dtype)
+                return problem.fm.call(problem.model, full, x).argmax(-1).cpu()
+
+            s_i = sup[i]
+            harmful = (s_i < 0) & (s_i == s_i.min()) if kind == "harmful" else None
+            rows.append(
+                {
+                    "title": f"{kind}: task {t.id} (removal effect {float(task_scores[i]):+.3g})"
+                    + (", labels flipped" if bool(mask[i]) else ""),
+                    "support_x": xs.cpu(),
+                    "support_y": ys.cpu(),
+                    "support_pred": predict(xs),
+                    "support_harmful": harmful,
+                    "query_x": xq.cpu(),
+                    "query_y": yq.cpu(),
+                    "query_pred": predict(xq),
+                }
+            )
+    plots.task_gallery(rows, out / "gallery.png")
+    return ["gallery.png"]
 
 
 def _csvs(out: Path, ids, classes, task_scores, mask, sup, qry) -> list[str]:
@@ -189,7 +249,9 @@ def _reliability(summary: dict) -> list[str]:
     return out
 
 
-def _markdown(summary: dict, pngs: list[str], csvs: list[str]) -> str:
+def _markdown(
+    summary: dict, pngs: list[str], csvs: list[str], gallery: list[str] | None = None
+) -> str:
     c = summary["config"]
     d = summary["detection"]
     ev = summary["evaluation"]
@@ -260,6 +322,19 @@ def _markdown(summary: dict, pngs: list[str], csvs: list[str]) -> str:
     lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
     for k, v in summary["stage_seconds"].items():
         lines.append(f"| {k} | {v:.1f} |")
+    if gallery:
+        lines += [
+            "",
+            "## The most harmful and the most helpful tasks",
+            "",
+            f"Top rows: the {GALLERY_TASKS} tasks whose removal would lower the target loss most "
+            "(most harmful); bottom rows: the ones whose removal would raise it most (most "
+            "helpful). Each shows its support images (S) and its first query images (Q), "
+            "captioned 'given label → label predicted after adapting to the task' (red where "
+            "they differ); in a harmful task the most harmful support point is framed red.",
+            "",
+            *(f"![{p}]({p})" for p in gallery),
+        ]
     lines += ["", "## Plots", ""]
     for p in pngs:
         lines.append(f"![{p}]({p})")
@@ -339,9 +414,15 @@ def write_report(
     query_scores: Tensor,
     task_ids: list,
     task_classes: list,
+    problem: Any = None,
+    meta_params: Any = None,
+    tasks: list | None = None,
 ) -> None:
+    """The report files in ``out``; with ``problem``, ``meta_params`` (λ*) and ``tasks`` also the
+    gallery of the most harmful and most helpful tasks (:func:`_gallery`)."""
     pngs = _plots(out, summary, task_scores, task_mask, support_scores)
     csvs = _csvs(out, task_ids, task_classes, task_scores, task_mask, support_scores, query_scores)
-    md = _markdown(summary, pngs, csvs)
+    gallery = _gallery(out, problem, meta_params, tasks, task_scores, support_scores, task_mask)
+    md = _markdown(summary, pngs, csvs, gallery)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(_html(md, out))
