@@ -263,7 +263,19 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     a("--rank", type=positive, default=d.rank, help="rank of a lowrank curvature fit")
     a("--solver", choices=SOLVE_MODES, default=d.solver, help="total solver")
-    a("--maxiter", type=positive, default=d.maxiter, help="iterations of the total solve")
+    a(
+        "--maxiter",
+        type=positive,
+        default=d.maxiter,
+        help="iterations of a Krylov total solve (curvature method krylov/lowrank)",
+    )
+    a(
+        "--pcg-iters",
+        type=positive,
+        default=d.pcg_iters,
+        help="CG iterations of each total solve preconditioned by the secant curvature "
+        "(curvature method secant, solver cg)",
+    )
     a("--damping", type=_float_in(0.0), default=d.damping, help="damping δ of the meta-objective")
     a(
         "--solve-damping",

@@ -63,8 +63,9 @@ class RunConfig:
     curvature: str = "gauss_newton"
     curvature_method: str = "secant"
     rank: int = 32
-    solver: str = "approx"
+    solver: str = "cg"
     maxiter: int = 15
+    pcg_iters: int = 2
     damping: float = 1e-3
     solve_damping: float = 1.0
     steps: int = 150
@@ -393,7 +394,8 @@ def _meta_train_stage(job: _Job, data: _Data) -> tuple:
 def _job_curvature(job: _Job, problem: Any, lam: Any, data: _Data, pairs: Any) -> Any:
     """The job's one curvature. ``secant`` (default): the exact total Hessian from the secant
     pairs the stationarity phase collected on its way to λ* (free: no pass over the tasks to
-    fit; ``solver="approx"`` uses it directly, ``"cg"`` as the preconditioner); without pairs
+    fit), the preconditioner of ``pcg_iters`` CG iterations (``solver="cg"``, default) or used
+    directly (``solver="approx"``); without pairs
     (no stationarity phase) it falls back to Krylov CG on ``curvature`` (a report note says
     so). Other methods as ``mf.fit_curvature``."""
     import metafluence as mf
@@ -411,7 +413,8 @@ def _job_curvature(job: _Job, problem: Any, lam: Any, data: _Data, pairs: Any) -
             kind = "exact"  # differences of ∇F measure the exact Hessian
     elif solver == "approx" and method != "lowrank":
         solver = "cg"
-    options: dict[str, Any] = {"maxiter": cfg.maxiter} if solver in ("cg", "neumann") else {}
+    iters = cfg.pcg_iters if method == "secant" else cfg.maxiter
+    options: dict[str, Any] = {"maxiter": iters} if solver in ("cg", "neumann") else {}
     return mf.fit_curvature(
         problem,
         lam,
