@@ -24,7 +24,16 @@ A :class:`Curvature` holds
     rows (one batched pass; 0: ``τ`` = the smallest ``|Ritz value|``). Exact curvature only
     (differences of ``∇F`` measure the exact ``H``, ``δ`` included).
 
-- ``solver`` and ``options`` (the solver's keyword arguments: ``rtol``, ``maxiter``, ...).
+- ``solver`` and ``options`` (the solver's keyword arguments: ``rtol``, ``maxiter``, ...);
+- ``horizon`` ``t`` (optional): instead of ``(H + δ'I)⁻¹ b`` every solve returns the response of
+  *training for a time t* from ``λ*``, ``φ_t(A) b = A⁻¹ (I − e^{−tA}) b`` with ``A = H + δ'I``
+  (gradient flow linearised at ``λ*``; ``t = η·T`` for ``T`` steps of size ``η``). It is the
+  estimator for a ``λ*`` that is not stationary (a single-segment version of SOURCE, Bae et al.
+  2024, "training-dynamics-aware influence"): flat directions get ``φ → t`` instead of ``1/λ → ∞``
+  and negative curvature follows the dynamics; as ``t → ∞`` on a positive definite ``A`` it is
+  the ordinary solve. Scores then predict "train ``t`` longer without the item" minus "train
+  ``t`` longer with it" (the continued-training control). Needs a fitted eigendecomposition
+  (``dense``, ``lowrank``, ``secant``).
 
 A fitted curvature is bound to the point it was fitted at (a digest of ``λ*``, the tasks and
 their weights): solving at that point uses the factorisation; at any other point (Newton
@@ -82,9 +91,17 @@ class Curvature:
     tail: float | None = None
     fitted_at: str | None = None
     fit_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    horizon: float | None = None
 
     def __post_init__(self) -> None:
         check_curvature(self.kind)
+        if self.horizon is not None:
+            self.horizon = check_float(self.horizon, "horizon", positive=True)
+            if self.method not in ("dense", *LOWRANK):
+                raise ValueError(
+                    f"horizon needs a fitted eigendecomposition (method 'dense', 'lowrank' or "
+                    f"'secant'), not method={self.method!r}"
+                )
         if self.method not in (*METHODS, "auto"):
             raise ValueError(f"method={self.method!r}: expected one of {(*METHODS, 'auto')}")
         if self.solver not in SOLVE_MODES:
@@ -123,6 +140,7 @@ class Curvature:
             "solve_damping": float(self.solve_damping),
             "solver_kwargs": opts,
             "fit": fit,
+            "horizon": self.horizon,
         }
 
     def unfitted(self) -> Curvature:
@@ -160,7 +178,14 @@ class Curvature:
         one = b.dim() == 1
         B = b.unsqueeze(0) if one else b
         here = self.fits(pt)  # (one digest of λ per solve)
-        if here and self.method == "dense":
+        if self.horizon is not None:
+            if not here:
+                raise ValueError(
+                    "a horizon curvature answers at the point it was fitted at only (the "
+                    "response of training from there); fit one at this point"
+                )
+            res = self._horizon_solve(B)
+        elif here and self.method == "dense":
             res = self._dense_solve(B)
         elif here and self.solver == "approx":
             res = self._approx_solve(pt, B)
@@ -201,6 +226,23 @@ class Curvature:
         return SolveResult(
             X, 0, res, bool(col.all()), col, neg, {"method": "dense", "matvec_calls": 0}
         )
+
+    def _horizon_solve(self, B: Tensor) -> SolveResult:
+        """``φ_t(A) B`` on the fit: ``U φ_t(Λ + δ') UᵀB`` (dense: exact), plus
+        ``φ_t(τ + δ') (B − UUᵀB)`` on the complement of a low-rank or secant fit;
+        ``φ_t(a) = (1 − e^{−ta})/a`` (``= t`` at ``a = 0``)."""
+        assert self.eigvecs is not None and self.eigvals is not None and self.horizon is not None
+        U, lam = self.eigvecs.to(B.dtype), self.eigvals.to(B.dtype) + self.solve_damping
+        C = B @ U
+        X = (C * _flow(lam, self.horizon)) @ U.T
+        if self.method != "dense":
+            assert self.tail is not None
+            tail = _flow(B.new_tensor(abs(self.tail) + self.solve_damping), self.horizon)
+            X = X + tail * (B - C @ U.T)
+        zero = B.new_zeros(B.shape[0])
+        col = torch.ones(B.shape[0], dtype=torch.bool, device=B.device)
+        info = {"method": f"horizon t={self.horizon:g} on the {self.method} fit"}
+        return SolveResult(X, 0, zero, True, col, bool((lam < 0).any()), info)
 
     def _approx_solve(self, pt: BilevelPoint, B: Tensor) -> SolveResult:
         X = self._approx_inverse(B, spd=False)
@@ -254,6 +296,7 @@ class Curvature:
             "tail": self.tail,
             "fitted_at": self.fitted_at,
             "fit_info": {k: v for k, v in self.fit_info.items() if _jsonable(v)},
+            "horizon": self.horizon,
         }
         return save_tensors(path, tensors, meta)
 
@@ -274,7 +317,17 @@ class Curvature:
             tail=meta.get("tail"),
             fitted_at=meta.get("fitted_at"),
             fit_info=dict(meta.get("fit_info", {})),
+            horizon=meta.get("horizon"),
         )
+
+
+def _flow(a: Tensor, t: float) -> Tensor:
+    """``φ_t(a) = (1 − e^{−ta}) / a`` elementwise, ``t`` where ``|ta|`` is tiny (``−expm1``
+    keeps it accurate there)."""
+    ta = t * a
+    small = ta.abs() < 1e-8
+    safe = torch.where(small, torch.ones_like(a), a)
+    return torch.where(small, torch.full_like(a, t), -torch.expm1(-t * safe) / safe)
 
 
 def _jsonable(v: Any) -> bool:
@@ -366,6 +419,7 @@ def fit_curvature(
     task_weight: Tensor | None = None,
     pairs: tuple[Tensor, Tensor] | None = None,
     tail_probes: int = 4,
+    horizon: float | None = None,
 ) -> Curvature:
     """Fit the curvature of ``(λ*, train_tasks)`` once; pass it to every solve of the job.
 
@@ -383,6 +437,9 @@ def fit_curvature(
             secant pairs (``meta_train(..., info=info)`` leaves them in
             ``info["secant_pairs"]``; ``make_stationary``'s report holds them as ``.pairs``).
         tail_probes: HVP rows that estimate the secant fit's tail ``τ`` (0: none).
+        horizon: ``t > 0``: every solve returns the training-horizon response ``φ_t(H + δ'I) b``
+            instead of ``(H + δ'I)⁻¹ b`` (module docstring: the estimator for a ``λ*`` that is
+            not stationary); None (default): the ordinary solve.
 
     Cost: dense ``P`` HVP rows; low-rank ``(power_iters + 2) · rank`` HVP rows in
     ``power_iters + 2`` batched passes; secant ``tail_probes`` rows (one pass); krylov none.
@@ -406,7 +463,7 @@ def fit_curvature(
             f"method='secant' measures the exact Hessian (differences of ∇F): use "
             f"kind='exact', not {kind!r}"
         )
-    curv = Curvature(kind, method, solver, solve_damping, dict(options or {}))
+    curv = Curvature(kind, method, solver, solve_damping, dict(options or {}), horizon=horizon)
     if method == "krylov":
         return curv
     if method == "secant":

@@ -228,6 +228,21 @@ def _reliability(summary: dict) -> list[str]:
             f"{sv['residual']:.2g} ({state})."
         )
     cv = summary.get("curvature") or {}
+    if cv.get("horizon"):
+        out.append(
+            f"- estimator: the training-horizon response (t = {cv['horizon']:g}): scores predict "
+            "training that long without the item minus training that long with it, as made for "
+            "a λ* that is not stationary."
+        )
+    elif st and not st.get("converged"):
+        out.append(
+            "- estimator: the stationary-point influence, although λ* did not reach the "
+            "stationarity tolerance: scores assume ∇F(λ*) = 0. For a λ* you will not train "
+            "further, `mf.fit_curvature(..., horizon=t)` gives the training-horizon response "
+            "instead (guide §4)."
+        )
+    else:
+        out.append("- estimator: the stationary-point influence (λ* is stationary to tolerance).")
     if cv.get("method") == "secant":
         fit = cv.get("fit") or {}
         out.append(
