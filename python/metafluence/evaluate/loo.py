@@ -143,7 +143,8 @@ def leave_one_out(
 
     Every retrain is checked, and nothing unconverged passes as truth silently:
 
-    - ``‖∇F_{-e}(λ_e)‖`` (the retrained objective's gradient, one pass over the tasks) is
+    - ``‖∇F_{-e}(λ_e)‖`` (the retrained objective's gradient, one pass over the tasks; for the
+      default retrainer its own report, which includes the proximal term ``δ'(λ_e − λ*)``) is
       measured; ``converged`` is ``‖∇F_{-e}‖ ≤ stationary_tol``;
     - whether ``λ_e`` is a minimum of ``F_{-e}``: the default retrainer reports the smallest
       eigenvalue of its dense Hessian there; for another retrainer, with ``check_minimum``,
@@ -186,8 +187,11 @@ def leave_one_out(
             new = retrain(without, start)
             rows["df"].append(target_value(problem, new, target) - f0)
             at = problem.point(new, without)
-            rows["grad_norm"].append(float(at.meta_grad().norm()))
-            for k, v in _minimum_check(at, getattr(retrain, "last_report", None), check_minimum):
+            report = getattr(retrain, "last_report", None)
+            # the retrainer's own objective when it reports one (the proximal term included)
+            gn = report["grad_norm"] if report is not None else at.meta_grad().norm()
+            rows["grad_norm"].append(float(gn))
+            for k, v in _minimum_check(at, report, check_minimum):
                 rows[k].append(v)
         return {k: torch.tensor(v, dtype=torch.float64) for k, v in rows.items()}
 
