@@ -9,6 +9,7 @@ derivation), the meta-parameters are retrained, and the true change of the targe
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -17,13 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import check_bool
 from .._store import ProgressStore, digest, map_chunks
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
 from ..data.source import TaskSource
 from ..data.tasks import Task, TaskBatch
 from ..influence.removal import ITEMS, TargetLike, target_value
+from ..solvers import lanczos_eigen_bounds
+from ..train import newton_refine
 from ..train._bar import progress_bar
-from ..train.meta_train import newton_refine
 
 Retrain = Callable[[TaskBatch | TaskSource, dict[str, Tensor]], dict[str, Tensor]]
 
@@ -61,18 +64,49 @@ def _two_arg(retrain: Callable[..., dict[str, Tensor]]) -> Retrain:
     return retrain
 
 
+class NewtonRetrain:
+    """The default ground-truth retrainer: :func:`metafluence.train.newton_refine` (dense Newton
+    with an eigenvalue fix) from the given start, ``proximal=δ'`` adding ``δ'/2‖λ − λ_start‖²``.
+
+    ``retrain(batch, start) -> params``; ``last_report`` holds the
+    :class:`~metafluence.train.RefineReport` fields of the last call (``‖∇F‖``, converged,
+    ``λ_min`` of the dense Hessian at the result, ``minimum``, steps), which
+    :func:`leave_one_out` reports per item. It does not warn itself.
+    """
+
+    def __init__(
+        self, problem: MetaProblem, tol: float = 1e-12, max_steps: int = 30, proximal: float = 0.0
+    ) -> None:
+        self.problem, self.tol, self.max_steps, self.proximal = problem, tol, max_steps, proximal
+        self.last_report: dict[str, Any] | None = None
+
+    def __call__(
+        self, batch: TaskBatch | TaskSource, start: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        prox = None
+        if self.proximal > 0:
+            prox = (float(self.proximal), self.problem.flat(start))
+        info: dict[str, Any] = {}
+        out = newton_refine(
+            self.problem,
+            start,
+            batch,
+            tol=self.tol,
+            max_steps=self.max_steps,
+            prox=prox,
+            info=info,
+            warn=False,
+        )
+        self.last_report = info
+        return out
+
+
 def newton_retrain(
     problem: MetaProblem, tol: float = 1e-12, max_steps: int = 30, proximal: float = 0.0
-) -> Retrain:
-    """Retrainer: dense Newton from the given start (``proximal=δ'`` adds ``δ'/2‖λ−λ*‖²``)."""
-
-    def retrain(batch: TaskBatch | TaskSource, start: dict[str, Tensor]) -> dict[str, Tensor]:
-        prox = None
-        if proximal > 0:
-            prox = (float(proximal), problem.flat(start))
-        return newton_refine(problem, start, batch, tol=tol, max_steps=max_steps, prox=prox)
-
-    return retrain
+) -> NewtonRetrain:
+    """Retrainer: dense Newton from the given start (``proximal=δ'`` adds ``δ'/2‖λ−λ*‖²``);
+    see :class:`NewtonRetrain`."""
+    return NewtonRetrain(problem, tol, max_steps, proximal)
 
 
 def leave_one_out(
@@ -89,6 +123,7 @@ def leave_one_out(
     chunk_size: int = 1,
     details: list[dict[str, Any]] | None = None,
     stationary_tol: float = 1e-6,
+    check_minimum: bool = True,
 ) -> Tensor:
     """True ``Δf`` for each item in ``indices`` (default: all items of the kind) ``[len]``.
 
@@ -106,13 +141,26 @@ def leave_one_out(
     the target tasks; a different configuration raises ``ValueError``. The retrainer cannot be
     fingerprinted (only its name is recorded): use a new directory when changing it.
 
-    Every retrain is checked: ``‖∇F_{-e}(λ_e)‖`` (the retrained objective's gradient, one pass
-    over the tasks) is measured, a ``RuntimeWarning`` names the items whose retrain ended above
-    ``stationary_tol`` (their ``Δf`` is not that of a converged retrain), and ``details`` (a
-    list, if given) receives one dict per item: ``item``, ``df``, ``grad_norm``, ``converged``.
+    Every retrain is checked, and nothing unconverged passes as truth silently:
+
+    - ``‖∇F_{-e}(λ_e)‖`` (the retrained objective's gradient, one pass over the tasks; for the
+      default retrainer its own report, which includes the proximal term ``δ'(λ_e − λ*)``) is
+      measured; ``converged`` is ``‖∇F_{-e}‖ ≤ stationary_tol``;
+    - whether ``λ_e`` is a minimum of ``F_{-e}``: the default retrainer reports the smallest
+      eigenvalue of its dense Hessian there; for another retrainer, with ``check_minimum``,
+      Lanczos bounds on ``λ_min(∇²F_{-e}(λ_e))`` (:func:`metafluence.solvers.lanczos_eigen_bounds`,
+      20 to 80 HVPs): ``minimum`` is ``True`` when ``λ_min > 0`` is certified, ``False`` when
+      ``λ_min ≤ 0`` is certain (a saddle or maximum along some direction), ``None`` when
+      undecided (or not checked);
+    - a ``RuntimeWarning`` names the items that did not converge or ended off a minimum;
+    - ``details`` (a list, if given) receives one dict per item: ``item``, ``df``,
+      ``grad_norm``, ``converged``, ``lambda_min`` (``nan`` when not checked), ``minimum``, and
+      from the default retrainer ``steps`` and ``fixed_steps`` (steps that needed the
+      eigenvalue fix: the refit left the start's region of positive curvature).
     """
     if items not in ITEMS:
         raise ValueError(f"items={items!r}: expected one of {ITEMS}")
+    check_minimum = check_bool(check_minimum, "check_minimum")
     lam = problem.flat(meta_params)
     batch = problem.batch(train_tasks, lam)
     named = retrain if retrain is not None else newton_retrain
@@ -133,16 +181,19 @@ def leave_one_out(
         store = ProgressStore(checkpoint_dir, config)
 
     def compute(r: tuple[int, int]) -> dict[str, Tensor]:
-        df, gn = [], []
+        rows: dict[str, list[float]] = {k: [] for k in _CHECKS}
         for item in idx[r[0] : r[1]]:
             without = reweighted(batch, items, item, factor)
             new = retrain(without, start)
-            df.append(target_value(problem, new, target) - f0)
-            gn.append(float(problem.point(new, without).meta_grad().norm()))
-        return {
-            "df": torch.tensor(df, dtype=torch.float64),
-            "grad_norm": torch.tensor(gn, dtype=torch.float64),
-        }
+            rows["df"].append(target_value(problem, new, target) - f0)
+            at = problem.point(new, without)
+            report = getattr(retrain, "last_report", None)
+            # the retrainer's own objective when it reports one (the proximal term included)
+            gn = report["grad_norm"] if report is not None else at.meta_grad().norm()
+            rows["grad_norm"].append(float(gn))
+            for k, v in _minimum_check(at, report, check_minimum):
+                rows[k].append(v)
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in rows.items()}
 
     bar = progress_bar(len(idx), progress, f"leave-one-out ({items})")
     try:
@@ -152,21 +203,62 @@ def leave_one_out(
             bar.close()
     if not chunks:
         return torch.zeros(0, dtype=lam.dtype)
-    df = torch.cat([c["df"] for c in chunks])
-    gn = torch.cat([c.get("grad_norm", torch.full_like(c["df"], float("nan"))) for c in chunks])
-    _report_retrains(idx, df, gn, stationary_tol, details)
-    return df.to(lam.dtype)
+    cols = {
+        k: torch.cat([c.get(k, torch.full_like(c["df"], math.nan)) for c in chunks])
+        for k in _CHECKS
+    }
+    _report_retrains(idx, cols, stationary_tol, details)
+    return cols["df"].to(lam.dtype)
+
+
+# per-item columns of a chunk (a stored chunk without one reads as nan): Δf, ‖∇F_-e‖, λ_min of
+# ∇²F_-e there (an upper bound from Lanczos), minimum (1 / 0 / nan undecided), steps and
+# eigenvalue-fixed steps of the default retrainer (nan for another)
+_CHECKS = ("df", "grad_norm", "lambda_min", "minimum", "steps", "fixed_steps")
+
+
+def _minimum_check(at: Any, report: dict[str, Any] | None, check: bool) -> list[tuple[str, float]]:
+    """``(column, value)`` pairs of :data:`_CHECKS` after ``df`` and ``grad_norm`` for the
+    retrained point ``at``: from the retrainer's ``report`` when it gives one, else from
+    Lanczos bounds on the Hessian at ``at`` (``check``), else ``nan``."""
+    nan = math.nan
+    if report is not None:
+        return [
+            ("lambda_min", float(report["lambda_min"])),
+            ("minimum", float(bool(report["minimum"]))),
+            ("steps", float(report["steps"])),
+            ("fixed_steps", float(report["fixed_steps"])),
+        ]
+    unknown = [("steps", nan), ("fixed_steps", nan)]
+    if not check:
+        return [("lambda_min", nan), ("minimum", nan), *unknown]
+    P = at.lam.numel()
+    b = lanczos_eigen_bounds(
+        at.matvec("exact"),
+        P,
+        dtype=at.lam.dtype,
+        device=at.lam.device,
+        steps=min(20, P),
+        max_steps=min(80, P),
+        decided=lambda bd: bd.lambda_min <= 0 or bd.lambda_min_lower > 0,
+    )
+    minimum = 0.0 if b.lambda_min <= 0 else (1.0 if b.lambda_min_lower > 0 else nan)
+    return [("lambda_min", b.lambda_min), ("minimum", minimum), *unknown]
 
 
 def _report_retrains(
     idx: list[Any],
-    df: Tensor,
-    grad_norm: Tensor,
+    cols: dict[str, Tensor],
     tol: float,
     details: list[dict[str, Any]] | None,
 ) -> None:
-    """Warn about retrains that did not reach ``‖∇F_{-e}‖ ≤ tol``; fill ``details``."""
-    bad = [(i, float(g)) for i, g in zip(idx, grad_norm.tolist(), strict=True) if not g <= tol]
+    """Warn about retrains that did not reach ``‖∇F_{-e}‖ ≤ tol`` or ended off a minimum; fill
+    ``details``."""
+    rows = [
+        dict(zip(_CHECKS, vals, strict=True))
+        for vals in zip(*(cols[k].tolist() for k in _CHECKS), strict=True)
+    ]
+    bad = [(i, r["grad_norm"]) for i, r in zip(idx, rows, strict=True) if not r["grad_norm"] <= tol]
     if bad:
         shown = ", ".join(f"{i} (‖∇F‖ = {g:.2g})" for i, g in bad[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
@@ -177,11 +269,30 @@ def _report_retrains(
             RuntimeWarning,
             stacklevel=3,
         )
-    if details is not None:
-        details.extend(
-            {"item": i, "df": float(d), "grad_norm": float(g), "converged": bool(g <= tol)}
-            for i, d, g in zip(idx, df.tolist(), grad_norm.tolist(), strict=True)
+    off = [(i, r["lambda_min"]) for i, r in zip(idx, rows, strict=True) if r["minimum"] == 0]
+    if off:
+        shown = ", ".join(f"{i} (λ_min ≈ {v:.2g})" for i, v in off[:5])
+        more = f" and {len(off) - 5} more" if len(off) > 5 else ""
+        warnings.warn(
+            f"leave_one_out: {len(off)} of {len(idx)} retrains ended off a minimum (the "
+            f"retrained objective's Hessian has a non-positive eigenvalue): {shown}{more}",
+            RuntimeWarning,
+            stacklevel=3,
         )
+    if details is not None:
+        for i, r in zip(idx, rows, strict=True):
+            m = r["minimum"]
+            d = {
+                "item": i,
+                "df": r["df"],
+                "grad_norm": r["grad_norm"],
+                "converged": bool(r["grad_norm"] <= tol),
+                "lambda_min": r["lambda_min"],
+                "minimum": None if math.isnan(m) else bool(m),
+            }
+            if not math.isnan(r["steps"]):
+                d["steps"], d["fixed_steps"] = int(r["steps"]), int(r["fixed_steps"])
+            details.append(d)
 
 
 def stage_fingerprint(

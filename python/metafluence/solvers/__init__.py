@@ -20,7 +20,12 @@ from ._base import Matvec, SolveResult
 from .arnoldi import solve_arnoldi
 from .cg import solve_cg
 from .direct import dense_matrix, solve_direct
-from .eigen import estimate_top_eigenvalue, lanczos_extreme_eigenvalues
+from .eigen import (
+    EigenBounds,
+    estimate_top_eigenvalue,
+    lanczos_eigen_bounds,
+    lanczos_extreme_eigenvalues,
+)
 from .ekfac import (
     KFACFactors,
     KFACLayerFactors,
@@ -41,6 +46,7 @@ from .woodbury import (
 
 __all__ = [
     "SOLVERS",
+    "EigenBounds",
     "KFACFactors",
     "KFACLayerFactors",
     "Matvec",
@@ -54,6 +60,7 @@ __all__ = [
     "ekfac_matvec",
     "estimate_top_eigenvalue",
     "get_solver",
+    "lanczos_eigen_bounds",
     "lanczos_extreme_eigenvalues",
     "solve_arnoldi",
     "solve_cg",

@@ -1,10 +1,12 @@
 """Meta-training loops: first-order training, then a stationarity phase."""
 
-from .meta_train import OPTIMIZERS, TrainState, grad_norm, meta_train, newton_refine
+from .meta_train import OPTIMIZERS, TrainState, grad_norm, meta_train
+from .refine import RefineReport, newton_refine
 from .stationary import StationarityReport, make_stationary
 
 __all__ = [
     "OPTIMIZERS",
+    "RefineReport",
     "StationarityReport",
     "TrainState",
     "grad_norm",

@@ -32,8 +32,8 @@ from .._checks import check_float, check_int
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
 from ..data.source import TaskSource
 from ..data.tasks import TaskBatch
-from ..solvers.newton import damped_newton
 from ._bar import progress_bar
+from .refine import newton_refine
 from .stationary import make_stationary
 
 OPTIMIZERS = ("adam", "sgd", "lbfgs", "newton")
@@ -204,7 +204,7 @@ def meta_train(
 
     if optimizer == "newton":
         left = max(int(steps) - start, 0)
-        lam = problem.flat(newton_refine(problem, lam, full, tol=tol, max_steps=left))
+        lam = problem.flat(newton_refine(problem, lam, full, tol=tol, max_steps=left, warn=tol > 0))
     elif optimizer == "lbfgs":
         x = lam.clone().requires_grad_(True)
         opt = torch.optim.LBFGS(
@@ -281,58 +281,6 @@ def meta_train(
             info["stationarity"] = report.as_dict()
             info["secant_pairs"] = report.pairs  # (S, Y) or None: mf.fit_curvature(method="secant")
         return out
-    return problem.unflat(lam)
-
-
-def newton_refine(
-    problem: MetaProblem,
-    meta_params: ParamsLike,
-    tasks: TasksLike,
-    tol: float = 1e-12,
-    max_steps: int = 30,
-    prox: tuple[float, Tensor] | None = None,
-    task_weight: Tensor | None = None,
-) -> dict[str, Tensor]:
-    """Newton steps with the dense exact total Hessian until ``‖∇F‖ ≤ tol``.
-
-    Minimises ``F(λ)`` (+ ``(δ'/2)‖λ − λ_0‖²`` when ``prox = (δ', λ_0)``: the proximal
-    response). Each step solves ``H Δ = −∇F`` densely (small ``P``), with backtracking on
-    ``‖∇F‖`` (:func:`metafluence.solvers.newton.damped_newton`). Used as the ground-truth
-    retrainer: started at ``λ*`` it stays on the same branch of stationary points, unlike a
-    first-order optimiser on a near-flat objective.
-    """
-    lam = problem.flat(meta_params).clone()
-    batch = problem.batch(tasks, lam, task_weight)
-    P = lam.shape[0]
-    eye = torch.eye(P, dtype=lam.dtype, device=lam.device)
-
-    def grad_at(x: Tensor) -> Tensor:
-        g = problem.point(x, batch).meta_grad()
-        if prox is not None:
-            g = g + prox[0] * (x - prox[1])
-        return g.detach()
-
-    def step_at(x: Tensor, g: Tensor, _aux: None) -> Tensor:
-        """``d = H⁻¹ ∇F`` with the dense exact total Hessian (+ δ'I), least squares if singular."""
-        H = problem.point(x, batch).hvp(eye, "exact").detach()
-        H = 0.5 * (H + H.T)
-        if prox is not None:
-            H = H + prox[0] * eye
-        try:
-            return torch.linalg.solve(H, g)
-        except RuntimeError:
-            return torch.linalg.lstsq(H, g.unsqueeze(-1)).solution.squeeze(-1)
-
-    # t = 1, ½, …, 2⁻²⁰ (< 1e-6): the last length is taken even without a decrease of ‖∇F‖
-    lam = damped_newton(
-        lambda x: (grad_at(x), None),
-        step_at,
-        lam,
-        max_steps,
-        trials=21,
-        tol=tol,
-        accept_stalled=True,
-    ).x
     return problem.unflat(lam)
 
 

@@ -46,12 +46,11 @@ class StationarityReport:
     seconds: float
     converged: bool
     method: str = "lbfgs"
+    secant_pairs: int = 0  # how many pairs ``pairs`` holds
     pairs: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pairs"}
-        out["secant_pairs"] = 0 if self.pairs is None else int(self.pairs[0].shape[0])
-        return out
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pairs"}
 
     def line(self) -> str:
         """One line for reports."""
@@ -154,6 +153,7 @@ def make_stationary(
         evaluations=evals,
         seconds=time.perf_counter() - t0,
         converged=gn <= tol,
+        secant_pairs=len(kept),
         pairs=(torch.stack([p[0] for p in kept]), torch.stack([p[1] for p in kept]))
         if kept
         else None,
