@@ -190,7 +190,9 @@ def test_native_cuda_opcheck_non_contiguous():
 
 # ---- dispatch ---------------------------------------------------------------------------------
 def test_auto_backend_on_cpu():
-    expected = "native" if NATIVE_CPU else "reference"
+    # the native CPU kernel lost to the reference in benchmarks/results/psg_linear.csv: auto
+    # prefers the reference on CPU (ops/psg_linear.py); backend="native" still forces it
+    expected = "reference"
     dev = torch.device("cpu")
     assert _dispatch.select_backend("psg_linear", CHECKS, dev, torch.float32) == expected
     # no fast kernel for float16: auto falls back to the reference

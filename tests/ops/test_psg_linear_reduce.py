@@ -193,7 +193,10 @@ def test_auto_backend_and_float16_fallback():
     for op in OPS:
         checks = _dispatch.REGISTRY[op]
         got = _dispatch.select_backend(op, checks, torch.device("cpu"), torch.float32)
-        assert got == ("native" if NATIVE_CPU else "reference")
+        # psg_linear_dot: the reference first on CPU (its native kernel lost at kronfluence's
+        # shapes, benchmarks/results/kronfluence.csv); psg_linear_sqnorm: native when built
+        first = "reference" if op == "psg_linear_dot" else "native"
+        assert got == (first if NATIVE_CPU else "reference")
     a, g, v = _inputs(2, 3, 4, 5, torch.float16)
     assert mf.psg_linear_sqnorm(a, g).dtype == torch.float16
     assert mf.psg_linear_dot(a, g, v).shape == (2, M)

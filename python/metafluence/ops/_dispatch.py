@@ -125,12 +125,22 @@ def reference_check(device: torch.device, dtype: torch.dtype) -> str | None:
 
 #: op name -> its backend checks (filled by each op module via :func:`register_op`)
 REGISTRY: dict[str, Mapping[str, Check]] = {}
+#: op name -> the order ``auto`` tries on CPU when it is not the default ``(native, reference)``
+#: (an op whose native CPU kernel a committed benchmark found slower than its reference)
+CPU_ORDER: dict[str, tuple[str, ...]] = {}
 
 
 def register_op(
-    op: str, checks: Mapping[str, Check], nondeterministic: Mapping[str, str] | None = None
+    op: str,
+    checks: Mapping[str, Check],
+    nondeterministic: Mapping[str, str] | None = None,
+    cpu_order: tuple[str, ...] | None = None,
 ) -> Mapping[str, Check]:
     """Record the backend checks of ``op`` (one entry per name in :data:`BACKENDS`).
+
+    ``cpu_order``: the order ``auto`` tries on CPU instead of ``(native, reference)`` — for an
+    op whose native CPU kernel is slower than its reference (the op module cites the
+    benchmark); a forced ``backend="native"`` still runs it.
 
     ``nondeterministic`` maps a backend whose results can change between runs (float atomics,
     autotuned reduction orders) to the reason; in deterministic mode
@@ -153,6 +163,10 @@ def register_op(
             )
             for name, check in checks.items()
         }
+    if cpu_order is not None:
+        if set(cpu_order) - {"native", "reference"} or not cpu_order:
+            raise ValueError(f"{op}: cpu_order {cpu_order} must order 'native' and 'reference'")
+        CPU_ORDER[op] = tuple(cpu_order)
     REGISTRY[op] = checks
     return checks
 
@@ -202,11 +216,11 @@ def explain(
     return {name: checks[name](device, dtype) for name in BACKENDS}
 
 
-def _auto_order(device: torch.device) -> tuple[str, ...]:
+def _auto_order(device: torch.device, op: str | None = None) -> tuple[str, ...]:
     # The Triton interpreter is a correctness tool, far too slow to be picked automatically.
     if device.type == "cuda":
         return ("native", "triton", "reference")
-    return ("native", "reference")
+    return CPU_ORDER.get(op, ("native", "reference")) if op is not None else ("native", "reference")
 
 
 def format_report(op: str, reasons: Mapping[str, str | None], chosen: str | None = None) -> str:
@@ -231,7 +245,8 @@ def select_backend(
     """Choose the backend for one call of ``op``.
 
     ``backend`` (else ``METAFLUENCE_BACKEND``) forces one; otherwise ``native`` if a kernel exists
-    for the device, then ``triton`` on CUDA, then ``reference``. Under ``torch.compile`` only
+    for the device, then ``triton`` on CUDA, then ``reference`` (on CPU the op's
+    :data:`CPU_ORDER` where it has one). Under ``torch.compile`` only
     ``backend="native"`` or the reference path are used (the checks would break the graph).
     """
     if torch.compiler.is_compiling():
@@ -252,7 +267,7 @@ def select_backend(
             f"on device {device} with dtype {str(dtype).removeprefix('torch.')}:\n"
             + format_report(op, reasons)
         )
-    for name in _auto_order(device):
+    for name in _auto_order(device, op):
         if checks[name](device, dtype) is None:
             return name
     return "reference"
