@@ -325,3 +325,60 @@ def test_group_norm_rule_fused_equals_recomputed(dtype):
     _close(ref["weight"], (g * xhat).sum((2, 3)), dtype)
     for k in ("weight", "bias"):
         _close(got[k], ref[k], dtype, k)
+
+
+class TupleOut(nn.Module):  # a parametrised module whose output the hooks path cannot capture
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 3))
+
+    def forward(self, x):
+        return x @ self.weight.T, None
+
+
+class UsesTuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = TupleOut()
+
+    def forward(self, x):
+        return self.inner(x)[0]
+
+
+@pytest.mark.parametrize("entry", ["grads", "norms", "dots"])
+def test_hooks_path_probes_with_its_own_forward(entry):
+    """The hooks path checks that x and y fit on its own batched forward: one forward per call
+    (no 1-sample probe), and the same errors as the probe of the other paths."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params = dict(model.named_parameters())
+    vectors = {k: torch.randn(2, *v.shape) for k, v in params.items()}
+
+    def run(x, y, **kw):
+        if entry == "grads":
+            return mf.per_sample_grads(model, params, x, y, **kw)
+        if entry == "norms":
+            return mf.per_sample_grad_norms(model, params, x, y, **kw)
+        return mf.per_sample_grad_dots(model, params, x, y, vectors, **kw)
+
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    batches = []
+    handle = model[0].register_forward_hook(lambda m, a, o: batches.append(a[0].shape[0]))
+    run(x, y)
+    assert batches == [5]
+    run(x, y, method="func")  # the func path keeps its 1-sample probe
+    assert batches[1] == 1
+    handle.remove()
+    for method in ("hooks", "func"):
+        with pytest.raises(ValueError, match=r"x of shape \(5, 4\) .* does not fit the model"):
+            run(torch.randn(5, 4), y, method=method)
+        with pytest.raises(ValueError, match=r"y has label 2 outside \[0, 2\)"):
+            run(x, torch.full((5,), 2), method=method)
+        with pytest.raises(ValueError, match=r"y of shape \(5, 1\) .* does not fit loss="):
+            run(x, y[:, None], method=method)
+        with pytest.raises(ValueError, match=r"loss='mse' needs targets shaped like"):
+            run(x, torch.randn(5), loss="mse", method=method)
+    # an output the hooks path cannot capture is its own error, not "x does not fit"
+    odd = UsesTuple()
+    p_odd = dict(odd.named_parameters())
+    with pytest.raises(TypeError, match="capture needs a tensor output"):
+        mf.per_sample_grads(odd, p_odd, x, y)

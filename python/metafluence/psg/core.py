@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 Method = Literal["auto", "hooks", "func"]
+_T = TypeVar("_T")
 
 
 def uses_batch_statistics(model: nn.Module) -> bool:
@@ -67,7 +68,13 @@ def uses_batch_statistics(model: nn.Module) -> bool:
 
 
 # ---- validation ----------------------------------------------------------------------------------
-def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> None:
+def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> bool:
+    """Checks the arguments (types, shapes, devices, finite values, label signs); returns whether
+    ``x`` and ``y`` must still be shown to fit the model and the loss (:func:`_fits`): true for a
+    non-empty eager call with ``y`` and no BatchNorm (a probe forward would change no running
+    statistics). :func:`_check_fit` does it by a 1-sample probe; the hooks path instead runs its
+    own batched forward under :func:`_probe` and passes those logits to :func:`_fits` (one
+    forward, not two)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model)}")
     if not isinstance(params, Mapping) or not params:
@@ -87,7 +94,7 @@ def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> 
         if v.device != x.device:
             raise ValueError(f"params[{k!r}] is on {v.device} but x is on {x.device}")
     if y is None:
-        return
+        return False
     if not isinstance(y, Tensor) or y.dim() < 1:
         raise ValueError("y must be a tensor [N, ...] with the batch in dim 0")
     if y.shape[0] != x.shape[0]:
@@ -95,20 +102,31 @@ def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> 
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}")
     if torch.compiler.is_compiling():
-        return  # checks on values need the data: they run eagerly only (a graph cannot branch)
+        return False  # checks on values need the data: they run eagerly only (no graph branches)
     check_finite(x, "x")
     check_finite(y, "y")
     stateful = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if loss == "cross_entropy" and not y.is_floating_point() and bool((y < 0).any()):
         raise ValueError(f"y has label {int(y[y < 0][0])} < 0")
-    if stateful or not x.shape[0]:
-        return
-    # a 1-sample probe (no running statistics: not with BatchNorm): x fits the model, y the loss
+    return not stateful and bool(x.shape[0])
+
+
+def _check_fit(
+    model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss: Any
+) -> None:
+    """A 1-sample probe forward (no gradients): ``x`` fits the model, ``y`` the loss."""
     with torch.no_grad():
-        out = _probe(
-            lambda: functional_call(model, dict(params), (x[:1],)),
-            f"x of shape {tuple(x.shape)} (dtype {x.dtype}) does not fit the model",
-        )
+        out = _probe(lambda: functional_call(model, dict(params), (x[:1],)), _misfit_x(x))
+    _fits(out, x, y, loss)
+
+
+def _misfit_x(x: Tensor) -> str:
+    return f"x of shape {tuple(x.shape)} (dtype {x.dtype}) does not fit the model"
+
+
+def _fits(out: Tensor, x: Tensor, y: Tensor, loss: Any) -> None:
+    """``y`` fits the loss on the model outputs ``out`` (``[N or 1, ...]``, first row probed):
+    cross-entropy labels in range, MSE targets shaped like the outputs, the loss evaluates."""
     if loss == "cross_entropy" and not y.is_floating_point() and y.numel():
         _check_labels(y, out.shape[-1])
     if loss == "mse" and tuple(y.shape[1:]) != tuple(out.shape[1:]):  # would broadcast silently
@@ -119,16 +137,24 @@ def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> 
     if loss is not None:
         with torch.no_grad():
             _probe(
-                lambda: resolve_loss(loss)(out, y[:1]),
+                lambda: resolve_loss(loss)(out[:1], y[:1]),
                 f"y of shape {tuple(y.shape)} (dtype {y.dtype}) does not fit loss={loss!r} on "
                 f"outputs of shape ({x.shape[0]}, {', '.join(map(str, out.shape[1:]))})",
             )
 
 
-def _probe(fn: Callable[[], Tensor], what: str) -> Tensor:
-    """``fn()``, an error from inside torch turned into a ValueError saying ``what``."""
+class _CaptureError(TypeError):
+    """A module the hooks path cannot capture (raised from inside the forward; never turned
+    into a ``does not fit`` error by :func:`_probe`)."""
+
+
+def _probe(fn: Callable[[], _T], what: str) -> _T:
+    """``fn()``, an error from inside torch turned into a ValueError saying ``what`` (out of
+    memory and :class:`_CaptureError` pass through unchanged)."""
     try:
         return fn()
+    except (torch.OutOfMemoryError, _CaptureError):
+        raise
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"{what} ({type(e).__name__}: {first})") from None
@@ -213,7 +239,7 @@ def _capturing(
             idx: int = idx,
         ) -> Any:
             if not isinstance(output, Tensor):
-                raise TypeError(
+                raise _CaptureError(
                     f"per-sample gradients: {type(mod).__name__} returned {type(output)}; "
                     "capture needs a tensor output (use method='func')"
                 )
@@ -255,6 +281,25 @@ def _forward_capture(
             return logits, entries
         clone |= bumped
     raise RuntimeError("per-sample gradients: captured outputs keep being modified in place")
+
+
+def _captured(
+    model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss: LossSpec, fit: bool
+) -> list[_Entry]:
+    """The hooks path up to the rules: forward with capture, ``Σ_n ℓ_n``, backward to the module
+    outputs; the entries with their grad_outputs set. With ``fit`` (see :func:`_check`) this
+    forward is also the probe: an error from inside the model says that ``x`` does not fit it,
+    and ``y`` is checked against these logits (:func:`_fits`) -- no separate probe forward."""
+    if fit:
+        logits, entries = _probe(lambda: _forward_capture(model, params, x), _misfit_x(x))
+        _fits(logits, x, y, loss)
+    else:
+        logits, entries = _forward_capture(model, params, x)
+        if loss == "cross_entropy" and not y.is_floating_point():
+            _check_labels(y, logits.shape[-1])
+    total = resolve_loss(loss)(logits, y).sum()
+    _set_grad_outputs(entries, _backward_to_outputs(total, entries))
+    return entries
 
 
 def _backward_to_outputs(
@@ -365,9 +410,11 @@ def per_sample_grads(
     Returns:
         ``{name: [N, *shape]}`` (detached), same dtype as the parameters.
     """
-    _check(model, params, x, y, loss)
+    fit = _check(model, params, x, y, loss)
     loss_fn = resolve_loss(loss)
     how = _method(model, method)
+    if fit and how != "hooks":
+        _check_fit(model, params, x, y, loss)
     n = x.shape[0]
     if how != "hooks" or n == 0:
         if n == 0:
@@ -378,11 +425,7 @@ def per_sample_grads(
             for k in out:
                 out[k][s : s + gs[k].shape[0]] = gs[k]
         return out
-    logits, entries = _forward_capture(model, params, x)
-    if loss == "cross_entropy" and not y.is_floating_point():
-        _check_labels(y, logits.shape[-1])
-    total = loss_fn(logits, y).sum()
-    _set_grad_outputs(entries, _backward_to_outputs(total, entries))
+    entries = _captured(model, params, x, y, loss, fit)
     res: dict[str, Tensor] = {}
     for e in entries:
         for c in e.calls:
@@ -401,10 +444,12 @@ def _reduce(
     method: Method,
     vectors: Mapping[str, Tensor] | None,
 ) -> Tensor:
-    _check(model, params, x, y, loss)
+    fit = _check(model, params, x, y, loss)
     loss_fn = resolve_loss(loss)
     m = _check_vectors(params, vectors) if vectors is not None else 0
     how = _method(model, method)
+    if fit and how != "hooks":
+        _check_fit(model, params, x, y, loss)
     n = x.shape[0]
     ref = next(iter(params.values()))
     shape = (n, m) if vectors is not None else (n,)
@@ -422,11 +467,7 @@ def _reduce(
                     v = vectors[k].reshape(m, -1).to(flat.dtype)
                     out[s : s + flat.shape[0]] += flat @ v.T
         return out
-    logits, entries = _forward_capture(model, params, x)
-    if loss == "cross_entropy" and not y.is_floating_point():
-        _check_labels(y, logits.shape[-1])
-    total = loss_fn(logits, y).sum()
-    _set_grad_outputs(entries, _backward_to_outputs(total, entries))
+    entries = _captured(model, params, x, y, loss, fit)
     for e in entries:
         if len(e.calls) > 1:
             # a shared module: per-sample gradients add over calls before reducing
