@@ -66,6 +66,25 @@ class Scaled(nn.Module):  # no rule: per-module torch.func fallback
         return x * self.scale
 
 
+class Shared(nn.Module):
+    """A module called twice (its per-sample gradients add over the calls), one whose output
+    never reaches the loss (zero gradients) and in-place ops on captured outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.mid = nn.Linear(5, 5)
+        self.unused = nn.Linear(5, 2)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.inp(x).relu_()
+        h = self.mid(torch.tanh(self.mid(h)))
+        self.unused(h)
+        return self.head(self.norm(h).mul_(2.0))
+
+
 def _conv_model(norm: str, c_in=1, filters=8, blocks=2, size=12, classes=5):
     layers: list[nn.Module] = []
     c = c_in
@@ -106,6 +125,7 @@ def _model_cases():
             (4,),
             "ce",
         ),
+        "shared": (Shared, (4,), "ce"),
         "inplace_relu": (
             lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)),
             (4,),
@@ -164,7 +184,7 @@ def test_per_sample_grads_match_func(name, n, dtype):
         _close(got[k], ref[k], dtype, k)
 
 
-@pytest.mark.parametrize("name", ["conv_gn", "tokens", "mlp"])
+@pytest.mark.parametrize("name", ["conv_gn", "tokens", "mlp", "shared"])
 def test_dots_and_norms_match_materialised(name):
     dtype = torch.float64
     model, params, x, y, loss, loss_fn = _setup(name, 7, dtype)
@@ -264,7 +284,7 @@ def test_conv4_model_on_28x28():
     _close(mf.per_sample_grad_norms(model, params, x, y), flat.pow(2).sum(1), dtype)
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv_gn"])
+@pytest.mark.parametrize("name", ["mlp", "conv_gn", "shared"])
 def test_logit_jacobians(name):
     dtype = torch.float64
     model, params, x, _, _, _ = _setup(name, 5, dtype)
