@@ -577,7 +577,6 @@ at::Tensor psg_conv2d_dot_cpu(const at::Tensor& activations, const at::Tensor& g
                              padding, dilation, groups);
   const Conv2dGeom& g = p.g;
   check_conv2d_vectors("psg_conv2d_dot", vectors, g, activations);
-  TORCH_CHECK(vectors.device().is_cpu(), "psg_conv2d_dot (CPU kernel): vectors must be on the CPU");
   const int64_t M = vectors.size(0);
   if (p.empty || M == 0) return at::zeros({g.N, M}, p.a.options());
   const auto v = vectors.contiguous();
