@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "psg/psg_check.h"
+
 namespace metafluence {
 
 // activations / grad_outputs of one dtype, agreeing on N and T. `cuda` selects the device the
@@ -19,16 +21,7 @@ inline void check_linear_inputs(const char* op, const at::Tensor& activations,
       activations.size(0) == grad_outputs.size(0) && activations.size(1) == grad_outputs.size(1),
       op, ": activations ", activations.sizes(), " and grad_outputs ", grad_outputs.sizes(),
       " must agree on N and T");
-  TORCH_CHECK(activations.scalar_type() == grad_outputs.scalar_type(), op,
-              ": activations and grad_outputs must have the same dtype");
-  if (cuda) {
-    TORCH_CHECK(activations.is_cuda() && grad_outputs.is_cuda() &&
-                    activations.device() == grad_outputs.device(),
-                op, " (CUDA kernel): inputs must be on the same CUDA device");
-  } else {
-    TORCH_CHECK(activations.device().is_cpu() && grad_outputs.device().is_cpu(), op,
-                " (CPU kernel): inputs must be CPU tensors");
-  }
+  check_psg_pair(op, activations, grad_outputs, cuda);
 }
 
 // vectors [m, out, in] of the dtype and device of activations.
@@ -39,10 +32,7 @@ inline void check_linear_vectors(const char* op, const at::Tensor& vectors,
   TORCH_CHECK(vectors.size(1) == grad_outputs.size(2) && vectors.size(2) == activations.size(2), op,
               ": vectors ", vectors.sizes(), " expected [m, ", grad_outputs.size(2), ", ",
               activations.size(2), "] (m, out, in)");
-  TORCH_CHECK(vectors.scalar_type() == activations.scalar_type(), op,
-              ": vectors must have the dtype of activations");
-  TORCH_CHECK(vectors.device() == activations.device(), op,
-              ": vectors must be on the device of activations");
+  check_psg_vectors_like(op, vectors, activations);
 }
 
 }  // namespace metafluence
