@@ -53,6 +53,9 @@ test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # Compile every CUDA kernel with nvcc for sm_80 and sm_90 (no GPU needed): a broken .cu fails.
+# Then the host wrappers (*_cuda.cpp: argument checks, launches, registration) are checked with
+# the C++ compiler (-fsyntax-only) against the torch in $(VENV) and nvcc's CUDA headers; a CPU
+# build of torch lacks one generated header (c10/cuda/impl/cuda_cmake_macros.h), given a stub.
 cuda-check:
 	@set -e; test -x "$(NVCC)" || { echo "cuda-check: nvcc not found"; exit 1; }; \
 	tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
@@ -60,6 +63,20 @@ cuda-check:
 	  echo "nvcc $$f"; \
 	  "$(NVCC)" -std=c++17 -O2 -Icsrc $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
 	    -c "$$f" -o "$$tmp/$$(basename $$f).o"; \
+	done; \
+	if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "cuda-check: no torch in $(VENV) (make install): host wrappers not checked"; exit 1; fi; \
+	tdir=$$($(PY) -c "import os, torch; print(os.path.dirname(torch.__file__))"); \
+	pyinc=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])"); \
+	cudainc=$$("$(NVCC)" --dryrun -x cu -E /dev/null 2>&1 | sed -n 's/.*INCLUDES="-I\([^"]*\)".*/\1/p' | head -1); \
+	mkdir -p $$tmp/stub/c10/cuda/impl; \
+	test -f "$$tdir/include/c10/cuda/impl/cuda_cmake_macros.h" || \
+	  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > $$tmp/stub/c10/cuda/impl/cuda_cmake_macros.h; \
+	for f in $$(find csrc -name '*_cuda.cpp' | sort); do \
+	  echo "$(CXX) -fsyntax-only $$f"; \
+	  $(CXX) -std=c++20 -fsyntax-only -isystem "$$tdir/include" \
+	    -isystem "$$tdir/include/torch/csrc/api/include" -isystem $$tmp/stub -isystem "$$pyinc" \
+	    -isystem "$$cudainc" -Icsrc "$$f"; \
 	done; echo "cuda-check: OK"
 
 lint: install

@@ -25,6 +25,17 @@ of vmap and opacus, and >= 1.5x faster wherever that peer costs >= 1.8x fwd_bwd.
 
     python benchmarks/bench_psg_conv.py [--threads 1,2] [--models conv4,res12]
         [--inputs 1x28x28,3x84x84] [--ns 25,80,256] [--rounds 5] [--plot-only]
+
+``--roofline`` times the ops themselves instead, on every conv layer of the models (its
+activations and grad_outputs from one batched backward): ``psg_conv2d`` (native and Triton) and
+the native ``psg_conv2d_sqnorm`` / ``psg_conv2d_dot``, against the machine's two ceilings,
+measured in the same run: a large device-to-device copy (bytes read + written per second) and a
+float32 matrix product (no TF32). Per op: the fewest bytes it must move (activations and
+grad_outputs read once; ``G`` ``[N, P]`` written once by ``psg_conv2d``, nothing that size by
+the reductions) and its multiply-adds give the floor ``max(bytes / copy rate, flops / matmul
+rate)``; a row reports GB/s, the share of the copy rate, and the share of the floor reached
+(the target for per-sample gradients on a GPU: >= 50% of the memory roofline where the bytes
+bound them). Rows go to ``psg_conv_roofline.csv`` unless ``--out`` names another file.
 """
 
 from __future__ import annotations
@@ -44,7 +55,16 @@ from torch.func import functional_call, grad, vmap
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metafluence as mf  # noqa: E402
 from bench_psg import conv4  # noqa: E402
-from harness import RESULTS_DIR, append_csv, load_note, machine_info, max_rel_err  # noqa: E402
+from harness import (  # noqa: E402
+    RESULTS_DIR,
+    append_csv,
+    load_note,
+    machine_info,
+    max_rel_err,
+    time_fn,
+)
+from metafluence.ops._dispatch import BackendUnavailableError  # noqa: E402
+from metafluence.psg.rules import conv2d_geometry  # noqa: E402
 
 OURS = ("psg", "dots", "norms")
 PEERS = ("func_vmap", "opacus")
@@ -264,6 +284,130 @@ def bench_config(
     return rows
 
 
+# ---- --roofline: the ops alone against the machine's ceilings ---------------------------------
+ROOFLINE_OPS = (
+    ("psg_conv2d", "native"),
+    ("psg_conv2d", "triton"),
+    ("psg_conv2d_sqnorm", "native"),
+    ("psg_conv2d_dot", "native"),
+)
+
+
+ROOFLINE_REPS = 10  # calls per timed region: launches overlap the kernels, as in a real loop
+
+
+def _raw_op(op: str, backend: str, geom: tuple[Any, ...]) -> Callable[..., torch.Tensor]:
+    """The op below the Python entry (no validation or dispatch in the timed region)."""
+    if backend == "triton":
+        from metafluence.kernels.triton import psg_conv2d as kernels
+
+        tri = getattr(kernels, op)
+        return lambda *t: tri(*t, *geom)
+    native = getattr(torch.ops.metafluence, op)
+    flat = [list(p) for p in geom[:4]] + [geom[4]]
+    return lambda *t: native(*t, *flat)
+
+
+def conv_layers(
+    name: str, c_in: int, size: int, n: int, device: str
+) -> list[tuple[str, torch.Tensor, torch.Tensor, tuple[Any, ...]]]:
+    """``(layer, activations, grad_outputs, geometry)`` of every Conv2d of the model, from one
+    batched forward and backward of the summed loss (float32)."""
+    model, _, x, y, _ = make_problem(name, c_in, size, n, device=device)
+    caught: list[tuple[str, nn.Conv2d, torch.Tensor, torch.Tensor]] = []
+    hooks = [
+        mod.register_forward_hook(lambda m, a, o, k=k: caught.append((k, m, a[0], o)))
+        for k, mod in model.named_modules()
+        if isinstance(mod, nn.Conv2d)
+    ]
+    loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
+    for h in hooks:
+        h.remove()
+    grads = torch.autograd.grad(loss, [c[3] for c in caught])
+    out = []
+    for (k, mod, a, _), g in zip(caught, grads, strict=True):
+        xp, geom = conv2d_geometry(mod, a.detach())
+        out.append((k, xp.contiguous(), g.detach().contiguous(), geom))
+    return out
+
+
+def ceilings(device: str) -> tuple[float, float]:
+    """(copy GB/s counting bytes read + written, float32 matmul GFLOP/s without TF32)."""
+    big = device.startswith("cuda")
+    src = torch.randn((256 if big else 16) * 2**20, device=device)
+    dst = torch.empty_like(src)
+    t_copy = time_fn(lambda: dst.copy_(src), device=device)["median_s"]
+    k = 8192 if big else 1024
+    a, b = torch.randn(k, k, device=device), torch.randn(k, k, device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        t_mm = time_fn(lambda: a @ b, device=device, repeat=5)["median_s"]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return 2 * src.numel() * 4 / t_copy / 1e9, 2 * k**3 / t_mm / 1e9
+
+
+def roofline(
+    configs: list[tuple[str, int, int, int]], device: str, out: Path, info: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Rows for every (config, conv layer, op, backend): time, GB/s, share of the copy rate and of
+    the floor; each op's output checked against the reference twin first."""
+    copy_gbs, mm_gflops = ceilings(device)
+    print(f"ceilings on {info['machine']}: copy {copy_gbs:.0f} GB/s, fp32 matmul "
+          f"{mm_gflops:.0f} GFLOP/s")  # fmt: skip
+    rows = []
+    for name, c_in, size, n in configs:
+        for layer, a, g, geom in conv_layers(name, c_in, size, n, device):
+            gen = torch.Generator(device=device).manual_seed(0)
+            o, cg = g.shape[1], a.shape[1] // geom[4]
+            v = torch.randn(M_VECTORS, o, cg, *geom[0], generator=gen, device=device)
+            kg, t = cg * geom[0][0] * geom[0][1], g.shape[2] * g.shape[3]
+            for op, backend in ROOFLINE_OPS:
+                args = (a, g, v) if op == "psg_conv2d_dot" else (a, g)
+                fn = getattr(mf.ops, op)
+                try:
+                    got = fn(*args, *geom, backend=backend)
+                except BackendUnavailableError as e:
+                    print(f"{name} {layer} {op} {backend}: skipped ({str(e).splitlines()[0]})")
+                    continue
+                err = max_rel_err(got, fn(*args, *geom, backend="reference"))
+                kernel = _raw_op(op, backend, geom)
+                secs = time_fn(lambda k=kernel, t=args: [k(*t) for _ in range(ROOFLINE_REPS)],
+                               device=device)["median_s"] / ROOFLINE_REPS  # fmt: skip
+                moved = a.numel() + g.numel() + (v.numel() if op == "psg_conv2d_dot" else 0)
+                moved = 4 * (moved + (n * o * kg if op == "psg_conv2d" else 0))
+                flops = 2.0 * n * o * kg * t
+                floor = max(moved / (copy_gbs * 1e9), flops / (mm_gflops * 1e9))
+                row = {
+                    **info,
+                    "bench": "psg_conv_roofline",
+                    "model": name,
+                    "input": f"{c_in}x{size}x{size}",
+                    "N": n,
+                    "layer": layer,
+                    "shape": f"{list(a.shape)}->{list(g.shape)}",
+                    "op": op,
+                    "backend": backend,
+                    "median_ms": round(secs * 1e3, 4),
+                    "GB_s": round(moved / secs / 1e9, 1),
+                    "copy_GB_s": round(copy_gbs, 1),
+                    "pct_copy": round(100 * moved / secs / 1e9 / copy_gbs, 1),
+                    "GFLOP_s": round(flops / secs / 1e9, 1),
+                    "matmul_GFLOP_s": round(mm_gflops, 1),
+                    "bound": "memory" if moved / copy_gbs > flops / mm_gflops else "compute",
+                    "pct_floor": round(100 * floor / secs, 1),
+                    "max_rel_err": f"{err:.1e}",
+                }
+                rows.append(row)
+                print(f"{name:5s} {row['input']:8s} N={n:<4} {layer:>14s} {op:17s} {backend:7s} "
+                      f"{row['median_ms']:9.3f} ms {row['GB_s']:8.1f} GB/s ({row['pct_copy']:5.1f}%"
+                      f" of copy) {row['GFLOP_s']:8.1f} GFLOP/s  {row['pct_floor']:5.1f}% of floor "
+                      f"({row['bound']}-bound)  err {row['max_rel_err']}")  # fmt: skip
+    append_csv(out, rows)
+    return rows
+
+
 def plot(csv_path: Path, png_path: Path) -> None:
     """One panel per (model, thread count): median ratio to fwd_bwd per configuration."""
     import matplotlib
@@ -356,10 +500,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inputs", default="1x28x28,3x84x84")
     ap.add_argument("--ns", default="25,80,256")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", default=str(RESULTS_DIR / "psg_conv.csv"))
+    ap.add_argument("--out", default=None, help="CSV (default: results/psg_conv.csv)")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--roofline", action="store_true", help="time the ops alone (see above)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    if args.roofline:
+        torch.set_num_threads(int(args.threads.split(",")[0]))
+        configs = [
+            (model, *(int(v) for v in spec.split("x")[:2]), int(n))
+            for model in args.models.split(",")
+            for spec in args.inputs.split(",")
+            for n in args.ns.split(",")
+        ]
+        out_csv = Path(args.out or RESULTS_DIR / "psg_conv_roofline.csv")
+        info = {**machine_info(args.device), "device": args.device}
+        roofline(configs, args.device, out_csv, info)
+        return 0
+    out = Path(args.out or RESULTS_DIR / "psg_conv.csv")
     if not args.plot_only:
         base = {**machine_info(args.device), "device": args.device}  # as at the start
         for threads in (int(t) for t in args.threads.split(",")):

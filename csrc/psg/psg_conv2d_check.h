@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "psg/psg_check.h"
 #include "psg/psg_conv2d_geom.h"
 
 namespace metafluence {
@@ -28,19 +29,10 @@ inline Conv2dGeom check_conv2d_inputs(const char* op, const at::Tensor& activati
               " dims, expected [N, O, Ho, Wo]");
   TORCH_CHECK(activations.size(0) == grad_outputs.size(0), op, ": activations ",
               activations.sizes(), " and grad_outputs ", grad_outputs.sizes(), " must agree on N");
-  TORCH_CHECK(activations.scalar_type() == grad_outputs.scalar_type(), op,
-              ": activations and grad_outputs must have the same dtype");
+  check_psg_pair(op, activations, grad_outputs, cuda);
   const auto dtype = activations.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": dtype ", dtype,
               " not supported (float32, float64)");
-  if (cuda) {
-    TORCH_CHECK(activations.is_cuda() && grad_outputs.is_cuda() &&
-                    activations.device() == grad_outputs.device(),
-                op, " (CUDA kernel): activations and grad_outputs must be on one CUDA device");
-  } else {
-    TORCH_CHECK(activations.device().is_cpu() && grad_outputs.device().is_cpu(), op,
-                " (CPU kernel): activations and grad_outputs must be CPU tensors");
-  }
   check_conv2d_pair(op, "kernel_size", kernel_size, 1);
   check_conv2d_pair(op, "stride", stride, 1);
   check_conv2d_pair(op, "padding", padding, 0);
@@ -87,10 +79,7 @@ inline void check_conv2d_vectors(const char* op, const at::Tensor& vectors, cons
                   vectors.size(4) == g.kw,
               op, ": vectors ", vectors.sizes(), " expected [m, ", g.O, ", ", g.cg(), ", ", g.kh,
               ", ", g.kw, "] (m, O, C / groups, kh, kw)");
-  TORCH_CHECK(vectors.scalar_type() == activations.scalar_type(), op,
-              ": vectors must have the dtype of activations");
-  TORCH_CHECK(vectors.device() == activations.device(), op,
-              ": vectors must be on the device of activations");
+  check_psg_vectors_like(op, vectors, activations);
 }
 
 }  // namespace metafluence

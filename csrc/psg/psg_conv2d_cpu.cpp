@@ -13,9 +13,16 @@
 // kernel entry and NV vector loads per position. The tile then goes to its epilogue: stored
 // (psg_conv2d), squared and summed, or dotted with the matching tile of each vector -- G is
 // never written for the reductions. Reductions keep per-lane partial sums over 16 tiles, then
-// a double sum per work item, summed over items in a fixed order (deterministic). An AVX2+FMA build
-// of the kernel is chosen at run time where the CPU has it; otherwise a portable build of the same
-// code runs.
+// a double sum per work item, summed over items in a fixed order (deterministic).
+// Small kernels over many output positions (Kg = C/groups kh kw <= kTMaxK and T >= 8 Kg + 64,
+// the measured crossover; e.g. first layers: Kg = 9 at C = 1, 3x3) take the transposed form
+// ("t-form"): the register tile is kTO output channels x kTK kernel entries, each a vector over
+// output positions t. grad_outputs rows [T] are then read in place
+// (no packing: at Kg = 9 packing them cost more than the multiply-adds) and U is unfolded
+// kChunk positions at a time into a per-thread buffer [Kg, kChunk] (the whole of U is never
+// formed). One work item there = (sample, group, block of up to kTOB output channels).
+// An AVX2+FMA build of the kernels is chosen at run time where the CPU has it; otherwise a
+// portable build of the same code runs.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -71,9 +78,12 @@ struct Args {
   const S* act;     // [N, C, H, W] contiguous
   const S* gout;    // [N, O, Ho, Wo] contiguous
   S* out;           // kStore: [N, O, Cg, kh, kw]
-  const S* vt;      // kDot: vectors packed [m, groups, nob, Kg, OB] (zero-padded channels)
+  const S* vt;      // kDot: vectors packed [m, groups, nob, Kg, OB] (zero-padded channels);
+                    // t-form: vectors as given, [m, O, Kg] contiguous
   double* partial;  // kSqnorm: [items]; kDot: [items, m]
   int64_t m;
+  bool tform;   // the transposed form (small Kg), see the top of the file
+  int64_t ob;   // output channels per work item (c-form: kNV lanes; t-form: up to kTOB)
   int64_t nob;  // output-channel blocks per group
   int64_t Hp, Wp;
   bool pad;             // input copied with zero padding (else read in place)
@@ -83,7 +93,8 @@ struct Args {
 template <typename S>
 struct Scratch {
   std::vector<S> xpad;  // [Cg, Hp, Wp]
-  std::vector<S> gp;    // [T, OB]
+  std::vector<S> gp;    // c-form: [T, OB]; t-form: the unfolded chunk [Kg, kChunk]
+  std::vector<S> sum;   // t-form: [ob, Kg, L] per-lane sums over chunks
   int64_t packed = -1;  // n * groups + gi of the input in xpad
 };
 
@@ -270,16 +281,176 @@ MF_INLINE void run_item(const Args<S>& a, int64_t w, Scratch<S>& s) {
   }
 }
 
+// ---- t-form (small Kg) --------------------------------------------------------------------
+constexpr int kTO = 4;          // output channels per t-form register tile
+constexpr int kTK = 3;          // kernel entries per t-form register tile
+constexpr int64_t kTMaxK = 64;  // t-form where Kg <= kTMaxK and T >= 8 Kg + 64 (see use_tform)
+constexpr int64_t kTOB = 64;    // output channels per t-form work item
+
+bool use_tform(const Conv2dGeom& g) { return g.kg() <= kTMaxK && g.T() >= 8 * g.kg() + 64; }
+
+// u[k, p] = x[c, y sh + i dh, x sw + j dw] for output positions t = t0 + p = (y, x), p < len;
+// zero for len <= p < lenp. k = (c, i, j) < Kg; u is [Kg, kChunk].
+template <typename S>
+MF_INLINE void unfold_chunk(const Args<S>& a, const S* xp, int64_t t0, int64_t len, int64_t lenp,
+                            S* __restrict__ u) {
+  const Conv2dGeom& g = a.g;
+  const int64_t Wo = g.Wo, row_step = g.sh * a.Wp, sw = g.sw;
+  for (int64_t k = 0; k < g.kg(); ++k) {
+    const S* src0 = xp + a.koff[k];
+    S* dst = u + k * kChunk;
+    for (int64_t t = t0; t < t0 + len;) {
+      const int64_t y = t / Wo, x = t % Wo, run = std::min(Wo - x, t0 + len - t);
+      const S* src = src0 + y * row_step + x * sw;
+      S* d = dst + (t - t0);
+      if (sw == 1) {
+        std::memcpy(d, src, sizeof(S) * run);
+      } else {
+        for (int64_t r = 0; r < run; ++r) d[r] = src[r * sw];
+      }
+      t += run;
+    }
+    for (int64_t p = len; p < lenp; ++p) dst[p] = S(0);
+  }
+}
+
+// sum[o, k, :] += sum_{v < nvec} gr[o][v L : (v + 1) L] * ur[k][v L : (v + 1) L] for o < ov,
+// k < KR: kTO x KR vector accumulators in registers (rows o >= ov repeat row 0 and are dropped).
+template <typename S, int KR>
+MF_INLINE void tile_t(const S* const* gr, const S* const* ur, int64_t nvec, S* sum, int64_t ostride,
+                      int ov) {
+  using V = typename Vec<S>::type;
+  constexpr int L = Vec<S>::kLanes;
+  V acc[kTO][KR];
+#pragma GCC unroll 4
+  for (int o = 0; o < kTO; ++o) {
+#pragma GCC unroll 3
+    for (int k = 0; k < KR; ++k) acc[o][k] = V{};
+  }
+  for (int64_t v = 0; v < nvec; ++v) {
+    V u[KR];
+#pragma GCC unroll 3
+    for (int k = 0; k < KR; ++k) u[k] = loadu<V>(ur[k] + v * L);
+#pragma GCC unroll 4
+    for (int o = 0; o < kTO; ++o) {
+      const V gv = loadu<V>(gr[o] + v * L);
+#pragma GCC unroll 3
+      for (int k = 0; k < KR; ++k) acc[o][k] += gv * u[k];
+    }
+  }
+#pragma GCC unroll 4
+  for (int o = 0; o < kTO; ++o) {
+    if (o >= ov) break;
+#pragma GCC unroll 3
+    for (int k = 0; k < KR; ++k) {
+      S* p = sum + o * ostride + k * L;
+      storeu(p, loadu<V>(p) + acc[o][k]);
+    }
+  }
+}
+
+template <typename S, Epilogue E>
+MF_INLINE void run_item_t(const Args<S>& a, int64_t w, Scratch<S>& s) {
+  constexpr int L = Vec<S>::kLanes;
+  const Conv2dGeom& g = a.g;
+  const int64_t per_n = g.groups * a.nob;
+  const int64_t n = w / per_n;
+  const int64_t gi = (w % per_n) / a.nob;
+  const int64_t o0 = (w % a.nob) * a.ob;
+  const int64_t ov = std::min<int64_t>(a.ob, g.og() - o0);
+  const int64_t Kg = g.kg(), T = g.T();
+  const S* xp = pack_input(a, n, gi, s);
+  const S* g0 = a.gout + (n * g.O + gi * g.og() + o0) * T;  // row o: g0 + o T
+  s.gp.resize(Kg * kChunk);
+  s.sum.assign(ov * Kg * L, S(0));
+  S* u = s.gp.data();
+  S* sum = s.sum.data();
+  alignas(64) S gtail[kTO * L];  // the last partial vector of kTO rows, zero-padded
+  for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
+    const int64_t len = std::min<int64_t>(kChunk, T - t0);
+    const int64_t nvec = len / L, rem = len % L;
+    unfold_chunk(a, xp, t0, len, rem ? (nvec + 1) * L : len, u);
+    for (int64_t oi = 0; oi < ov; oi += kTO) {
+      const int ot = static_cast<int>(std::min<int64_t>(kTO, ov - oi));
+      const S* gr[kTO];
+      const S* gt[kTO];
+      for (int o = 0; o < kTO; ++o) {
+        gr[o] = g0 + (oi + (o < ot ? o : 0)) * T + t0;
+        gt[o] = gtail + o * L;
+        if (rem) {
+          for (int l = 0; l < L; ++l) gtail[o * L + l] = l < rem ? gr[o][nvec * L + l] : S(0);
+        }
+      }
+      for (int64_t k0 = 0; k0 < Kg; k0 += kTK) {
+        const int kr = static_cast<int>(std::min<int64_t>(kTK, Kg - k0));
+        const S* ur[kTK];
+        const S* ut[kTK];
+        for (int k = 0; k < kTK; ++k) {
+          ur[k] = u + (k0 + (k < kr ? k : 0)) * kChunk;
+          ut[k] = ur[k] + nvec * L;
+        }
+        S* sk = sum + (oi * Kg + k0) * L;
+        const int64_t os = Kg * L;
+        switch (kr) {
+          case kTK:
+            tile_t<S, kTK>(gr, ur, nvec, sk, os, ot);
+            if (rem) tile_t<S, kTK>(gt, ut, 1, sk, os, ot);
+            break;
+          case 2:
+            tile_t<S, 2>(gr, ur, nvec, sk, os, ot);
+            if (rem) tile_t<S, 2>(gt, ut, 1, sk, os, ot);
+            break;
+          default:
+            tile_t<S, 1>(gr, ur, nvec, sk, os, ot);
+            if (rem) tile_t<S, 1>(gt, ut, 1, sk, os, ot);
+        }
+      }
+    }
+  }
+  // G[o, k] = the sum over the lanes, then the epilogue
+  const int64_t jn = E == Epilogue::kDot ? std::min<int64_t>(a.m, 64) : 1;
+  double red[E == Epilogue::kDot ? 64 : 1] = {};
+  const int64_t row0 = gi * g.og() + o0;  // first output channel of the item
+  for (int64_t o = 0; o < ov; ++o) {
+    for (int64_t k = 0; k < Kg; ++k) {
+      const S* p = sum + (o * Kg + k) * L;
+      S lanes = 0;  // (L terms, each a two-level sum: the input precision is enough)
+      for (int l = 0; l < L; ++l) lanes += p[l];
+      const double gk = lanes;
+      if constexpr (E == Epilogue::kStore) {
+        a.out[(n * g.O + row0 + o) * Kg + k] = static_cast<S>(gk);
+      } else if constexpr (E == Epilogue::kSqnorm) {
+        red[0] += gk * gk;
+      } else {
+        for (int64_t jj = 0; jj < jn; ++jj) red[jj] += gk * a.vt[(jj * g.O + row0 + o) * Kg + k];
+      }
+    }
+  }
+  if constexpr (E != Epilogue::kStore) {
+    for (int64_t jj = 0; jj < jn; ++jj) a.partial[w * jn + jj] = red[jj];
+  }
+}
+
+template <typename S, Epilogue E>
+MF_INLINE void run_items_in(const Args<S>& a, int64_t w0, int64_t w1) {
+  Scratch<S> s;
+  for (int64_t w = w0; w < w1; ++w) {
+    if (a.tform) {
+      run_item_t<S, E>(a, w, s);
+    } else {
+      run_item<S, E>(a, w, s);
+    }
+  }
+}
+
 template <typename S, Epilogue E>
 __attribute__((target("avx2,fma"))) void run_items_avx2(const Args<S>& a, int64_t w0, int64_t w1) {
-  Scratch<S> s;
-  for (int64_t w = w0; w < w1; ++w) run_item<S, E>(a, w, s);
+  run_items_in<S, E>(a, w0, w1);
 }
 
 template <typename S, Epilogue E>
 void run_items_generic(const Args<S>& a, int64_t w0, int64_t w1) {
-  Scratch<S> s;
-  for (int64_t w = w0; w < w1; ++w) run_item<S, E>(a, w, s);
+  run_items_in<S, E>(a, w0, w1);
 }
 
 bool cpu_has_avx2() {
@@ -290,7 +461,7 @@ bool cpu_has_avx2() {
 template <typename S, Epilogue E>
 void run_items(const Args<S>& a, int64_t items) {
   const bool avx2 = cpu_has_avx2();
-  const int64_t work = std::max<int64_t>(1, a.g.T() * a.g.kg() * Vec<S>::kLanes * kNV);
+  const int64_t work = std::max<int64_t>(1, a.g.T() * a.g.kg() * a.ob);
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / work);
   at::parallel_for(0, items, grain, [&](int64_t w0, int64_t w1) {
     if (avx2) {
@@ -332,7 +503,9 @@ Args<S> make_args(const Prepared& p) {
   args.act = p.a.const_data_ptr<S>();
   args.gout = p.go.const_data_ptr<S>();
   args.koff = p.koff.data();
-  args.nob = (g.og() + OB - 1) / OB;
+  args.tform = use_tform(g);
+  args.ob = args.tform ? std::min<int64_t>(kTOB, std::max<int64_t>(1, g.og())) : OB;
+  args.nob = (g.og() + args.ob - 1) / args.ob;
   args.pad = g.ph > 0 || g.pw > 0;
   args.Hp = g.H + 2 * g.ph;
   args.Wp = g.W + 2 * g.pw;
@@ -404,7 +577,6 @@ at::Tensor psg_conv2d_dot_cpu(const at::Tensor& activations, const at::Tensor& g
                              padding, dilation, groups);
   const Conv2dGeom& g = p.g;
   check_conv2d_vectors("psg_conv2d_dot", vectors, g, activations);
-  TORCH_CHECK(vectors.device().is_cpu(), "psg_conv2d_dot (CPU kernel): vectors must be on the CPU");
   const int64_t M = vectors.size(0);
   if (p.empty || M == 0) return at::zeros({g.N, M}, p.a.options());
   const auto v = vectors.contiguous();
@@ -415,7 +587,8 @@ at::Tensor psg_conv2d_dot_cpu(const at::Tensor& activations, const at::Tensor& g
     // at most 64 vectors per pass (the per-item accumulators live on the stack)
     for (int64_t j0 = 0; j0 < M; j0 += 64) {
       const int64_t mj = std::min<int64_t>(64, M - j0);
-      const at::Tensor vt = pack_vectors<scalar_t>(v.narrow(0, j0, mj), g, args.nob);
+      const at::Tensor vj = v.narrow(0, j0, mj);  // contiguous (rows of a contiguous tensor)
+      const at::Tensor vt = args.tform ? vj : pack_vectors<scalar_t>(vj, g, args.nob);
       at::Tensor partial = at::empty({g.N, per_n, mj}, p.a.options().dtype(at::kDouble));
       args.vt = vt.const_data_ptr<scalar_t>();
       args.m = mj;

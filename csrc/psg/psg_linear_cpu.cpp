@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "psg/psg_linear_check.h"
+
 namespace metafluence {
 namespace {
 
@@ -38,18 +40,7 @@ void psg_linear_cpu_kernel(const scalar_t* __restrict__ act, const scalar_t* __r
 }
 
 at::Tensor psg_linear_cpu(const at::Tensor& activations, const at::Tensor& grad_outputs) {
-  TORCH_CHECK(activations.dim() == 3, "psg_linear: activations has ", activations.dim(),
-              " dims, expected [N, T, in]");
-  TORCH_CHECK(grad_outputs.dim() == 3, "psg_linear: grad_outputs has ", grad_outputs.dim(),
-              " dims, expected [N, T, out]");
-  TORCH_CHECK(
-      activations.size(0) == grad_outputs.size(0) && activations.size(1) == grad_outputs.size(1),
-      "psg_linear: activations ", activations.sizes(), " and grad_outputs ", grad_outputs.sizes(),
-      " must agree on N and T");
-  TORCH_CHECK(activations.scalar_type() == grad_outputs.scalar_type(),
-              "psg_linear: activations and grad_outputs must have the same dtype");
-  TORCH_CHECK(activations.device().is_cpu() && grad_outputs.device().is_cpu(),
-              "psg_linear (CPU kernel): inputs must be CPU tensors");
+  check_linear_inputs("psg_linear", activations, grad_outputs, /*cuda=*/false);
   const auto a = activations.contiguous();
   const auto g = grad_outputs.contiguous();
   const int64_t N = a.size(0), T = a.size(1), I = a.size(2), O = g.size(2);

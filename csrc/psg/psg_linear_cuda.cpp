@@ -7,25 +7,14 @@
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs cuSPARSE/cuBLAS headers
 #include <torch/library.h>
 
+#include "psg/psg_linear_check.h"
 #include "psg/psg_linear_kernel.h"
 
 namespace metafluence {
 namespace {
 
 at::Tensor psg_linear_cuda(const at::Tensor& activations, const at::Tensor& grad_outputs) {
-  TORCH_CHECK(activations.dim() == 3, "psg_linear: activations has ", activations.dim(),
-              " dims, expected [N, T, in]");
-  TORCH_CHECK(grad_outputs.dim() == 3, "psg_linear: grad_outputs has ", grad_outputs.dim(),
-              " dims, expected [N, T, out]");
-  TORCH_CHECK(
-      activations.size(0) == grad_outputs.size(0) && activations.size(1) == grad_outputs.size(1),
-      "psg_linear: activations ", activations.sizes(), " and grad_outputs ", grad_outputs.sizes(),
-      " must agree on N and T");
-  TORCH_CHECK(activations.scalar_type() == grad_outputs.scalar_type(),
-              "psg_linear: activations and grad_outputs must have the same dtype");
-  TORCH_CHECK(activations.is_cuda() && grad_outputs.is_cuda() &&
-                  activations.device() == grad_outputs.device(),
-              "psg_linear (CUDA kernel): inputs must be on the same CUDA device");
+  check_linear_inputs("psg_linear", activations, grad_outputs, /*cuda=*/true);
   const c10::cuda::CUDAGuard guard(activations.device());
   const auto a = activations.contiguous();
   const auto g = grad_outputs.contiguous();

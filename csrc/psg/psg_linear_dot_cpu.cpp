@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "psg/psg_linear_check.h"
 #include "psg/psg_linear_reduce_cpu.h"
 
 namespace metafluence {
@@ -19,15 +20,8 @@ namespace {
 
 at::Tensor psg_linear_dot_cpu(const at::Tensor& activations, const at::Tensor& grad_outputs,
                               const at::Tensor& vectors) {
-  psg_reduce_cpu::check_inputs("psg_linear_dot", activations, grad_outputs);
-  TORCH_CHECK(vectors.dim() == 3, "psg_linear_dot: vectors has ", vectors.dim(),
-              " dims, expected [m, out, in]");
-  TORCH_CHECK(vectors.size(1) == grad_outputs.size(2) && vectors.size(2) == activations.size(2),
-              "psg_linear_dot: vectors ", vectors.sizes(), " expected [m, ", grad_outputs.size(2),
-              ", ", activations.size(2), "] (m, out, in)");
-  TORCH_CHECK(vectors.scalar_type() == activations.scalar_type(),
-              "psg_linear_dot: vectors must have the dtype of activations");
-  TORCH_CHECK(vectors.device().is_cpu(), "psg_linear_dot (CPU kernel): vectors must be on the CPU");
+  check_linear_inputs("psg_linear_dot", activations, grad_outputs, /*cuda=*/false);
+  check_linear_vectors("psg_linear_dot", vectors, activations, grad_outputs);
   const auto a = activations.contiguous();
   const auto g = grad_outputs.contiguous();
   const auto v = vectors.contiguous();

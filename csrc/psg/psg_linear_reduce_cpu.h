@@ -1,9 +1,6 @@
 // Shared CPU helpers for psg_linear_sqnorm / psg_linear_dot (header-only, included by the
 // *_cpu.cpp files of both ops). See psg_linear_sqnorm_cpu.cpp for the formulas.
 #pragma once
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
-
 #include <algorithm>
 #include <cstdint>
 
@@ -11,22 +8,6 @@ namespace metafluence {
 namespace psg_reduce_cpu {
 
 constexpr int64_t kRows = 8;  // output rows of G_n produced at once (buffer kRows x in)
-
-inline void check_inputs(const char* op, const at::Tensor& activations,
-                         const at::Tensor& grad_outputs) {
-  TORCH_CHECK(activations.dim() == 3, op, ": activations has ", activations.dim(),
-              " dims, expected [N, T, in]");
-  TORCH_CHECK(grad_outputs.dim() == 3, op, ": grad_outputs has ", grad_outputs.dim(),
-              " dims, expected [N, T, out]");
-  TORCH_CHECK(
-      activations.size(0) == grad_outputs.size(0) && activations.size(1) == grad_outputs.size(1),
-      op, ": activations ", activations.sizes(), " and grad_outputs ", grad_outputs.sizes(),
-      " must agree on N and T");
-  TORCH_CHECK(activations.scalar_type() == grad_outputs.scalar_type(), op,
-              ": activations and grad_outputs must have the same dtype");
-  TORCH_CHECK(activations.device().is_cpu() && grad_outputs.device().is_cpu(), op,
-              " (CPU kernel): inputs must be CPU tensors");
-}
 
 // Gram form when it needs fewer multiply-adds: T(T+1)/2 (I+O) < T I O.
 inline bool use_gram(int64_t T, int64_t I, int64_t O) {

@@ -9,29 +9,14 @@
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs cuSPARSE/cuBLAS headers
 #include <torch/library.h>
 
+#include "psg/psg_linear_check.h"
 #include "psg/psg_linear_reduce_kernel.h"
 
 namespace metafluence {
 namespace {
 
-void check_inputs(const char* op, const at::Tensor& activations, const at::Tensor& grad_outputs) {
-  TORCH_CHECK(activations.dim() == 3, op, ": activations has ", activations.dim(),
-              " dims, expected [N, T, in]");
-  TORCH_CHECK(grad_outputs.dim() == 3, op, ": grad_outputs has ", grad_outputs.dim(),
-              " dims, expected [N, T, out]");
-  TORCH_CHECK(
-      activations.size(0) == grad_outputs.size(0) && activations.size(1) == grad_outputs.size(1),
-      op, ": activations ", activations.sizes(), " and grad_outputs ", grad_outputs.sizes(),
-      " must agree on N and T");
-  TORCH_CHECK(activations.scalar_type() == grad_outputs.scalar_type(), op,
-              ": activations and grad_outputs must have the same dtype");
-  TORCH_CHECK(activations.is_cuda() && grad_outputs.is_cuda() &&
-                  activations.device() == grad_outputs.device(),
-              op, " (CUDA kernel): inputs must be on the same CUDA device");
-}
-
 at::Tensor psg_linear_sqnorm_cuda(const at::Tensor& activations, const at::Tensor& grad_outputs) {
-  check_inputs("psg_linear_sqnorm", activations, grad_outputs);
+  check_linear_inputs("psg_linear_sqnorm", activations, grad_outputs, /*cuda=*/true);
   const c10::cuda::CUDAGuard guard(activations.device());
   const auto a = activations.contiguous();
   const auto g = grad_outputs.contiguous();
@@ -51,16 +36,8 @@ at::Tensor psg_linear_sqnorm_cuda(const at::Tensor& activations, const at::Tenso
 
 at::Tensor psg_linear_dot_cuda(const at::Tensor& activations, const at::Tensor& grad_outputs,
                                const at::Tensor& vectors) {
-  check_inputs("psg_linear_dot", activations, grad_outputs);
-  TORCH_CHECK(vectors.dim() == 3, "psg_linear_dot: vectors has ", vectors.dim(),
-              " dims, expected [m, out, in]");
-  TORCH_CHECK(vectors.size(1) == grad_outputs.size(2) && vectors.size(2) == activations.size(2),
-              "psg_linear_dot: vectors ", vectors.sizes(), " expected [m, ", grad_outputs.size(2),
-              ", ", activations.size(2), "] (m, out, in)");
-  TORCH_CHECK(vectors.scalar_type() == activations.scalar_type(),
-              "psg_linear_dot: vectors must have the dtype of activations");
-  TORCH_CHECK(vectors.device() == activations.device(),
-              "psg_linear_dot (CUDA kernel): vectors must be on the device of activations");
+  check_linear_inputs("psg_linear_dot", activations, grad_outputs, /*cuda=*/true);
+  check_linear_vectors("psg_linear_dot", vectors, activations, grad_outputs);
   const c10::cuda::CUDAGuard guard(activations.device());
   const auto a = activations.contiguous();
   const auto g = grad_outputs.contiguous();

@@ -18,13 +18,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "psg/psg_linear_check.h"
 #include "psg/psg_linear_reduce_cpu.h"
 
 namespace metafluence {
 namespace {
 
 at::Tensor psg_linear_sqnorm_cpu(const at::Tensor& activations, const at::Tensor& grad_outputs) {
-  psg_reduce_cpu::check_inputs("psg_linear_sqnorm", activations, grad_outputs);
+  check_linear_inputs("psg_linear_sqnorm", activations, grad_outputs, /*cuda=*/false);
   const auto a = activations.contiguous();
   const auto g = grad_outputs.contiguous();
   const int64_t N = a.size(0), T = a.size(1), I = a.size(2), O = g.size(2);

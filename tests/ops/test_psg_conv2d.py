@@ -37,6 +37,12 @@ GEOMS = [
     (97, 2, 4, 4, 3, 2, 1, 0, 1, 1),  # 97 samples
     (2, 3, 2, 2, 4, 3, 1, 0, 1, 1),  # kernel larger than the input: no output positions
     (2, 7, 10, 6, 33, (1, 3), 3, (0, 2), 1, 1),  # kernel edges (Kg = 21)
+    # the CPU kernel's t-form (Kg <= 64, T >= 8 Kg + 64): vectors over output positions
+    (5, 1, 28, 27, 13, 3, 1, 1, 1, 1),  # Kg = 9, T = 756: 3 chunks, a partial last vector
+    (3, 3, 40, 37, 70, 3, 2, 1, 1, 1),  # Kg = 27, stride 2, 70 outputs: two blocks of <= 64
+    (4, 1, 17, 17, 5, 1, 1, 0, 1, 1),  # Kg = 1 (1x1 conv of one channel)
+    (2, 2, 12, 12, 5, 1, 1, 0, 1, 1),  # Kg = 2
+    (3, 4, 18, 18, 6, 3, 1, 1, 2, 2),  # Kg = 18: groups, dilation
 ]
 IDS = [f"g{i}" for i in range(len(GEOMS))]
 
@@ -110,8 +116,10 @@ def test_native_cpu_threads_and_many_vectors(threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x, g, v, geo = _inputs((5, 8, 9, 9, 40, 3, 1, 1, 1, 1), torch.float32, m=70)
-        _check_all(x, g, v, geo, "native", torch.float32)  # m = 70: two passes of 64
+        # m = 70: two passes of 64; the second geometry takes the t-form
+        for geom in ((5, 8, 9, 9, 40, 3, 1, 1, 1, 1), (5, 1, 20, 20, 40, 3, 1, 1, 1, 1)):
+            x, g, v, geo = _inputs(geom, torch.float32, m=70)
+            _check_all(x, g, v, geo, "native", torch.float32)
     finally:
         torch.set_num_threads(old)
 

@@ -66,6 +66,25 @@ class Scaled(nn.Module):  # no rule: per-module torch.func fallback
         return x * self.scale
 
 
+class Shared(nn.Module):
+    """A module called twice (its per-sample gradients add over the calls), one whose output
+    never reaches the loss (zero gradients) and in-place ops on captured outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.mid = nn.Linear(5, 5)
+        self.unused = nn.Linear(5, 2)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.inp(x).relu_()
+        h = self.mid(torch.tanh(self.mid(h)))
+        self.unused(h)
+        return self.head(self.norm(h).mul_(2.0))
+
+
 def _conv_model(norm: str, c_in=1, filters=8, blocks=2, size=12, classes=5):
     layers: list[nn.Module] = []
     c = c_in
@@ -106,6 +125,7 @@ def _model_cases():
             (4,),
             "ce",
         ),
+        "shared": (Shared, (4,), "ce"),
         "inplace_relu": (
             lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)),
             (4,),
@@ -164,7 +184,7 @@ def test_per_sample_grads_match_func(name, n, dtype):
         _close(got[k], ref[k], dtype, k)
 
 
-@pytest.mark.parametrize("name", ["conv_gn", "tokens", "mlp"])
+@pytest.mark.parametrize("name", ["conv_gn", "tokens", "mlp", "shared"])
 def test_dots_and_norms_match_materialised(name):
     dtype = torch.float64
     model, params, x, y, loss, loss_fn = _setup(name, 7, dtype)
@@ -264,7 +284,7 @@ def test_conv4_model_on_28x28():
     _close(mf.per_sample_grad_norms(model, params, x, y), flat.pow(2).sum(1), dtype)
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv_gn"])
+@pytest.mark.parametrize("name", ["mlp", "conv_gn", "shared"])
 def test_logit_jacobians(name):
     dtype = torch.float64
     model, params, x, _, _, _ = _setup(name, 5, dtype)
@@ -325,3 +345,60 @@ def test_group_norm_rule_fused_equals_recomputed(dtype):
     _close(ref["weight"], (g * xhat).sum((2, 3)), dtype)
     for k in ("weight", "bias"):
         _close(got[k], ref[k], dtype, k)
+
+
+class TupleOut(nn.Module):  # a parametrised module whose output the hooks path cannot capture
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 3))
+
+    def forward(self, x):
+        return x @ self.weight.T, None
+
+
+class UsesTuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = TupleOut()
+
+    def forward(self, x):
+        return self.inner(x)[0]
+
+
+@pytest.mark.parametrize("entry", ["grads", "norms", "dots"])
+def test_hooks_path_probes_with_its_own_forward(entry):
+    """The hooks path checks that x and y fit on its own batched forward: one forward per call
+    (no 1-sample probe), and the same errors as the probe of the other paths."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params = dict(model.named_parameters())
+    vectors = {k: torch.randn(2, *v.shape) for k, v in params.items()}
+
+    def run(x, y, **kw):
+        if entry == "grads":
+            return mf.per_sample_grads(model, params, x, y, **kw)
+        if entry == "norms":
+            return mf.per_sample_grad_norms(model, params, x, y, **kw)
+        return mf.per_sample_grad_dots(model, params, x, y, vectors, **kw)
+
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    batches = []
+    handle = model[0].register_forward_hook(lambda m, a, o: batches.append(a[0].shape[0]))
+    run(x, y)
+    assert batches == [5]
+    run(x, y, method="func")  # the func path keeps its 1-sample probe
+    assert batches[1] == 1
+    handle.remove()
+    for method in ("hooks", "func"):
+        with pytest.raises(ValueError, match=r"x of shape \(5, 4\) .* does not fit the model"):
+            run(torch.randn(5, 4), y, method=method)
+        with pytest.raises(ValueError, match=r"y has label 2 outside \[0, 2\)"):
+            run(x, torch.full((5,), 2), method=method)
+        with pytest.raises(ValueError, match=r"y of shape \(5, 1\) .* does not fit loss="):
+            run(x, y[:, None], method=method)
+        with pytest.raises(ValueError, match=r"loss='mse' needs targets shaped like"):
+            run(x, torch.randn(5), loss="mse", method=method)
+    # an output the hooks path cannot capture is its own error, not "x does not fit"
+    odd = UsesTuple()
+    p_odd = dict(odd.named_parameters())
+    with pytest.raises(TypeError, match="capture needs a tensor output"):
+        mf.per_sample_grads(odd, p_odd, x, y)

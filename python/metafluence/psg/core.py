@@ -37,9 +37,9 @@ only; under tracing just the shape, dtype and device checks run.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 Method = Literal["auto", "hooks", "func"]
+_T = TypeVar("_T")
 
 
 def uses_batch_statistics(model: nn.Module) -> bool:
@@ -67,7 +68,13 @@ def uses_batch_statistics(model: nn.Module) -> bool:
 
 
 # ---- validation ----------------------------------------------------------------------------------
-def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> None:
+def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> bool:
+    """Checks the arguments (types, shapes, devices, finite values, label signs); returns whether
+    ``x`` and ``y`` must still be shown to fit the model and the loss (:func:`_fits`): true for a
+    non-empty eager call with ``y`` and no BatchNorm (a probe forward would change no running
+    statistics). :func:`_check_fit` does it by a 1-sample probe; the hooks path instead runs its
+    own batched forward under :func:`_probe` and passes those logits to :func:`_fits` (one
+    forward, not two)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model)}")
     if not isinstance(params, Mapping) or not params:
@@ -87,7 +94,7 @@ def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> 
         if v.device != x.device:
             raise ValueError(f"params[{k!r}] is on {v.device} but x is on {x.device}")
     if y is None:
-        return
+        return False
     if not isinstance(y, Tensor) or y.dim() < 1:
         raise ValueError("y must be a tensor [N, ...] with the batch in dim 0")
     if y.shape[0] != x.shape[0]:
@@ -95,20 +102,31 @@ def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> 
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}")
     if torch.compiler.is_compiling():
-        return  # checks on values need the data: they run eagerly only (a graph cannot branch)
+        return False  # checks on values need the data: they run eagerly only (no graph branches)
     check_finite(x, "x")
     check_finite(y, "y")
     stateful = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if loss == "cross_entropy" and not y.is_floating_point() and bool((y < 0).any()):
         raise ValueError(f"y has label {int(y[y < 0][0])} < 0")
-    if stateful or not x.shape[0]:
-        return
-    # a 1-sample probe (no running statistics: not with BatchNorm): x fits the model, y the loss
+    return not stateful and bool(x.shape[0])
+
+
+def _check_fit(
+    model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, loss: Any
+) -> None:
+    """A 1-sample probe forward (no gradients): ``x`` fits the model, ``y`` the loss."""
     with torch.no_grad():
-        out = _probe(
-            lambda: functional_call(model, dict(params), (x[:1],)),
-            f"x of shape {tuple(x.shape)} (dtype {x.dtype}) does not fit the model",
-        )
+        out = _probe(lambda: functional_call(model, dict(params), (x[:1],)), _misfit_x(x))
+    _fits(out, x, y, loss)
+
+
+def _misfit_x(x: Tensor) -> str:
+    return f"x of shape {tuple(x.shape)} (dtype {x.dtype}) does not fit the model"
+
+
+def _fits(out: Tensor, x: Tensor, y: Tensor, loss: Any) -> None:
+    """``y`` fits the loss on the model outputs ``out`` (``[N or 1, ...]``, first row probed):
+    cross-entropy labels in range, MSE targets shaped like the outputs, the loss evaluates."""
     if loss == "cross_entropy" and not y.is_floating_point() and y.numel():
         _check_labels(y, out.shape[-1])
     if loss == "mse" and tuple(y.shape[1:]) != tuple(out.shape[1:]):  # would broadcast silently
@@ -119,16 +137,24 @@ def _check(model: Any, params: Any, x: Any, y: Any = None, loss: Any = None) -> 
     if loss is not None:
         with torch.no_grad():
             _probe(
-                lambda: resolve_loss(loss)(out, y[:1]),
+                lambda: resolve_loss(loss)(out[:1], y[:1]),
                 f"y of shape {tuple(y.shape)} (dtype {y.dtype}) does not fit loss={loss!r} on "
                 f"outputs of shape ({x.shape[0]}, {', '.join(map(str, out.shape[1:]))})",
             )
 
 
-def _probe(fn: Callable[[], Tensor], what: str) -> Tensor:
-    """``fn()``, an error from inside torch turned into a ValueError saying ``what``."""
+class _CaptureError(TypeError):
+    """A module the hooks path cannot capture (raised from inside the forward; never turned
+    into a ``does not fit`` error by :func:`_probe`)."""
+
+
+def _probe(fn: Callable[[], _T], what: str) -> _T:
+    """``fn()``, an error from inside torch turned into a ValueError saying ``what`` (out of
+    memory and :class:`_CaptureError` pass through unchanged)."""
     try:
         return fn()
+    except (torch.OutOfMemoryError, _CaptureError):
+        raise
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"{what} ({type(e).__name__}: {first})") from None
@@ -197,89 +223,141 @@ def _entries(model: nn.Module, params: Mapping[str, Tensor]) -> list[_Entry]:
     return entries
 
 
-@contextmanager
-def _capturing(
-    entries: list[_Entry], params: Mapping[str, Tensor], clone: set[int]
-) -> Iterator[None]:
-    handles = []
-    for idx, e in enumerate(entries):
+Consume = Callable[[_Entry, Call], None]
 
-        def hook(
-            mod: nn.Module,
-            args: tuple[Any, ...],
-            kwargs: dict[str, Any],
-            output: Any,
-            e: _Entry = e,
-            idx: int = idx,
-        ) -> Any:
+
+class _Tap(torch.autograd.Function):
+    """Identity on a captured module output, returned as an alias (not a view: a later in-place
+    op on it is recorded after the tap as usual, so the tap still sees the gradient w.r.t. the
+    output as the module returned it). Its backward hands that gradient to ``sink`` and passes
+    it on unchanged. Every tap also takes ``anchor``, one 0-dim leaf: a backward pass to the
+    anchor visits every tap and computes no parameter gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, anchor: Tensor, sink: Callable[[Tensor], None]) -> Tensor:
+        ctx.sink = sink
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        ctx.sink(grad)
+        return grad, None, None
+
+
+class _Capture:
+    """One forward pass of the model with the output of every call of a parametrised module
+    tapped (:class:`_Tap`), then backward passes that hand each call with its ``grad_output`` to
+    a consumer (a rule turns it into per-sample gradients, norms or dots).
+
+    A *streamed* pass hands each call over inside the backward, as soon as its ``grad_output``
+    exists, so every gradient is used and freed as in an ordinary backward pass; holding them
+    all to its end costs page faults on CPU (Conv-4 1x28x28, N = 25: +1,450 per call, ~10% of
+    one batched forward + backward). Right for norms and dots, whose results are small. A
+    *deferred* pass hands the calls over after the backward, when the graph's memory is free
+    again: right for full per-sample gradients, whose ``[N, P]`` results would otherwise be
+    allocated on top of the graph (there streaming costs page faults instead)."""
+
+    def __init__(self, model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> None:
+        p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        self.entries = _entries(model, params)
+        self.anchor = torch.zeros((), device=x.device, requires_grad=True)  # (never gets a value)
+        self.consume: Consume | None = None
+        self.retain = self.defer = False
+        self.ready: list[tuple[_Entry, Call]] = []
+        handles = [
+            e.module.register_forward_hook(self._hook(e), with_kwargs=True) for e in self.entries
+        ]
+        try:
+            self.logits = functional_call(model, {**p, **_buffers(model)}, (x,))
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, e: _Entry) -> Callable[..., Any]:
+        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
             if not isinstance(output, Tensor):
-                raise TypeError(
+                raise _CaptureError(
                     f"per-sample gradients: {type(mod).__name__} returned {type(output)}; "
                     "capture needs a tensor output (use method='func')"
                 )
             own = {k: getattr(mod, k) for k, _ in mod.named_parameters(recurse=False)}
             call = Call(args=args, kwargs=kwargs, output=output, params=own)
-            call._version = output._version  # type: ignore[attr-defined]
             e.rule.on_forward(mod, call)
             e.calls.append(call)
-            # downstream gets a copy, so a later in-place op cannot change the captured output
-            return output.clone() if idx in clone else None
+            return _Tap.apply(output, self.anchor, lambda g: self._deliver(e, call, g))
 
-        handles.append(e.module.register_forward_hook(hook, with_kwargs=True))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+        return hook
 
+    def _deliver(self, e: _Entry, call: Call, grad: Tensor) -> None:
+        call.grad_output = grad.detach()
+        if self.defer:
+            self.ready.append((e, call))
+        else:
+            self._consume(e, call)
 
-def _forward_capture(
-    model: nn.Module, params: Mapping[str, Tensor], x: Tensor
-) -> tuple[Tensor, list[_Entry]]:
-    """Forward with hooks; returns logits and the entries with their calls (retries with
-    cloned outputs where a later in-place op modified a captured output)."""
-    p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    bufs = _buffers(model)
-    clone: set[int] = set()
-    for _ in range(2):
-        entries = _entries(model, params)
-        with _capturing(entries, p, clone):
-            logits = functional_call(model, {**p, **bufs}, (x,))
-        bumped = {
-            i
-            for i, e in enumerate(entries)
-            for c in e.calls
-            if c.output._version != c._version  # type: ignore[attr-defined]
-        }
-        if not bumped:
-            return logits, entries
-        clone |= bumped
-    raise RuntimeError("per-sample gradients: captured outputs keep being modified in place")
+    def _consume(self, e: _Entry, call: Call) -> None:
+        assert self.consume is not None
+        call.args = tuple(a.detach() if isinstance(a, Tensor) else a for a in call.args)
+        call.params = {k: v.detach() for k, v in call.params.items()}
+        self.consume(e, call)
+        call.grad_output = None
+        if not self.retain:  # this call is done: its activations go with the graph
+            call.args, call.kwargs, call.extras = (), {}, {}
 
+    def backward(
+        self, scalar: Tensor, consume: Consume, retain_graph: bool = False, defer: bool = False
+    ) -> None:
+        """Backpropagates ``scalar`` to the module outputs and calls ``consume(entry, call)``
+        with ``call.grad_output`` set for each call whose output it reaches (never for the
+        others: their gradient is zero), streamed or ``defer``-red (see the class)."""
+        self.consume, self.retain, self.defer = consume, retain_graph, defer
+        try:
+            torch.autograd.grad(scalar, [self.anchor], retain_graph=retain_graph, allow_unused=True)
+            for e, call in self.ready:
+                self._consume(e, call)
+        finally:
+            self.consume = None
+            self.ready.clear()
+            if not retain_graph:
+                self.close()
 
-def _backward_to_outputs(
-    scalar: Tensor, entries: list[_Entry], retain_graph: bool = False
-) -> list[list[Tensor]]:
-    outs = [c.output for e in entries for c in e.calls]
-    grads = torch.autograd.grad(scalar, outs, retain_graph=retain_graph, allow_unused=True)
-    res: list[list[Tensor]] = []
-    k = 0
-    for e in entries:
-        row = []
-        for c in e.calls:
-            gr = grads[k]
-            row.append(torch.zeros_like(c.output) if gr is None else gr)
-            k += 1
-        res.append(row)
-    return res
+    def close(self) -> None:
+        """Drops every reference into the graph (the taps hold consumers that hold calls)."""
+        for e in self.entries:
+            e.calls.clear()
+        self.logits = self.anchor = None  # type: ignore[assignment]
 
 
-def _set_grad_outputs(entries: list[_Entry], g: list[list[Tensor]]) -> None:
-    for e, row in zip(entries, g, strict=True):
-        for c, gr in zip(e.calls, row, strict=True):
-            c.grad_output = gr.detach()
-            c.args = tuple(a.detach() if isinstance(a, Tensor) else a for a in c.args)
-            c.params = {k: v.detach() for k, v in c.params.items()}
+def _captured(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    loss: LossSpec,
+    fit: bool,
+    consume: Consume,
+    defer: bool = False,
+) -> None:
+    """The hooks path: forward with capture, ``Σ_n ℓ_n``, one backward pass handing every call
+    to ``consume`` with its ``grad_output`` (streamed, or ``defer``-red: see :class:`_Capture`).
+    With ``fit`` (see :func:`_check`) the forward is also the probe: an error from inside the
+    model says that ``x`` does not fit it, and ``y`` is checked against these logits
+    (:func:`_fits`) -- no separate probe forward."""
+    if fit:
+        cap = _probe(lambda: _Capture(model, params, x), _misfit_x(x))
+        _fits(cap.logits, x, y, loss)
+    else:
+        cap = _Capture(model, params, x)
+        if loss == "cross_entropy" and not y.is_floating_point():
+            _check_labels(y, cap.logits.shape[-1])
+    cap.backward(resolve_loss(loss)(cap.logits, y).sum(), consume, defer=defer)
+
+
+def _add_grads(res: dict[str, Tensor], e: _Entry, call: Call) -> None:
+    """``res[full name] +=`` the call's per-sample gradients ``[N, *shape]``."""
+    for local, g in e.rule.grads(e.module, call, e.names).items():
+        name = e.full[local]
+        res[name] = res[name] + g if name in res else g
 
 
 def _method(model: nn.Module, method: Method) -> str:
@@ -365,9 +443,11 @@ def per_sample_grads(
     Returns:
         ``{name: [N, *shape]}`` (detached), same dtype as the parameters.
     """
-    _check(model, params, x, y, loss)
+    fit = _check(model, params, x, y, loss)
     loss_fn = resolve_loss(loss)
     how = _method(model, method)
+    if fit and how != "hooks":
+        _check_fit(model, params, x, y, loss)
     n = x.shape[0]
     if how != "hooks" or n == 0:
         if n == 0:
@@ -378,17 +458,8 @@ def per_sample_grads(
             for k in out:
                 out[k][s : s + gs[k].shape[0]] = gs[k]
         return out
-    logits, entries = _forward_capture(model, params, x)
-    if loss == "cross_entropy" and not y.is_floating_point():
-        _check_labels(y, logits.shape[-1])
-    total = loss_fn(logits, y).sum()
-    _set_grad_outputs(entries, _backward_to_outputs(total, entries))
     res: dict[str, Tensor] = {}
-    for e in entries:
-        for c in e.calls:
-            for local, g in e.rule.grads(e.module, c, e.names).items():
-                name = e.full[local]
-                res[name] = res[name] + g if name in res else g
+    _captured(model, params, x, y, loss, fit, partial(_add_grads, res), defer=True)
     return {k: res[k] if k in res else v.new_zeros(n, *v.shape) for k, v in params.items()}
 
 
@@ -401,10 +472,12 @@ def _reduce(
     method: Method,
     vectors: Mapping[str, Tensor] | None,
 ) -> Tensor:
-    _check(model, params, x, y, loss)
+    fit = _check(model, params, x, y, loss)
     loss_fn = resolve_loss(loss)
     m = _check_vectors(params, vectors) if vectors is not None else 0
     how = _method(model, method)
+    if fit and how != "hooks":
+        _check_fit(model, params, x, y, loss)
     n = x.shape[0]
     ref = next(iter(params.values()))
     shape = (n, m) if vectors is not None else (n,)
@@ -422,31 +495,21 @@ def _reduce(
                     v = vectors[k].reshape(m, -1).to(flat.dtype)
                     out[s : s + flat.shape[0]] += flat @ v.T
         return out
-    logits, entries = _forward_capture(model, params, x)
-    if loss == "cross_entropy" and not y.is_floating_point():
-        _check_labels(y, logits.shape[-1])
-    total = loss_fn(logits, y).sum()
-    _set_grad_outputs(entries, _backward_to_outputs(total, entries))
-    for e in entries:
-        if len(e.calls) > 1:
-            # a shared module: per-sample gradients add over calls before reducing
-            grads: dict[str, Tensor] = {}
-            for c in e.calls:
-                for local, g in e.rule.grads(e.module, c, e.names).items():
-                    grads[local] = grads[local] + g if local in grads else g
-            for local, g in grads.items():
-                flat = g.reshape(n, -1)
-                if vectors is None:
-                    out += flat.pow(2).sum(1)
-                else:
-                    out += flat @ vectors[e.full[local]].reshape(m, -1).T
-            continue
-        (c,) = e.calls
-        if vectors is None:
-            out += e.rule.sqnorms(e.module, c, e.names)
+    shared: dict[str, Tensor] = {}  # per-sample gradients of modules called more than once
+
+    def consume(e: _Entry, c: Call) -> None:
+        if len(e.calls) > 1:  # a shared module: its per-sample gradients add before reducing
+            _add_grads(shared, e, c)
+        elif vectors is None:
+            out.add_(e.rule.sqnorms(e.module, c, e.names))
         else:
             local_v = {local: vectors[full] for local, full in e.full.items()}
-            out += e.rule.dots(e.module, c, e.names, local_v)
+            out.add_(e.rule.dots(e.module, c, e.names, local_v))
+
+    _captured(model, params, x, y, loss, fit, consume)
+    for name, g in shared.items():
+        flat = g.reshape(n, -1)
+        out += flat.pow(2).sum(1) if vectors is None else flat @ vectors[name].reshape(m, -1).T
     return out
 
 
@@ -509,21 +572,18 @@ def logit_jacobians(
     how = _method(model, method)
     n = x.shape[0]
     if how == "hooks" and n > 0:
-        logits, entries = _forward_capture(model, params, x)
-        if logits.dim() != 2:
-            raise ValueError(f"logits have shape {tuple(logits.shape)}, expected [N, C]")
-        c_dim = logits.shape[1]
-        per_c: list[dict[str, Tensor]] = []
-        for c in range(c_dim):
-            g = _backward_to_outputs(logits[:, c].sum(), entries, retain_graph=c + 1 < c_dim)
-            _set_grad_outputs(entries, g)
-            res: dict[str, Tensor] = {}
-            for e in entries:
-                for call in e.calls:
-                    for local, gr in e.rule.grads(e.module, call, e.names).items():
-                        name = e.full[local]
-                        res[name] = res[name] + gr if name in res else gr
-            per_c.append(res)
+        cap = _Capture(model, params, x)
+        c_dim = cap.logits.shape[1] if cap.logits.dim() == 2 else -1
+        per_c: list[dict[str, Tensor]] = [{} for _ in range(max(c_dim, 0))]
+        try:
+            if c_dim < 0:
+                raise ValueError(f"logits have shape {tuple(cap.logits.shape)}, expected [N, C]")
+            for c, res in enumerate(per_c):
+                cap.backward(
+                    cap.logits[:, c].sum(), partial(_add_grads, res), c + 1 < c_dim, defer=True
+                )
+        finally:
+            cap.close()
         jac = {
             k: torch.stack([r[k] if k in r else v.new_zeros(n, *v.shape) for r in per_c], 1)
             for k, v in params.items()

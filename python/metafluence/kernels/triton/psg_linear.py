@@ -1,10 +1,10 @@
 """Triton kernel for ``psg_linear``: ``out[n] = grad_outputs[n]^T @ activations[n]``.
 
-One program per ``(n, out-tile, in-tile)`` (flattened on grid axis 0, so any ``N`` fits), looping
-over ``T`` in chunks of ``BLOCK_T`` with ``tl.dot`` in IEEE precision (no TF32: float32 results
-match the reference to ~1e-6). One fixed configuration (the interpreter cannot autotune).
-Under ``TRITON_INTERPRET=1`` it runs on CPU tensors; the interpreter costs ~6 ms per program
-per ``T`` chunk, hence the large tiles.
+One program per ``(n, out-tile, in-tile)`` (flattened on grid axis 0, so any ``N`` fits): the
+tile loop of :func:`._tiles.linear_tile` (``tl.dot`` over ``T`` in chunks of ``BLOCK_T``, IEEE
+precision, no TF32: float32 results match the reference to ~1e-6), then the tile is stored.
+One fixed configuration (the interpreter cannot autotune). Under ``TRITON_INTERPRET=1`` it runs
+on CPU tensors; the interpreter costs ~6 ms per program per ``T`` chunk, hence the large tiles.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ._tiles import linear_tile
 
 BLOCK_O = 64
 BLOCK_I = 64
@@ -33,37 +35,21 @@ def _psg_linear_kernel(
     BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    tiles = tiles_o * tiles_i
-    n = pid // tiles
-    rem = pid % tiles
-    to = rem // tiles_i
-    ti = rem % tiles_i
-
-    offs_o = to * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_i = ti * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_t = tl.arange(0, BLOCK_T)
-    mask_o = offs_o < O
-    mask_i = offs_i < I
-
-    act_n = act_ptr + n * T * I
-    gout_n = gout_ptr + n * T * O
     # float32 or float64 only: accumulate in the input precision
-    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=out_ptr.dtype.element_ty)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + offs_t
-        mask_t = t < T
-        # grad_outputs[n, t, o] loaded transposed as [BLOCK_O, BLOCK_T]
-        g = tl.load(
-            gout_n + t[None, :] * O + offs_o[:, None],
-            mask=mask_o[:, None] & mask_t[None, :],
-            other=0.0,
-        )
-        a = tl.load(
-            act_n + t[:, None] * I + offs_i[None, :],
-            mask=mask_t[:, None] & mask_i[None, :],
-            other=0.0,
-        )
-        acc += tl.dot(g, a, input_precision="ieee")
+    acc, n, offs_o, offs_i, mask_o, mask_i = linear_tile(
+        act_ptr,
+        gout_ptr,
+        pid,
+        tiles_o,
+        tiles_i,
+        T,
+        I,
+        O,
+        BLOCK_O,
+        BLOCK_I,
+        BLOCK_T,
+        out_ptr.dtype.element_ty,
+    )
     out_ptrs = out_ptr + n * O * I + offs_o[:, None] * I + offs_i[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_o[:, None] & mask_i[None, :])
 

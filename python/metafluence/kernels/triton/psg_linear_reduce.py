@@ -2,7 +2,7 @@
 
 One program per ``(n, out-tile, in-tile)`` (flattened on grid axis 0). Each program forms its
 ``BLOCK_O x BLOCK_I`` tile of ``G_n = Σ_t grad_outputs[n, t]ᵀ activations[n, t]`` in registers
-(``tl.dot`` over ``T`` in chunks of ``BLOCK_T``, IEEE precision), reduces it -- with itself
+(:func:`._tiles.linear_tile`, the tile loop of ``psg_linear`` too), reduces it -- with itself
 (``sqnorm``) or with the matching tile of every ``vectors[j]`` (``dot``) -- and stores one
 partial sum per tile; the wrapper sums the partials over tiles. ``G_n`` never reaches memory.
 One fixed configuration (the interpreter cannot autotune); large tiles keep the interpreter
@@ -15,49 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import linear_tile
+
 BLOCK_O = 64
 BLOCK_I = 64
 BLOCK_T = 16
-
-
-@triton.jit
-def _tile(
-    act_ptr,
-    gout_ptr,
-    n,
-    to,
-    ti,
-    T,
-    I,  # noqa: E741
-    O,  # noqa: E741
-    BLOCK_O: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    offs_o = to * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_i = ti * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_t = tl.arange(0, BLOCK_T)
-    mask_o = offs_o < O
-    mask_i = offs_i < I
-    act_n = act_ptr + n * T * I
-    gout_n = gout_ptr + n * T * O
-    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=ACC)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + offs_t
-        mask_t = t < T
-        g = tl.load(
-            gout_n + t[None, :] * O + offs_o[:, None],
-            mask=mask_o[:, None] & mask_t[None, :],
-            other=0.0,
-        )
-        a = tl.load(
-            act_n + t[:, None] * I + offs_i[None, :],
-            mask=mask_t[:, None] & mask_i[None, :],
-            other=0.0,
-        )
-        acc += tl.dot(g, a, input_precision="ieee")
-    return acc, offs_o, offs_i, mask_o, mask_i
 
 
 @triton.jit
@@ -75,15 +37,12 @@ def _sqnorm_kernel(
     BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    tiles = tiles_o * tiles_i
-    n = pid // tiles
-    rem = pid % tiles
-    acc, _, _, _, _ = _tile(
+    acc, _, _, _, _, _ = linear_tile(
         act_ptr,
         gout_ptr,
-        n,
-        rem // tiles_i,
-        rem % tiles_i,
+        pid,
+        tiles_o,
+        tiles_i,
         T,
         I,
         O,
@@ -112,15 +71,12 @@ def _dot_kernel(
     BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    tiles = tiles_o * tiles_i
-    n = pid // tiles
-    rem = pid % tiles
-    acc, offs_o, offs_i, mask_o, mask_i = _tile(
+    acc, _, offs_o, offs_i, mask_o, mask_i = linear_tile(
         act_ptr,
         gout_ptr,
-        n,
-        rem // tiles_i,
-        rem % tiles_i,
+        pid,
+        tiles_o,
+        tiles_i,
         T,
         I,
         O,
