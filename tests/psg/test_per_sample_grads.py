@@ -184,7 +184,7 @@ def test_per_sample_grads_match_func(name, n, dtype):
         _close(got[k], ref[k], dtype, k)
 
 
-@pytest.mark.parametrize("name", ["conv_gn", "tokens", "mlp", "shared"])
+@pytest.mark.parametrize("name", ["conv_gn", "tokens", "mlp", "shared", "fallback", "bn1d_eval"])
 def test_dots_and_norms_match_materialised(name):
     dtype = torch.float64
     model, params, x, y, loss, loss_fn = _setup(name, 7, dtype)
