@@ -184,7 +184,7 @@ def test_per_sample_grads_match_func(name, n, dtype):
         _close(got[k], ref[k], dtype, k)
 
 
-@pytest.mark.parametrize("name", ["conv_gn", "tokens", "mlp", "shared"])
+@pytest.mark.parametrize("name", ["conv_gn", "tokens", "mlp", "shared", "fallback", "bn1d_eval"])
 def test_dots_and_norms_match_materialised(name):
     dtype = torch.float64
     model, params, x, y, loss, loss_fn = _setup(name, 7, dtype)
@@ -402,3 +402,26 @@ def test_hooks_path_probes_with_its_own_forward(entry):
     p_odd = dict(odd.named_parameters())
     with pytest.raises(TypeError, match="capture needs a tensor output"):
         mf.per_sample_grads(odd, p_odd, x, y)
+
+
+def test_hooks_path_leaves_no_graph_behind_after_an_error():
+    """A call that fails after the capturing forward (bad labels, bad input) drops the graph:
+    the taps hold consumers that hold the calls, a cycle through autograd nodes that the garbage
+    collector cannot break."""
+    import gc
+
+    model = nn.Sequential(nn.Linear(3, 97), nn.Tanh(), nn.Linear(97, 2))
+    params = dict(model.named_parameters())
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+
+    def alive():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and o.shape == (5, 97))
+
+    before = alive()
+    bad = [(x, torch.full((5,), 2)), (x, torch.randn(5)), (torch.randn(5, 4), y)]  # labels, x
+    for bad_x, bad_y in bad:
+        for entry in (mf.per_sample_grads, mf.per_sample_grad_norms):
+            with pytest.raises(ValueError):
+                entry(model, params, bad_x, bad_y)
+    assert alive() == before

@@ -269,6 +269,9 @@ class _Capture:
         ]
         try:
             self.logits = functional_call(model, {**p, **_buffers(model)}, (x,))
+        except BaseException:
+            self.close()
+            raise
         finally:
             for h in handles:
                 h.remove()
@@ -343,14 +346,21 @@ def _captured(
     With ``fit`` (see :func:`_check`) the forward is also the probe: an error from inside the
     model says that ``x`` does not fit it, and ``y`` is checked against these logits
     (:func:`_fits`) -- no separate probe forward."""
-    if fit:
-        cap = _probe(lambda: _Capture(model, params, x), _misfit_x(x))
-        _fits(cap.logits, x, y, loss)
-    else:
-        cap = _Capture(model, params, x)
-        if loss == "cross_entropy" and not y.is_floating_point():
+    cap = (
+        _probe(lambda: _Capture(model, params, x), _misfit_x(x))
+        if fit
+        else _Capture(model, params, x)
+    )
+    try:
+        if fit:
+            _fits(cap.logits, x, y, loss)
+        elif loss == "cross_entropy" and not y.is_floating_point():
             _check_labels(y, cap.logits.shape[-1])
-    cap.backward(resolve_loss(loss)(cap.logits, y).sum(), consume, defer=defer)
+        total = resolve_loss(loss)(cap.logits, y).sum()
+    except BaseException:
+        cap.close()
+        raise
+    cap.backward(total, consume, defer=defer)
 
 
 def _add_grads(res: dict[str, Tensor], e: _Entry, call: Call) -> None:
