@@ -153,3 +153,17 @@ def test_killed_run_resumes_from_its_last_stage_and_never_mixes_outputs(
     assert a["evaluation"] == b["evaluation"]
     a["stationarity"].pop("seconds"), b["stationarity"].pop("seconds")
     assert a["stationarity"] == b["stationarity"]
+
+
+def test_run_without_stationarity_falls_back_to_krylov(tmp_path, glyph_cache):
+    """No stationarity phase → no secant pairs: the job's curvature falls back to Krylov CG on
+    the configured kind, and the report's warnings say so."""
+    args = [*TINY, "--out", str(tmp_path), "--name", "n", "--stationary-tol", "none", "--quiet"]
+    assert cli.main(args) == 0
+    summary = json.loads((tmp_path / "n" / "summary.json").read_text())
+    assert (summary["curvature"]["method"], summary["curvature"]["curvature"]) == (
+        "krylov",
+        "gauss_newton",
+    )
+    assert summary["secant_pairs"] is None
+    assert any("no secant pairs" in w for w in summary["warnings"])
