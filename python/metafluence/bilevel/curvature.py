@@ -161,14 +161,21 @@ class Curvature:
 
     def _approx_inverse(self, B: Tensor, spd: bool) -> Tensor:
         """``U (Λ+δ')⁻¹ UᵀB + (B − UUᵀB)/(τ+δ')`` for rows ``B [k, P]`` (``spd``: ``|Λ|``)."""
-        assert self.eigvecs is not None and self.eigvals is not None and self.tail is not None
-        U = self.eigvecs.to(B.dtype)
+        assert self.eigvals is not None and self.tail is not None
         lam = self.eigvals.to(B.dtype)
         if spd:
             lam = lam.abs()
         dp = self.solve_damping
+        return self._spectral(B, 1.0 / (lam + dp), 1.0 / (abs(self.tail) + dp))
+
+    def _spectral(self, B: Tensor, on_span: Tensor, on_rest: Tensor | float | None) -> Tensor:
+        """``U diag(on_span) UᵀB + on_rest · (B − UUᵀB)`` for rows ``B [k, P]``: a function of
+        the fitted ``UΛUᵀ + τ(I − UUᵀ)`` (``on_rest=None``: no complement, a dense fit)."""
+        assert self.eigvecs is not None
+        U = self.eigvecs.to(B.dtype)
         C = B @ U  # [k, r]
-        return (C / (lam + dp)) @ U.T + (B - C @ U.T) / (abs(self.tail) + dp)
+        X = (C * on_span) @ U.T
+        return X if on_rest is None else X + on_rest * (B - C @ U.T)
 
     # ---- solves --------------------------------------------------------------------------
     def solve(self, pt: BilevelPoint, b: Tensor) -> SolveResult:
@@ -231,14 +238,13 @@ class Curvature:
         """``φ_t(A) B`` on the fit: ``U φ_t(Λ + δ') UᵀB`` (dense: exact), plus
         ``φ_t(τ + δ') (B − UUᵀB)`` on the complement of a low-rank or secant fit;
         ``φ_t(a) = (1 − e^{−ta})/a`` (``= t`` at ``a = 0``)."""
-        assert self.eigvecs is not None and self.eigvals is not None and self.horizon is not None
-        U, lam = self.eigvecs.to(B.dtype), self.eigvals.to(B.dtype) + self.solve_damping
-        C = B @ U
-        X = (C * _flow(lam, self.horizon)) @ U.T
+        assert self.eigvals is not None and self.horizon is not None
+        lam = self.eigvals.to(B.dtype) + self.solve_damping
+        rest = None
         if self.method != "dense":
             assert self.tail is not None
-            tail = _flow(B.new_tensor(abs(self.tail) + self.solve_damping), self.horizon)
-            X = X + tail * (B - C @ U.T)
+            rest = _flow(B.new_tensor(abs(self.tail) + self.solve_damping), self.horizon)
+        X = self._spectral(B, _flow(lam, self.horizon), rest)
         zero = B.new_zeros(B.shape[0])
         col = torch.ones(B.shape[0], dtype=torch.bool, device=B.device)
         info = {"method": f"horizon t={self.horizon:g} on the {self.method} fit"}
@@ -261,17 +267,18 @@ class Curvature:
     # ---- spectrum ------------------------------------------------------------------------
     def extreme_eigenvalues(self) -> tuple[float, float] | None:
         """Exact ``(λ_min, λ_max)`` of ``H + δ'I`` from a dense fit (``None`` otherwise)."""
-        if self.method != "dense" or self.eigvals is None or self.eigvals.numel() == 0:
-            return None
-        ev = self.eigvals.double() + self.solve_damping
-        return float(ev.min()), float(ev.max())
+        return self._shifted_extremes(("dense",))
 
     def ritz_extremes(self) -> tuple[float, float] | None:
         """``(θ_min, θ_max)`` of ``H + δ'I`` on the span of a low-rank or secant fit (``None``
         otherwise): Ritz values, so ``θ_min ≥ λ_min`` and ``θ_max ≤ λ_max`` (bounds of the
         same sense as a Lanczos estimate's, at no cost; for a secant fit only approximately:
         its pairs measure ``H`` along the path to ``λ*``)."""
-        if self.method not in LOWRANK or self.eigvals is None or self.eigvals.numel() == 0:
+        return self._shifted_extremes(LOWRANK)
+
+    def _shifted_extremes(self, methods: tuple[str, ...]) -> tuple[float, float] | None:
+        """``(min, max)`` of the fitted eigenvalues plus ``δ'`` for a fit of ``methods``."""
+        if self.method not in methods or self.eigvals is None or self.eigvals.numel() == 0:
             return None
         ev = self.eigvals.double() + self.solve_damping
         return float(ev.min()), float(ev.max())

@@ -290,10 +290,10 @@ class MetaProblem:
         batched over the tasks (what :class:`BilevelPoint` sums over chunks)."""
         self.check_device(meta_params, tasks)
         lam = self.flat(meta_params)
-        b = self.batch(tasks, lam)
-        if isinstance(b, TaskSource):
-            b = next(b.chunks(None, lam.dtype, lam.device))
-        return build_engine(self.fm, self.inner, self.checked(b, lam), lam)
+        b = self.batch(tasks, lam)  # a stacked batch is checked there
+        if isinstance(b, TaskSource):  # a stream is checked chunk by chunk: its one chunk here
+            b = self.checked(next(b.chunks(None, lam.dtype, lam.device)), lam)
+        return build_engine(self.fm, self.inner, b, lam)
 
     def point(
         self, meta_params: ParamsLike, tasks: TasksLike, task_weight: Tensor | None = None

@@ -49,20 +49,20 @@ class Task:
     ) -> Task:
         """A copy on ``device`` with floating tensors (inputs, weights; float targets) in
         ``dtype``; integer labels keep their dtype."""
-
-        def conv(t: Tensor | None) -> Tensor | None:
-            if t is None:
-                return None
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
-
         (xs, ys), (xq, yq) = self.support, self.query
+        sw, qw = self.support_weight, self.query_weight
         return replace(
             self,
-            support=(conv(xs), conv(ys)),
-            query=(conv(xq), conv(yq)),
-            support_weight=conv(self.support_weight),
-            query_weight=conv(self.query_weight),
+            support=(_moved(xs, device, dtype), _moved(ys, device, dtype)),
+            query=(_moved(xq, device, dtype), _moved(yq, device, dtype)),
+            support_weight=None if sw is None else _moved(sw, device, dtype),
+            query_weight=None if qw is None else _moved(qw, device, dtype),
         )
+
+
+def _moved(t: Tensor, device: torch.device | str | None, dtype: torch.dtype | None) -> Tensor:
+    """``t`` on ``device``; floating tensors also in ``dtype`` (labels keep theirs)."""
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
 
 FIELDS = ("support x", "support y", "query x", "query y")
@@ -254,21 +254,10 @@ class TaskBatch:
         )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        def conv(t: Tensor) -> Tensor:
-            if dtype is not None and t.is_floating_point():
-                return t.to(device=device, dtype=dtype)
-            return t.to(device=device)
-
-        return TaskBatch(
-            conv(self.xs),
-            conv(self.ys),
-            conv(self.xq),
-            conv(self.yq),
-            conv(self.task_weight),
-            conv(self.support_weight),
-            conv(self.query_weight),
-            list(self.ids),
-        )
+        """A copy on ``device`` with floating tensors in ``dtype`` (as :meth:`Task.to`)."""
+        fields = (self.xs, self.ys, self.xq, self.yq)
+        weights = (self.task_weight, self.support_weight, self.query_weight)
+        return TaskBatch(*(_moved(t, device, dtype) for t in (*fields, *weights)), list(self.ids))
 
     @staticmethod
     def from_tasks(
