@@ -20,7 +20,19 @@ Variants: ``cg15`` the job's former default (Gauss-Newton, CG, 15 iterations, δ
 curvature, δ' = ``--secant-damping``); ``secant-pcgK``: the same pairs as the preconditioner
 of CG with ``K`` iterations.
 
+3. where the time goes for the job's default (``--stages``, ``secant-pcg2``): the target
+   gradient, the total solve, the item scores (one mixed product), the edit's right-hand side
+   and its solve, each timed alone;
+4. leave-one-out cost (``--loo-retrains K``): ``K`` tasks (evenly spread) are each removed and
+   the meta-parameters retrained warm from ``λ*`` by the same stationarity rule (``--tol``,
+   ``--evals``); ``M ×`` their mean time estimates leave-one-out of all ``M`` tasks, compared
+   with the time of all scores; their ``Δf`` is printed beside the predicted scores.
+
+``--plot`` draws ``influence_cost_vs_M.png`` from the CSV (the rows with leave-one-out times).
+
     python benchmarks/influence_cost.py --M 120
+    python benchmarks/influence_cost.py --M 500 --variants secant-pcg2 --ref-maxiter 20
+    python benchmarks/influence_cost.py --plot
 """
 
 from __future__ import annotations
@@ -67,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ref-rtol", type=float, default=1e-3)
     p.add_argument("--ref-maxiter", type=int, default=30)
+    p.add_argument("--loo-retrains", type=int, default=5, help="measured warm retrains")
+    p.add_argument("--stages", default="secant-pcg2", help="variant timed stage by stage")
+    p.add_argument("--plot", action="store_true", help="only draw the plot against M")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=Path("/tmp/mf_influence_cost"))
@@ -79,7 +94,8 @@ class Job:
 
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
-        self.cfg = cfg = RunConfig(seed=a.seed)
+        damping = getattr(a, "damping", None)  # job_fidelity.py sets the outer damping
+        self.cfg = cfg = RunConfig(seed=a.seed, **({} if damping is None else {"damping": damping}))
         ds = mf.data.load_glyphs(num_classes=cfg.glyph_classes, seed=0, progress=False)
         kw: dict[str, Any] = dict(ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=a.seed)
         clean = mf.data.sample_tasks(ds, num_tasks=a.M, split="train", **kw)
@@ -103,7 +119,9 @@ class Job:
     def train(self) -> tuple[dict, dict[str, Any]]:
         """λ*, its stationarity report and secant pairs, and the stage times (cached)."""
         a = self.a
-        key = a.cache / f"M{a.M}-s{a.steps}-tol{a.tol:g}-e{a.evals}-seed{a.seed}.pt"
+        # v2: one-pass (F, ∇F) in the stationarity phase (a faster meta-training than v1's)
+        d = "" if getattr(a, "damping", None) is None else f"-d{a.damping:g}"
+        key = a.cache / f"v2-M{a.M}{d}-s{a.steps}-tol{a.tol:g}-e{a.evals}-seed{a.seed}.pt"
         if key.exists():
             got = torch.load(key, weights_only=False)
             log(f"meta-train: cached {key}")
@@ -133,14 +151,18 @@ class Job:
 
 
 def unit_costs(job: Job, lam: dict) -> dict[str, float]:
-    """Seconds of one meta-gradient, one GN product and one exact HVP over all M tasks."""
+    """Seconds of one meta-gradient, one GN product and one exact HVP over all M tasks: the
+    HVP on a fresh point (``t_hvp``: linearisation + product) and again on a point that holds
+    its linearisation (``t_hvp_reused``: one backward pass, what a solve iteration costs)."""
     pt = job.problem.point(lam, job.tasks)
     v = torch.randn(pt.lam.numel(), generator=torch.Generator().manual_seed(0))
+    pt.hvp(v, "exact")  # pt now holds its linearisation
     out = {}
     for name, fn in (
         ("t_grad", pt.meta_grad),
         ("t_gn", lambda: pt.hvp(v, "gauss_newton")),
-        ("t_hvp", lambda: pt.hvp(v, "exact")),
+        ("t_hvp", lambda: job.problem.point(lam, job.tasks).hvp(v, "exact")),
+        ("t_hvp_reused", lambda: pt.hvp(v, "exact")),
     ):
         ts = []
         for _ in range(2):
@@ -171,7 +193,8 @@ def curvature(job: Job, lam: dict, info: dict, variant: str, a: argparse.Namespa
         elif variant == "secant":
             solver, opts = "approx", {"check_residual": False}
         else:
-            solver, opts = "cg", {"maxiter": int(variant.removeprefix("secant-pcg")), "rtol": 1e-6}
+            iters = int(variant.removeprefix("secant-pcg"))
+            solver, opts = "cg", {"maxiter": iters, "rtol": 1e-6, "true_residual": False}
         curv = mf.fit_curvature(
             job.problem, lam, job.tasks, kind="exact", method="secant", solver=solver,
             solve_damping=a.secant_damping, pairs=info["secant_pairs"], options=opts,
@@ -213,8 +236,91 @@ def run_variant(job: Job, lam: dict, info: dict, variant: str, a: argparse.Names
     }
 
 
+def stages(job: Job, lam: dict, info: dict, variant: str, a: argparse.Namespace) -> dict:
+    """Seconds of each stage of scores + edit for ``variant``, each timed alone."""
+    from metafluence.influence.removal import target_gradient
+
+    curv, t_fit = curvature(job, lam, info, variant, a)
+    out = {"stage_fit": t_fit}
+    t0 = time.perf_counter()
+    pt = job.problem.point(lam, job.tasks)
+    g = target_gradient(job.problem, pt.lam, job.target)
+    out["stage_target_grad"] = time.perf_counter() - t0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        s = curv.solve(pt, g).x
+        out["stage_solve"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        t_sc = pt.item_scores(s.detach())[0]
+        out["stage_item_scores"] = time.perf_counter() - t0
+        removed = sorted(torch.argsort(t_sc).tolist()[: int(job.mask.sum())])
+        t0 = time.perf_counter()
+        rhs = pt.removal_rhs({"task": removed})
+        out["stage_edit_rhs"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        curv.solve(pt, rhs)
+        out["stage_edit_solve"] = time.perf_counter() - t0
+    return out
+
+
+def loo_retrains(job: Job, lam: dict, a: argparse.Namespace) -> tuple[list[int], list[float], list]:
+    """``K`` warm leave-one-out retrains by the stationarity rule: (tasks, seconds, reports)."""
+    K = min(a.loo_retrains, a.M)
+    idx = sorted({round(i * (a.M - 1) / max(K - 1, 1)) for i in range(K)})
+    batch = job.problem.batch(job.tasks, job.problem.flat(lam))
+    secs, reps = [], []
+    for i in idx:
+        t0 = time.perf_counter()
+        new, rep = mf.train.make_stationary(
+            job.problem, lam, batch.reweighted({"task": [i]}, 0.0), tol=a.tol, max_evals=a.evals,
+            keep_pairs=0,
+        )  # fmt: skip
+        secs.append(time.perf_counter() - t0)
+        reps.append((new, rep))
+        log(f"leave-one-out retrain of task {i}: {secs[-1]:.1f} s, {rep.line()}")
+    return idx, secs, reps
+
+
+def plot(out: Path) -> None:
+    """Influence (scores + edit) and meta-training seconds against M, and their ratio."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(out / "influence_cost.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("t_loo_estimate")]
+    if not rows:
+        raise SystemExit("no rows with leave-one-out times yet")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant in sorted({r["variant"] for r in rows}):
+        rs = sorted((r for r in rows if r["variant"] == variant), key=lambda r: int(r["M"]))
+        Ms = [int(r["M"]) for r in rs]
+        ax.plot(Ms, [float(r["t_influence"]) for r in rs], "o-", label=f"scores + edit: {variant}")
+        bx.plot(Ms, [float(r["influence_over_train"]) for r in rs], "o-", label=variant)
+    rs = sorted({int(r["M"]): r for r in rows}.values(), key=lambda r: int(r["M"]))
+    Ms = [int(r["M"]) for r in rs]
+    ax.plot(Ms, [float(r["t_train"]) for r in rs], "k^-", label="meta-training (λ*)")
+    ax.plot(Ms, [float(r["t_loo_estimate"]) for r in rs], "rs--", label="leave-one-out, all M")
+    ax.set(xscale="log", yscale="log", xlabel="M (tasks)", ylabel="seconds (1 thread)")
+    ax.legend(fontsize=7)
+    bx.axhline(0.1, color="k", ls=":", label="target 1/10")
+    bx.set(xscale="log", xlabel="M (tasks)", ylabel="scores + edit ÷ meta-training")
+    bx.legend(fontsize=7)
+    fig.suptitle("Influence cost on the metafluence run job (Conv-4 ANIL, P = 28,965)")
+    fig.tight_layout()
+    fig.savefig(out / "influence_cost_vs_M.png", dpi=110)
+    log(f"wrote {out / 'influence_cost_vs_M.png'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.plot:
+        plot(a.out)
+        return 0
     torch.set_num_threads(a.threads)
     job = Job(a)
     P = job.problem.spec.size
@@ -271,6 +377,28 @@ def main(argv: list[str] | None = None) -> int:
                 **machine_info(),
             }
         )
+    extra: dict[str, Any] = {}
+    if a.stages:
+        extra.update(stages(job, lam, info, a.stages, a))
+        log(f"stages of {a.stages}: {extra}")
+    if a.loo_retrains > 0:
+        idx, secs, reps = loo_retrains(job, lam, a)
+        per = statistics.mean(secs)
+        extra.update(
+            loo_retrains=len(secs),
+            t_loo_retrain=per,
+            loo_retrain_evals=statistics.mean(r.evaluations for _, r in reps),
+            loo_retrain_converged=sum(r.converged for _, r in reps),
+            t_loo_estimate=a.M * per,
+        )
+        dfs = [adapted_performance(job.problem, new, job.target)["loss"] - base for new, _ in reps]
+        log(f"leave-one-out Δf of tasks {idx}: {[round(d, 5) for d in dfs]}")
+        for r in rows:
+            r["loo_over_scores"] = a.M * per / r["t_scores"]
+            log(f"{r['variant']}: leave-one-out of all M ≈ {a.M * per:.0f} s = "
+                f"{r['loo_over_scores']:.0f}× its scores")  # fmt: skip
+    for r in rows:
+        r.update(extra)
     append_csv(a.out / "influence_cost.csv", rows)
     return 0
 

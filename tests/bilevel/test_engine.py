@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 import metafluence as mf
 from metafluence.bilevel.engine import ENGINES, Engine, build_engine
@@ -63,6 +64,57 @@ def test_every_engine_keeps_the_contract(inner: str) -> None:
     assert_close_normwise(eng.hvp_exact(D) + prob.damping * D, pt.hvp(D, "exact"), rtol=1e-10)
 
 
+@pytest.mark.parametrize("inner", list(INNERS))
+def test_value_and_grad_is_objective_and_meta_grad(inner: str) -> None:
+    """One pass gives ``(F, ∇F)`` (weighted tasks, chunks of 2, streamed too)."""
+    prob = _problem(inner, chunk_size=2)
+    lam, tasks = prob.init_params(), _tasks()
+    c = torch.tensor([0.5, 0.0, 2.0, 1.0, 0.25], dtype=torch.float64)
+    for src in (tasks, mf.TaskSource(tasks)):
+        pt = prob.point(lam, prob.batch(src, prob.flat(lam), c) if src is tasks else src)
+        f, g = pt.value_and_grad()
+        assert_close_normwise(f, pt.objective(), rtol=1e-12)
+        assert_close_normwise(g, pt.meta_grad(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("inner", list(INNERS))
+def test_second_order_products_match_finite_differences(inner: str) -> None:
+    """Every product of a point (solve operator, mixed blocks; reusing one linearisation on a
+    stacked point) against central differences of the gradient blocks, float64: rows, a single
+    vector, no rows, non-contiguous rows; a streamed point gives the same bits."""
+    prob = _problem(inner, chunk_size=2)
+    tasks = _tasks()
+    lam = prob.flat(prob.init_params())
+    pt = prob.point(lam, tasks)
+    P, eps = prob.spec.size, 1e-5
+    D = torch.randn(P, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).T
+
+    def fd(d: Tensor) -> Tensor:
+        up, dn = prob.point(lam + eps * d, tasks), prob.point(lam - eps * d, tasks)
+        return (up.meta_grad() - dn.meta_grad()) / (2 * eps)
+
+    want = torch.stack([fd(d) for d in D])
+    op = pt.matvec("exact")
+    assert_close_normwise(op(D), want, rtol=1e-7)
+    assert_close_normwise(op(D[1]), want[1], rtol=1e-7)
+    assert op(D[:0]).shape == (0, P)
+    if inner != "implicit":  # the stacked point keeps one linearisation per engine
+        assert all(e._lin is not None for e in pt.engines)
+    # the mixed blocks (scores): central differences of the per-item gradient blocks
+    s = D[0].contiguous()
+    got = pt.item_scores(s)
+    up, dn = (
+        prob.point(lam + eps * s, tasks).grad_all(),
+        prob.point(lam - eps * s, tasks).grad_all(),
+    )
+    c, W, V = pt.batch.weights()
+    for g, u, d, w in zip(got, up[1:], dn[1:], (c, W, V), strict=True):
+        assert_close_normwise(g, w * (u - d) / (2 * eps), rtol=1e-7)
+    st = prob.point(lam, mf.TaskSource(tasks))
+    assert torch.equal(st.matvec("exact")(D), op(D))
+    assert all(torch.equal(a, b) for a, b in zip(st.item_scores(s), got, strict=True))
+
+
 def test_streamed_tasks_give_the_same_engine() -> None:
     prob = _problem("unrolled")
     lam, tasks = prob.init_params(), _tasks()
@@ -97,3 +149,24 @@ def test_reduction_is_passed_in_not_subclassed() -> None:
     )
     lam, tasks = prob.init_params(), _tasks()
     assert torch.equal(again.meta_grad(lam, tasks), prob.meta_grad(lam, tasks))
+
+
+@pytest.mark.parametrize("inner", list(INNERS))
+def test_removal_rhs_of_tasks_is_their_gradient(inner: str) -> None:
+    """Removing whole tasks: ``Σ_{k∈R} c_k g_k`` (one gradient pass over the removed tasks);
+    with points as well, the mixed product's λ-block; chunks of 2, streamed the same."""
+    prob = _problem(inner, chunk_size=2)
+    lam, tasks = prob.flat(prob.init_params()), _tasks()
+    c = torch.tensor([0.5, 1.0, 2.0, 1.0, 0.25], dtype=torch.float64)
+    pt = prob.point(lam, prob.batch(tasks, lam, c))
+    G = pt.task_grads()
+    want = c[0] * G[0] + c[3] * G[3] + c[4] * G[4]
+    assert_close_normwise(pt.removal_rhs({"task": [4, 0, 3, 3]}), want, rtol=1e-12)
+    mixed = {"task": [1], "support_point": [(2, 1)]}
+    cw, W, V = pt.batch.weights()
+    dc, dW = torch.zeros_like(cw), torch.zeros_like(W)
+    dc[1], dW[2, 1] = cw[1], W[2, 1]
+    full = prob.engine(lam, pt.batch).hvp_all(torch.zeros_like(lam), dc, dW, torch.zeros_like(V))
+    assert_close_normwise(pt.removal_rhs(mixed), full[0], rtol=1e-10)
+    st = prob.point(lam, mf.TaskSource(tasks), c)
+    assert_close_normwise(st.removal_rhs({"task": [0, 3, 4]}), want, rtol=1e-12)

@@ -161,3 +161,33 @@ def test_leave_one_out_flags_retrains_that_end_off_a_minimum(saddle):
     assert quiet[0]["minimum"] is None
     with pytest.raises(TypeError, match="check_minimum"):
         mf.evaluate.leave_one_out(prob, zero, tasks, random_tasks(2, 9), check_minimum="yes")
+
+
+def test_stationary_retrain_is_converged_ground_truth():
+    """``stationary_retrain`` (warm L-BFGS to the tolerance, for any P) gives the exact
+    leave-one-out Δf of a quadratic meta-objective (dense Newton's, the closed form's), and
+    says per item how far it got."""
+    tasks = make_tasks(8, d=4, seed=3)
+    cf = ClosedForm(tasks, 1.0, 0.01)
+    prob = closed_problem(4, 1.0, 0.01)
+    lam = cf.minimiser()
+    target = make_tasks(3, d=4, seed=4)
+    newton = mf.evaluate.leave_one_out(prob, lam, tasks, target, indices=[0, 2, 5])
+    details: list = []
+    lbfgs = mf.evaluate.leave_one_out(
+        prob, lam, tasks, target, indices=[0, 2, 5], details=details, stationary_tol=1e-10,
+        retrain=mf.evaluate.stationary_retrain(prob, tol=1e-10, max_evals=200),
+    )  # fmt: skip
+    assert float((lbfgs - newton).norm()) <= 1e-7 * float(newton.norm())
+    for d in details:
+        assert d["converged"] and d["grad_norm"] <= 1e-10 and d["steps"] >= 2
+        assert d["minimum"] is True and d["lambda_min"] > 0  # Lanczos bounds, certified
+    # an evaluation budget too small: reported unconverged, with its gradient norm
+    short: list = []
+    with pytest.warns(RuntimeWarning, match="did not reach"):
+        mf.evaluate.leave_one_out(
+            prob, lam, tasks, target, indices=[0], details=short, stationary_tol=1e-10,
+            retrain=mf.evaluate.stationary_retrain(prob, tol=1e-10, max_evals=2),
+            check_minimum=False,
+        )  # fmt: skip
+    assert not short[0]["converged"] and short[0]["grad_norm"] > 1e-10 and short[0]["steps"] == 2

@@ -60,6 +60,11 @@ class Engine(Protocol):
         """``Σ_k c_k ∇²_λ F_k · d`` for each row of ``D [k, P]`` → ``[k, P]`` (no damping)."""
         ...
 
+    def linearised(self) -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """:meth:`hvp_all` as a function, with what products can share (a linearisation)
+        computed once; kept for later calls when the engine's ``keep_linearisation`` is set."""
+        ...
+
     def theta_jvp(self, D: Tensor) -> tuple[Tensor, Tensor]:
         """``(Θ [M, P], dΘ [k, M, P])``, ``dΘ_k = (∂Θ_k/∂λ) d`` for ``D [k, P]``."""
         ...

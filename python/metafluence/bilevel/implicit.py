@@ -43,6 +43,7 @@ features first and call the ``*_feat`` twins). ``cache_body=False`` is the refer
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -412,6 +413,10 @@ class ImplicitEngine:
         Z = self.solve_A(h_t)
         corr = vmap(lambda z: self._dG_adjoint(z)[0])(Z)
         return h_l - corr
+
+    def linearised(self) -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """:meth:`hvp_all` (its inner solves depend on the direction: nothing to share)."""
+        return self.hvp_all
 
     def theta_jvp(self, D: Tensor) -> tuple[Tensor, Tensor]:
         """``(Θ [M, P], dΘ [k, M, P])`` with ``dΘ_k = (d_f, θ_λ d)`` for ``D [k, P]``."""

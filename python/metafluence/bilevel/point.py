@@ -73,6 +73,12 @@ class BilevelPoint:
     Per-item inputs and outputs (``dc [M]``, ``dW [M, n]``, ...) always cover *all* ``M`` tasks.
     """
 
+    #: the most local (in-memory) tasks for which the point's engines keep their linearisation
+    #: (:meth:`Engine.linearised`: the gradient's graph, ≈ 15 MB per task on the Conv-4 job)
+    #: for all second-order products at this point; above it, and for a streamed point, each
+    #: product builds its own
+    LINEARISE_MAX_TASKS = 512
+
     def __init__(
         self,
         problem: Any,
@@ -94,6 +100,10 @@ class BilevelPoint:
             self._engines: list[Engine] | None = [
                 build_engine(problem.fm, problem.inner, b, lam) for b in tasks.chunks(chunk_size)
             ]
+            if self.num_local <= self.LINEARISE_MAX_TASKS:
+                for e in self._engines:  # one linearisation per engine for all products here
+                    if hasattr(e, "keep_linearisation"):
+                        e.keep_linearisation = True
         else:
             self._batch, self.source, self._engines = None, tasks, None
         self._gamma: float | None = None
@@ -272,6 +282,16 @@ class BilevelPoint:
         """``∇F(λ) = Σ_i c_i g_i + δλ`` ``[P]``."""
         return self._damped(self.outer_grad(), self.lam)
 
+    def value_and_grad(self) -> tuple[Tensor, Tensor]:
+        """``(F(λ), ∇F(λ))`` from one pass over the tasks: the gradient pass's ``c``-block
+        ``∂_{c_k} Φ = F_k`` gives the losses, ``F = Σ c_k F_k + (δ/2)‖λ‖²``."""
+        g_l, f = torch.zeros_like(self.lam), self.lam.new_zeros(())
+        for e in self.engines:
+            g, dc = e.grad_all()[:2]
+            g_l, f = g_l + g, f + (e.batch.task_weight * dc).sum()
+        g_l, f = self.reduce.sum(g_l), self.reduce.sum(f)
+        return f + 0.5 * self.damping * (self.lam * self.lam).sum(), self._damped(g_l, self.lam)
+
     def task_grads(self) -> Tensor:
         """Total gradients ``g_i [M, P]`` (materialised: use only where needed)."""
         return self._cat(lambda e: e.task_grads(), lambda: self.lam.new_zeros(0, self.lam.shape[0]))
@@ -324,10 +344,21 @@ class BilevelPoint:
         return c * h_c, W * h_w, V * h_v
 
     def removal_rhs(self, remove: Any) -> Tensor:
-        """``Σ_{e∈R} ω_e ∂_{ω_e}∇F [P]``: λ-block of ``∇²Φ · (0, c⊙1_R, W⊙1_R, V⊙1_R)``."""
+        """``Σ_{e∈R} ω_e ∂_{ω_e}∇F [P]``: λ-block of ``∇²Φ · (0, c⊙1_R, W⊙1_R, V⊙1_R)``.
+
+        ``Φ`` is linear in ``c``: where a chunk loses whole tasks only, the block is their
+        gradient ``Σ_{k∈R} c_k g_k``, one gradient pass over the removed tasks alone; chunks
+        that lose nothing are skipped."""
         out = torch.zeros_like(self.lam)
         for e, sl in self._local_slices():
             local = _localise(remove, sl.start, sl.stop)
+            if not local:
+                continue
+            if set(local) == {"task"}:
+                sub = e.batch.select(sorted(set(local["task"])))
+                fm, inner = self.problem.fm, self.problem.inner
+                out = out + build_engine(fm, inner, sub, self.lam).grad_all()[0]
+                continue
             w = e.batch.weights()
             masks = item_masks(local, *w)
             dirs = [torch.where(m, x, torch.zeros_like(x)) for m, x in zip(masks, w, strict=True)]
@@ -349,15 +380,23 @@ class BilevelPoint:
     def hvp(self, D: Tensor, curvature: str = "exact") -> Tensor:
         """Total-Hessian product ``H d`` (damping ``δ`` included) for ``D [P]`` or ``[k, P]``."""
         check_curvature(curvature)
-        one = D.dim() == 1
-        Dk = D.unsqueeze(0) if one else D
         if curvature == "exact":
-            out = self._sum(lambda e: e.hvp_exact(Dk), Dk)
-        elif curvature == "gauss_newton":
-            out = self._sum(lambda e: self._gn_chunk(e, Dk), Dk)
-        else:
-            out = self._sum(lambda e: self._gamma_chunk(e, Dk), Dk) + self.gamma_constant() * Dk
-        out = self._damped(out, Dk)
+            return self._on_rows(D, lambda Dk: self._sum(lambda e: e.hvp_exact(Dk), Dk))
+        if curvature == "gauss_newton":
+            return self._on_rows(D, lambda Dk: self._sum(lambda e: self._gn_chunk(e, Dk), Dk))
+        return self._on_rows(
+            D,
+            lambda Dk: (
+                self._sum(lambda e: self._gamma_chunk(e, Dk), Dk) + self.gamma_constant() * Dk
+            ),
+        )
+
+    def _on_rows(self, D: Tensor, total: Callable[[Tensor], Tensor]) -> Tensor:
+        """``total(D) + δD`` for ``D [P]`` or ``[k, P]``: rows made dense (forward-mode
+        tangents need the primal's layout), ``k = 0`` answered without the engines."""
+        one = D.dim() == 1
+        Dk = (D.unsqueeze(0) if one else D).contiguous()
+        out = self._damped(total(Dk) if Dk.shape[0] else torch.zeros_like(Dk), Dk)
         return out[0] if one else out
 
     def _gn_chunk(self, e: Any, D: Tensor) -> Tensor:

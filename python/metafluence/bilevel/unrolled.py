@@ -23,6 +23,9 @@ derivatives in ``λ_f`` then pass through the body once (``cache_body=False``: t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
@@ -41,6 +44,8 @@ class UnrolledEngine:
         self.fm, self.inner, self.batch, self.lam = fm, inner, batch, lam
         self.spec = fm.spec
         self.split = fm.split(lam, batch.xs[0] if batch.num_tasks else None)
+        self.keep_linearisation = False
+        self._lin: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
 
     # ---- per-task pure functions ---------------------------------------------------------
     def _unroll(self, lam: Tensor, xs: Tensor, ys: Tensor, w: Tensor) -> Tensor:
@@ -98,24 +103,42 @@ class UnrolledEngine:
             self.lam, b.xs, b.ys, b.xq, b.yq, b.support_weight, b.query_weight
         )
 
-    def hvp_all(self, dlam: Tensor, dc: Tensor, dW: Tensor, dV: Tensor):
-        """``∇²Φ (dλ, dc, dW, dV)`` → the four blocks (λ summed over tasks)."""
+    def linearised(self) -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """``(dλ, dc, dW, dV) ↦ ∇²Φ · (dλ, dc, dW, dV)`` (the four blocks), linearised once.
+
+        Reverse over reverse: the graph of ``∇Φ`` (all four blocks) is built here, one
+        gradient pass; each product is then one backward pass through it with the direction
+        as cotangent (``∇²Φ`` is symmetric, so the pullback of ``∇Φ`` is the product). On a
+        convolutional body a product costs ≈ 2.5 gradients instead of ≈ 4.5 for forward over
+        reverse. With ``keep_linearisation`` (set by a :class:`BilevelPoint` that may hold the
+        graph: the activations of the chunk) the graph is built once for all products at this
+        point — every solve iteration, the mixed product of the scores, an edit's right-hand
+        side; otherwise each call builds its own (the same operations: the same bits).
+        """
+        if self._lin is not None:
+            return self._lin
         c, W, V = self.batch.weights()
-        g = grad(self.phi, argnums=(0, 1, 2, 3))
-        _, out = jvp(g, (self.lam, c, W, V), (dlam, dc, dW, dV))
-        return out
+        _, back = vjp(grad(self.phi, argnums=(0, 1, 2, 3)), self.lam, c, W, V)
+
+        def lin(dlam: Tensor, dc: Tensor, dW: Tensor, dV: Tensor):
+            return back((dlam, dc, dW, dV))
+
+        if self.keep_linearisation:
+            self._lin = lin
+        return lin
+
+    def hvp_all(self, dlam: Tensor, dc: Tensor, dW: Tensor, dV: Tensor):
+        """``∇²Φ (dλ, dc, dW, dV)`` → the four blocks (λ summed over tasks): :meth:`linearised`."""
+        return self.linearised()(dlam, dc, dW, dV)
 
     def hvp_exact(self, D: Tensor) -> Tensor:
-        """``Σ_k c_k ∇²F_k · d`` for each row of ``D [k, P]`` (no damping)."""
-        c, W, V = self.batch.weights()
-
-        def g(lam: Tensor) -> Tensor:
-            return grad(self.phi)(lam, c, W, V)
-
-        def one(d: Tensor) -> Tensor:
-            return jvp(g, (self.lam,), (d,))[1]
-
-        return vmap(one)(D)
+        """``Σ_k c_k ∇²F_k · d`` for each row of ``D [k, P]`` (no damping), one backward pass
+        per row through :meth:`linearised`."""
+        if D.shape[0] == 0:
+            return D.new_zeros(D.shape)
+        lin = self.linearised()
+        zero = tuple(torch.zeros_like(w) for w in self.batch.weights())
+        return torch.stack([lin(d, *zero)[0] for d in D])
 
     def theta_jvp(self, D: Tensor) -> tuple[Tensor, Tensor]:
         """``(Θ [M, P], dΘ [k, M, P])`` with ``dΘ_k = (∂Θ_k/∂λ) d`` for ``D [k, P]``."""

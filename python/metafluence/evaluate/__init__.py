@@ -22,7 +22,15 @@ from .groups import (
     relative_error,
 )
 from .lds import lds, lds_predictions, random_subsets
-from .loo import item_index, leave_one_out, newton_retrain, reweighted, target_value
+from .loo import (
+    StationaryRetrain,
+    item_index,
+    leave_one_out,
+    newton_retrain,
+    reweighted,
+    stationary_retrain,
+    target_value,
+)
 from .metrics import adapted_performance, correlation
 
 __all__ = [
@@ -46,6 +54,8 @@ __all__ = [
     "loss_ranking",
     "meta_train_retrain",
     "newton_retrain",
+    "stationary_retrain",
+    "StationaryRetrain",
     "plots",
     "predicted_group_effects",
     "random_scores",

@@ -109,6 +109,43 @@ def newton_retrain(
     return NewtonRetrain(problem, tol, max_steps, proximal)
 
 
+class StationaryRetrain:
+    """A ground-truth retrainer for any ``P``: the stationarity phase
+    (:func:`metafluence.train.make_stationary`, full-batch L-BFGS) from the given start until
+    ``‖∇F_{-e}‖ ≤ tol`` or ``max_evals`` evaluations — the rule that made ``λ*`` stationary,
+    so that a retrain and the scores stand at the same tolerance.
+
+    ``retrain(batch, start) -> params``; ``last_report`` holds ``grad_norm`` (of the retrained
+    objective), ``converged`` and ``steps`` (evaluations) of the last call, which
+    :func:`leave_one_out` reports per item (whether the result is a minimum is checked there,
+    by Lanczos bounds, when ``check_minimum``).
+    """
+
+    def __init__(self, problem: MetaProblem, tol: float, max_evals: int = 200) -> None:
+        self.problem, self.tol, self.max_evals = problem, tol, max_evals
+        self.last_report: dict[str, Any] | None = None
+
+    def __call__(
+        self, batch: TaskBatch | TaskSource, start: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        from ..train import make_stationary
+
+        new, rep = make_stationary(
+            self.problem, start, batch, tol=self.tol, max_evals=self.max_evals, keep_pairs=0
+        )
+        self.last_report = {
+            "grad_norm": rep.grad_norm_after,
+            "converged": rep.converged,
+            "steps": rep.evaluations,
+        }
+        return new
+
+
+def stationary_retrain(problem: MetaProblem, tol: float, max_evals: int = 200) -> StationaryRetrain:
+    """Retrainer: warm L-BFGS to ``‖∇F‖ ≤ tol`` (any ``P``); see :class:`StationaryRetrain`."""
+    return StationaryRetrain(problem, tol, max_evals)
+
+
 def leave_one_out(
     problem: MetaProblem,
     meta_params: ParamsLike,
@@ -156,7 +193,11 @@ def leave_one_out(
     - ``details`` (a list, if given) receives one dict per item: ``item``, ``df``,
       ``grad_norm``, ``converged``, ``lambda_min`` (``nan`` when not checked), ``minimum``, and
       from the default retrainer ``steps`` and ``fixed_steps`` (steps that needed the
-      eigenvalue fix: the refit left the start's region of positive curvature).
+      eigenvalue fix: the refit left the start's region of positive curvature), from
+      :func:`stationary_retrain` ``steps`` (its gradient evaluations).
+
+    For large ``P`` pass ``retrain=stationary_retrain(problem, tol)`` (warm L-BFGS by the rule
+    that made ``λ*`` stationary) with ``stationary_tol=tol``.
     """
     if items not in ITEMS:
         raise ValueError(f"items={items!r}: expected one of {ITEMS}")
@@ -222,14 +263,15 @@ def _minimum_check(at: Any, report: dict[str, Any] | None, check: bool) -> list[
     retrained point ``at``: from the retrainer's ``report`` when it gives one, else from
     Lanczos bounds on the Hessian at ``at`` (``check``), else ``nan``."""
     nan = math.nan
-    if report is not None:
+    if report is not None and "lambda_min" in report:
         return [
             ("lambda_min", float(report["lambda_min"])),
             ("minimum", float(bool(report["minimum"]))),
             ("steps", float(report["steps"])),
             ("fixed_steps", float(report["fixed_steps"])),
         ]
-    unknown = [("steps", nan), ("fixed_steps", nan)]
+    steps = float(report["steps"]) if report is not None and "steps" in report else nan
+    unknown = [("steps", steps), ("fixed_steps", nan)]
     if not check:
         return [("lambda_min", nan), ("minimum", nan), *unknown]
     P = at.lam.numel()
@@ -290,8 +332,9 @@ def _report_retrains(
                 "lambda_min": r["lambda_min"],
                 "minimum": None if math.isnan(m) else bool(m),
             }
-            if not math.isnan(r["steps"]):
-                d["steps"], d["fixed_steps"] = int(r["steps"]), int(r["fixed_steps"])
+            for k in ("steps", "fixed_steps"):
+                if not math.isnan(r[k]):
+                    d[k] = int(r[k])
             details.append(d)
 
 

@@ -415,6 +415,8 @@ def _job_curvature(job: _Job, problem: Any, lam: Any, data: _Data, pairs: Any) -
         solver = "cg"
     iters = cfg.pcg_iters if method == "secant" else cfg.maxiter
     options: dict[str, Any] = {"maxiter": iters} if solver in ("cg", "neumann") else {}
+    if method == "secant" and solver == "cg":  # a few fixed iterations: the recurrence's ‖r‖
+        options["true_residual"] = False  # is their residual (no product more per solve)
     return mf.fit_curvature(
         problem,
         lam,

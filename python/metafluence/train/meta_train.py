@@ -199,8 +199,8 @@ def meta_train(
         bar.update(min(start, int(steps)))
 
     def value_and_grad(x: Tensor, batch: TaskBatch | TaskSource) -> tuple[Tensor, Tensor]:
-        pt = problem.point(x, batch)
-        return pt.objective().detach(), pt.meta_grad().detach()
+        f, g = problem.point(x, batch).value_and_grad()
+        return f.detach(), g.detach()
 
     if optimizer == "newton":
         left = max(int(steps) - start, 0)

@@ -115,8 +115,7 @@ def newton_refine(
     eye = torch.eye(P, dtype=x.dtype, device=x.device)
 
     def value_grad(z: Tensor) -> tuple[float, Tensor]:
-        pt = problem.point(z, batch)
-        f, g = pt.objective().detach(), pt.meta_grad().detach()
+        f, g = (t.detach() for t in problem.point(z, batch).value_and_grad())
         if prox is not None:
             f = f + 0.5 * prox[0] * ((z - prox[1]) ** 2).sum()
             g = g + prox[0] * (z - prox[1])

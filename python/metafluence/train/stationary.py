@@ -98,8 +98,8 @@ def make_stationary(
     def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor]:
         nonlocal evals
         evals += 1
-        pt = problem.point(x, batch)
-        return pt.objective().detach(), pt.meta_grad().detach()
+        f_x, g_x = problem.point(x, batch).value_and_grad()
+        return f_x.detach(), g_x.detach()
 
     x, (f_t, g) = lam, value_and_grad(lam)
     f, gn = float(f_t), float(g.norm())
