@@ -125,3 +125,35 @@ def test_diagnostics_read_the_fit_ritz_values(stationary):
     ev = torch.linalg.eigvalsh(H) + DP
     lo, hi = float(ev.min()), float(ev.max())
     assert 0.99 * lo <= d["lambda_min"] <= d["lambda_max"] <= 1.01 * hi
+
+
+def test_a_fitted_curvature_shares_one_point_between_solves(stationary, monkeypatch):
+    """The scores and the edit at λ* stand on one point: the gradient graph (the
+    linearisation) is built once for both; another λ gets a new point; ``release`` drops it;
+    an unfitted (string) curvature keeps nothing. Values equal fresh points' to rounding."""
+    import metafluence.bilevel.unrolled as unrolled
+
+    prob, lam, train, report, _, _ = stationary
+    target = random_tasks(3, 7, classes=3)
+    curv = mf.fit_curvature(
+        prob, lam, train, kind="exact", method="secant", solver="cg", solve_damping=DP,
+        pairs=report.pairs, options={"maxiter": 50, "rtol": 1e-12},
+    )  # fmt: skip
+    fresh = mf.removal_effects(prob, lam, train, target=target, curvature=curv, diagnostics=False)
+    fresh_edit = prob.flat(mf.edit(prob, lam, train, remove={"task": [1, 4]}, curvature=curv))
+    curv.release()
+    builds = []
+    real = unrolled.vjp
+    monkeypatch.setattr(unrolled, "vjp", lambda *a, **k: builds.append(1) or real(*a, **k))
+    res = mf.removal_effects(prob, lam, train, target=target, curvature=curv, diagnostics=False)
+    copy = {k: v.clone() for k, v in prob.unflat(prob.flat(lam)).items()}  # equal, not the same
+    edited = prob.flat(mf.edit(prob, copy, train, remove={"task": [1, 4]}, curvature=curv))
+    assert len(builds) == 1  # one linearisation served the scores' solve, scores and the edit
+    assert torch.equal(res.scores, fresh.scores) and torch.equal(edited, fresh_edit)
+    assert curv.point(prob, lam, train) is curv.point(prob, copy, train)
+    assert curv.point(prob, prob.flat(lam) + 1e-3, train) is not curv.point(prob, lam, train)
+    kept = curv.point(prob, lam, train)
+    curv.release()
+    assert curv.point(prob, lam, train) is not kept
+    plain = mf.bilevel.curvature.Curvature("exact", "krylov", "cg", DP)
+    assert plain.point(prob, lam, train) is not plain.point(prob, lam, train)

@@ -92,6 +92,10 @@ class Curvature:
     fitted_at: str | None = None
     fit_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     horizon: float | None = None
+    # the last in-memory point a solve stood on, (problem, point digest, point): see point()
+    _last: tuple[Any, str, BilevelPoint] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         check_curvature(self.kind)
@@ -122,6 +126,36 @@ class Curvature:
     @property
     def fitted(self) -> bool:
         return self.fitted_at is not None
+
+    def point(
+        self,
+        problem: Any,
+        meta_params: Any,
+        tasks: Any,
+        task_weight: Tensor | None = None,
+    ) -> BilevelPoint:
+        """``problem.point(meta_params, tasks, task_weight)`` — the same point again when the
+        same problem asks at an equal ``λ`` with equal tasks and weights (one digest).
+
+        A fitted curvature keeps its last in-memory point, and with it the linearisation its
+        products built (:meth:`Engine.linearised`), so the solves of one job at ``λ*`` — the
+        scores, every edit, the Newton check — share one gradient graph instead of building
+        one each. The point holds that memory until another point replaces it or
+        :meth:`release`; an unfitted curvature (a string ``curvature=``) keeps nothing.
+        """
+        pt = problem.point(meta_params, tasks, task_weight)
+        if not self.fitted or pt.source is not None:
+            return pt
+        key = point_digest(pt)
+        last = self._last
+        if last is not None and last[0] is problem and last[1] == key:
+            return last[2]
+        self._last = (problem, key, pt)
+        return pt
+
+    def release(self) -> None:
+        """Drop the point :meth:`point` keeps (and the memory of its linearisation)."""
+        self._last = None
 
     def fits(self, pt: BilevelPoint) -> bool:
         """Whether this curvature was fitted at ``pt`` (same ``λ``, tasks and weights)."""

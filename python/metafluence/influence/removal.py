@@ -378,7 +378,7 @@ def removal_effects(
     _check_query_method(query_method, items, checkpoint_dir)
     curv = as_curvature(curvature, solver, solve_damping, solver_kwargs)
     many = _check_targets(target, targets, checkpoint_dir, newton_check)
-    pt = problem.point(meta_params, train_tasks, task_weight)
+    pt = curv.point(problem, meta_params, train_tasks, task_weight)
     curv = resolve_auto(curv, pt)
     if many is not None:  # T targets: one multi-RHS solve, no store, no Newton check
         grad_f, res, all_scores = _multi_target(
@@ -742,7 +742,7 @@ def param_influence(
     """
     return_result = check_bool(return_result, "return_result")
     curv = as_curvature(curvature, solver, solve_damping, solver_kwargs)
-    pt = problem.point(meta_params, train_tasks)
+    pt = curv.point(problem, meta_params, train_tasks)
     curv = resolve_auto(curv, pt)
     delta, res = _param_step(problem, pt, train_tasks, remove, curv, support_response)
     out = problem.unflat(delta)
@@ -793,7 +793,7 @@ def edit(
     newton_steps = check_int(newton_steps, "newton_steps", minimum=0)
     curv = as_curvature(curvature, solver, solve_damping, solver_kwargs)
     lam = problem.flat(meta_params)
-    pt = problem.point(lam, train_tasks)
+    pt = curv.point(problem, lam, train_tasks)
     curv = resolve_auto(curv, pt)
     delta, _ = _param_step(problem, pt, train_tasks, remove, curv, support_response)
     new = lam + delta

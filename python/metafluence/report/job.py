@@ -247,6 +247,7 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
                 job.store, "edit", problem,
                 lambda: _edit_stage(problem, lam, data.tasks, removed, curv),
             )  # fmt: skip
+        curv.release()  # the point the solves shared (its gradient graph) is not needed now
         with job.stages("retrain"):
             retrained, continued = _retrain_stage(job, problem, lam, data, removed, train)
         with job.stages("report"):
