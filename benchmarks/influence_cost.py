@@ -274,7 +274,7 @@ def loo_retrains(job: Job, lam: dict, a: argparse.Namespace) -> tuple[list[int],
         t0 = time.perf_counter()
         new, rep = mf.train.make_stationary(
             job.problem, lam, batch.reweighted({"task": [i]}, 0.0), tol=a.tol, max_evals=a.evals,
-            keep_pairs=0,
+            keep_pairs=0, return_best=False,
         )  # fmt: skip
         secs.append(time.perf_counter() - t0)
         reps.append((new, rep))
@@ -291,20 +291,22 @@ def plot(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(out / "influence_cost.csv") as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("t_loo_estimate")]
-    if not rows:
+    with open(out / "influence_cost.csv") as fh:  # this round's rows: the reused-HVP column
+        rows = [r for r in csv.DictReader(fh) if r.get("t_hvp_reused")]
+    latest = {(int(r["M"]), r["variant"]): r for r in rows}  # the last row of each (M, variant)
+    loo = {int(r["M"]): float(r["t_loo_estimate"]) for r in rows if r.get("t_loo_estimate")}
+    if not loo:
         raise SystemExit("no rows with leave-one-out times yet")
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
-    for variant in sorted({r["variant"] for r in rows}):
-        rs = sorted((r for r in rows if r["variant"] == variant), key=lambda r: int(r["M"]))
+    for variant in sorted({v for _, v in latest} - {"ref"}):
+        rs = sorted((r for (_, v), r in latest.items() if v == variant), key=lambda r: int(r["M"]))
         Ms = [int(r["M"]) for r in rs]
         ax.plot(Ms, [float(r["t_influence"]) for r in rs], "o-", label=f"scores + edit: {variant}")
         bx.plot(Ms, [float(r["influence_over_train"]) for r in rs], "o-", label=variant)
-    rs = sorted({int(r["M"]): r for r in rows}.values(), key=lambda r: int(r["M"]))
+    rs = sorted({int(r["M"]): r for r in latest.values()}.values(), key=lambda r: int(r["M"]))
     Ms = [int(r["M"]) for r in rs]
-    ax.plot(Ms, [float(r["t_train"]) for r in rs], "k^-", label="meta-training (λ*)")
-    ax.plot(Ms, [float(r["t_loo_estimate"]) for r in rs], "rs--", label="leave-one-out, all M")
+    ax.plot(Ms, [float(r["t_train"]) for r in rs], "k^-", label="meta-training")
+    ax.plot(sorted(loo), [loo[m] for m in sorted(loo)], "rs--", label="leave-one-out, all M")
     ax.set(xscale="log", yscale="log", xlabel="M (tasks)", ylabel="seconds (1 thread)")
     ax.legend(fontsize=7)
     bx.axhline(0.1, color="k", ls=":", label="target 1/10")

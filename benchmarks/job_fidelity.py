@@ -170,12 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     retrained, rr = mf.train.make_stationary(
         job.problem, lam, batch.reweighted({"task": flipped}, 0.0), tol=a.tol, max_evals=a.evals,
-        keep_pairs=0,
+        keep_pairs=0, return_best=False,
     )  # fmt: skip
     t_retrain = time.perf_counter() - t0
     control, rc = mf.train.make_stationary(
-        job.problem, lam, batch, tol=1e-30, max_evals=rr.evaluations, keep_pairs=0
-    )
+        job.problem, lam, batch, tol=1e-30, max_evals=rr.evaluations, keep_pairs=0,
+        return_best=False,
+    )  # fmt: skip
     full = []
     clean = [t for t, m in zip(job.tasks, job.mask.tolist(), strict=True) if not m]
     for seed in range(a.seeds):

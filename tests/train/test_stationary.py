@@ -60,3 +60,29 @@ def test_arguments_are_named(setup):
         mf.train.meta_train(prob, model, tasks, steps=1, stationary_tol=0.0)
     with pytest.raises(TypeError, match="stationary_evals"):
         mf.train.meta_train(prob, model, tasks, steps=1, stationary_tol=1e-3, stationary_evals=2.5)
+
+
+def test_return_last_gives_the_lowest_objective(setup):
+    """``return_best=False`` (ground-truth retrains) returns the last accepted iterate: the
+    lowest ``F`` the budget reached, reported honestly; the default returns the most
+    stationary one. Along one run they differ whenever ‖∇F‖ was not monotone."""
+    prob, model, tasks = setup
+    lam0 = mf.train.meta_train(prob, model, tasks, steps=5, outer_lr=0.05)
+
+    def last_of(n: int):
+        return mf.train.make_stationary(
+            prob, lam0, tasks, tol=1e-14, max_evals=n, return_best=False
+        )[0]
+
+    objective = [float(prob.point(last_of(n), tasks).objective()) for n in (3, 6, 19)]
+    assert objective[0] >= objective[1] >= objective[2]  # F falls with the budget
+    # at 19 evaluations the last iterate has a larger ‖∇F‖ than an earlier one
+    best, rb = mf.train.make_stationary(prob, lam0, tasks, tol=1e-14, max_evals=19)
+    last, rl = mf.train.make_stationary(
+        prob, lam0, tasks, tol=1e-14, max_evals=19, return_best=False
+    )
+    assert rl.objective_after < rb.objective_after - 1e-3
+    assert rl.objective_after == pytest.approx(objective[2], rel=1e-12)
+    assert rl.objective_after <= rb.objective_after
+    assert rl.grad_norm_after == pytest.approx(mf.train.grad_norm(prob, last, tasks), rel=1e-10)
+    assert rb.grad_norm_after <= rl.grad_norm_after

@@ -115,6 +115,7 @@ class StationaryRetrain:
     ``‖∇F_{-e}‖ ≤ tol`` or ``max_evals`` evaluations — the rule that made ``λ*`` stationary,
     so that a retrain and the scores stand at the same tolerance.
 
+    It returns the last accepted iterate (the smallest ``F``), not the most stationary one.
     ``retrain(batch, start) -> params``; ``last_report`` holds ``grad_norm`` (of the retrained
     objective), ``converged`` and ``steps`` (evaluations) of the last call, which
     :func:`leave_one_out` reports per item (whether the result is a minimum is checked there,
@@ -131,8 +132,9 @@ class StationaryRetrain:
         from ..train import make_stationary
 
         new, rep = make_stationary(
-            self.problem, start, batch, tol=self.tol, max_evals=self.max_evals, keep_pairs=0
-        )
+            self.problem, start, batch, tol=self.tol, max_evals=self.max_evals, keep_pairs=0,
+            return_best=False,  # the lowest F reached, never the start when F fell
+        )  # fmt: skip
         self.last_report = {
             "grad_norm": rep.grad_norm_after,
             "converged": rep.converged,

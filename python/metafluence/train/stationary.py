@@ -73,6 +73,7 @@ def make_stationary(
     task_weight: Tensor | None = None,
     progress: bool = False,
     keep_pairs: int = 64,
+    return_best: bool = True,
 ) -> tuple[dict[str, Tensor], StationarityReport]:
     """Full-batch L-BFGS from ``meta_params`` until ``‖∇F‖₂ ≤ tol`` (module docstring).
 
@@ -83,6 +84,11 @@ def make_stationary(
         history_size: L-BFGS memory.
         keep_pairs: how many of the newest accepted secant pairs the report keeps (the
             ``"secant"`` curvature's raw material; 0: none).
+        return_best: return the accepted iterate with the smallest ``‖∇F‖`` (default: the
+            most stationary point, what influence stands on), or with ``False`` the last one
+            (the smallest ``F``: what a retrain used as ground truth should return — from a
+            warm start the most stationary iterate can be the start itself when the tolerance
+            is not reached).
 
     Returns ``(meta_params, report)``. Deterministic on CPU for a fixed thread count.
     """
@@ -143,7 +149,8 @@ def make_stationary(
             bar.set_postfix(grad=gn, F=f)
     if bar is not None:
         bar.close()
-    x, f, gn = best
+    if return_best:
+        x, f, gn = best
     report = StationarityReport(
         tol=tol,
         grad_norm_before=gn_before,
