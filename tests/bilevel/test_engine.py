@@ -170,3 +170,29 @@ def test_removal_rhs_of_tasks_is_their_gradient(inner: str) -> None:
     assert_close_normwise(pt.removal_rhs(mixed), full[0], rtol=1e-10)
     st = prob.point(lam, mf.TaskSource(tasks), c)
     assert_close_normwise(st.removal_rhs({"task": [0, 3, 4]}), want, rtol=1e-12)
+
+
+def test_kept_linearisations_stay_within_the_memory_budget(monkeypatch) -> None:
+    """A point keeps its engines' linearisations within one budget (a share of the device's
+    memory, measured around each build); with no budget each product builds its own graph,
+    chunk by chunk, and the values are the same bits."""
+    from metafluence.bilevel._budget import LinearisationBudget, memory_in_use, memory_total
+
+    prob = _problem("unrolled", chunk_size=2)
+    lam, tasks = prob.flat(prob.init_params()), _tasks()
+    D = torch.randn(2, prob.spec.size, dtype=torch.float64)
+    kept = prob.point(lam, tasks)
+    want = kept.hvp(D)
+    assert all(e._lin is not None for e in kept.engines)  # a tiny graph: within the budget
+    monkeypatch.setattr(mf.bilevel.point.BilevelPoint, "LINEARISE_FRACTION", 0.0)
+    none = prob.point(lam, tasks)
+    assert torch.equal(none.hvp(D), want)
+    assert all(e._lin is None for e in none.engines)
+    b = LinearisationBudget(100)
+    assert b.take(60) and not b.take(50) and b.take(40) and not b.take(1) and b.left == 0
+    assert not LinearisationBudget(10).take(None)  # unmeasurable: not kept
+    cpu = torch.device("cpu")
+    if memory_in_use(cpu) is not None and memory_total(cpu) is not None:  # Linux: RSS, RAM
+        assert LinearisationBudget.share(cpu, 0.25).left == int(0.25 * memory_total(cpu))
+    else:  # memory that cannot be measured is never spent
+        assert LinearisationBudget.share(cpu, 0.25).left == 0

@@ -62,7 +62,8 @@ class Engine(Protocol):
 
     def linearised(self) -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]:
         """:meth:`hvp_all` as a function, with what products can share (a linearisation)
-        computed once; kept for later calls when the engine's ``keep_linearisation`` is set."""
+        computed once; kept for later calls within the engine's ``linearisation_budget``
+        (:mod:`metafluence.bilevel._budget`) when it has one."""
         ...
 
     def theta_jvp(self, D: Tensor) -> tuple[Tensor, Tensor]:

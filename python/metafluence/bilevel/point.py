@@ -25,6 +25,7 @@ from torch.func import grad, vmap
 from .._store import digest
 from ..data.source import TaskSource, _localise
 from ..data.tasks import TaskBatch, item_masks
+from ._budget import LinearisationBudget
 from ._func import jvp, vjp
 from .engine import Engine, build_engine
 from .inner import Implicit
@@ -73,11 +74,11 @@ class BilevelPoint:
     Per-item inputs and outputs (``dc [M]``, ``dW [M, n]``, ...) always cover *all* ``M`` tasks.
     """
 
-    #: the most local (in-memory) tasks for which the point's engines keep their linearisation
-    #: (:meth:`Engine.linearised`: the gradient's graph, ≈ 15 MB per task on the Conv-4 job)
-    #: for all second-order products at this point; above it, and for a streamed point, each
-    #: product builds its own
-    LINEARISE_MAX_TASKS = 512
+    #: the share of the device's memory (CPU: physical memory) that the engines of an in-memory
+    #: point may keep as linearisations (:meth:`Engine.linearised`: the gradient's graph,
+    #: ≈ 15 MB per task on the Conv-4 job) for all second-order products at this point; chunks
+    #: past it, and a streamed point's, build their own graph per product (0: never keep)
+    LINEARISE_FRACTION = 0.25
 
     def __init__(
         self,
@@ -100,10 +101,10 @@ class BilevelPoint:
             self._engines: list[Engine] | None = [
                 build_engine(problem.fm, problem.inner, b, lam) for b in tasks.chunks(chunk_size)
             ]
-            if self.num_local <= self.LINEARISE_MAX_TASKS:
-                for e in self._engines:  # one linearisation per engine for all products here
-                    if hasattr(e, "keep_linearisation"):
-                        e.keep_linearisation = True
+            budget = LinearisationBudget.share(lam.device, self.LINEARISE_FRACTION)
+            for e in self._engines:  # one linearisation per engine for all products here,
+                if hasattr(e, "linearisation_budget"):  # within one memory budget
+                    e.linearisation_budget = budget
         else:
             self._batch, self.source, self._engines = None, tasks, None
         self._gamma: float | None = None

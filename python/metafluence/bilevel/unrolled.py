@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from ..data.tasks import TaskBatch
+from ._budget import LinearisationBudget, memory_in_use
 from ._func import jvp, vjp
 from .functional import FunctionalModel
 from .inner import Unrolled
@@ -44,7 +45,7 @@ class UnrolledEngine:
         self.fm, self.inner, self.batch, self.lam = fm, inner, batch, lam
         self.spec = fm.spec
         self.split = fm.split(lam, batch.xs[0] if batch.num_tasks else None)
-        self.keep_linearisation = False
+        self.linearisation_budget: LinearisationBudget | None = None  # set by the point
         self._lin: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
 
     # ---- per-task pure functions ---------------------------------------------------------
@@ -110,21 +111,26 @@ class UnrolledEngine:
         gradient pass; each product is then one backward pass through it with the direction
         as cotangent (``∇²Φ`` is symmetric, so the pullback of ``∇Φ`` is the product). On a
         convolutional body a product costs ≈ 2.5 gradients instead of ≈ 4.5 for forward over
-        reverse. With ``keep_linearisation`` (set by a :class:`BilevelPoint` that may hold the
-        graph: the activations of the chunk) the graph is built once for all products at this
-        point — every solve iteration, the mixed product of the scores, an edit's right-hand
-        side; otherwise each call builds its own (the same operations: the same bits).
+        reverse. With a ``linearisation_budget`` (set by a :class:`BilevelPoint` of in-memory
+        tasks; :mod:`._budget`) the graph — the activations of the chunk — is kept, when what
+        its build added to the memory in use fits the budget, for all later products at this
+        point: every solve iteration, the mixed product of the scores, an edit's right-hand
+        side. Otherwise each call builds its own (the same operations: the same bits).
         """
         if self._lin is not None:
             return self._lin
+        budget, device = self.linearisation_budget, self.lam.device
+        before = memory_in_use(device) if budget is not None else None
         c, W, V = self.batch.weights()
         _, back = vjp(grad(self.phi, argnums=(0, 1, 2, 3)), self.lam, c, W, V)
 
         def lin(dlam: Tensor, dc: Tensor, dW: Tensor, dV: Tensor):
             return back((dlam, dc, dW, dV))
 
-        if self.keep_linearisation:
-            self._lin = lin
+        if budget is not None and before is not None:
+            after = memory_in_use(device)
+            if budget.take(None if after is None else after - before):
+                self._lin = lin
         return lin
 
     def hvp_all(self, dlam: Tensor, dc: Tensor, dW: Tensor, dV: Tensor):
