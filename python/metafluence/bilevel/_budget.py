@@ -48,18 +48,30 @@ class LinearisationBudget:
     """``left`` bytes that kept linearisations may still take (see the module docstring)."""
 
     def __init__(self, nbytes: int) -> None:
-        self.left = int(nbytes)
+        self._left = int(nbytes)
+        self._share: tuple[torch.device, float] | None = None  # measured on first use
 
     @classmethod
     def share(cls, device: torch.device, fraction: float = DEFAULT_FRACTION) -> LinearisationBudget:
-        """``fraction`` of ``device``'s memory (nothing when it cannot be measured)."""
-        total = memory_total(device)
-        usable = memory_in_use(device) is not None and total is not None
-        return cls(int(fraction * total) if usable and total is not None else 0)
+        """``fraction`` of ``device``'s memory (nothing when it cannot be measured), read when
+        first spent: a point that never linearises (every step of training) never reads it."""
+        budget = cls(0)
+        budget._share = (device, fraction)
+        return budget
+
+    @property
+    def left(self) -> int:
+        if self._share is not None:
+            device, fraction = self._share
+            self._share = None
+            total = memory_total(device)
+            if total is not None and memory_in_use(device) is not None:
+                self._left = int(fraction * total)
+        return self._left
 
     def take(self, nbytes: int | None) -> bool:
         """Whether a linearisation that added ``nbytes`` may be kept (then they are spent)."""
         if nbytes is None or self.left <= 0 or nbytes > self.left:
             return False
-        self.left -= max(int(nbytes), 0)
+        self._left -= max(int(nbytes), 0)
         return True

@@ -250,7 +250,12 @@ class BilevelPoint:
 
     def objective(self) -> Tensor:
         """``F(λ)`` including the damping term ``(δ/2)‖λ‖²``."""
-        return self.outer_loss() + 0.5 * self.damping * (self.lam * self.lam).sum()
+        return self._damped_value(self.outer_loss())
+
+    def _damped_value(self, loss: Tensor) -> Tensor:
+        """``loss + (δ/2)‖λ‖²``: the objective's damping term, in one place (its gradient is
+        :meth:`_damped`'s)."""
+        return loss + 0.5 * self.damping * (self.lam * self.lam).sum()
 
     def _damped(self, total: Tensor, x: Tensor) -> Tensor:
         """``total + δx``: the one place the objective's damping ``δ`` enters a gradient
@@ -291,7 +296,7 @@ class BilevelPoint:
             g, dc = e.grad_all()[:2]
             g_l, f = g_l + g, f + (e.batch.task_weight * dc).sum()
         g_l, f = self.reduce.sum(g_l), self.reduce.sum(f)
-        return f + 0.5 * self.damping * (self.lam * self.lam).sum(), self._damped(g_l, self.lam)
+        return self._damped_value(f), self._damped(g_l, self.lam)
 
     def task_grads(self) -> Tensor:
         """Total gradients ``g_i [M, P]`` (materialised: use only where needed)."""

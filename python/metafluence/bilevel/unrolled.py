@@ -5,8 +5,9 @@ meta-objective* of one chunk of ``M`` tasks
 
     Φ(λ, c, W, V) = Σ_k c_k F_k(λ, W_k, V_k),   F_k = L_O(θ_k(λ, W_k); Q_k, V_k),
 
-with ``θ_k`` the ``T``-step unrolled inner map. All blocks come from ``torch.func`` (``grad``,
-``jvp``) over a ``vmap`` across tasks, so one call processes the whole chunk:
+with ``θ_k`` the ``T``-step unrolled inner map. All blocks come from ``torch.func`` over a
+``vmap`` across tasks, so one call processes the whole chunk (second-order products reverse
+over reverse, through one linearisation: :meth:`UnrolledEngine.linearised`):
 
 - ``∂_λ Φ = Σ c_k g_k`` (the total gradients), ``∂_{c_k} Φ = F_k``;
 - ``∇²Φ · (dλ, dc, dW, dV)`` — its λ-block with ``dc = dW = dV = 0`` is the total HVP; with
@@ -109,8 +110,8 @@ class UnrolledEngine:
 
         Reverse over reverse: the graph of ``∇Φ`` (all four blocks) is built here, one
         gradient pass; each product is then one backward pass through it with the direction
-        as cotangent (``∇²Φ`` is symmetric, so the pullback of ``∇Φ`` is the product). On a
-        convolutional body a product costs ≈ 2.5 gradients instead of ≈ 4.5 for forward over
+        as cotangent (``∇²Φ`` is symmetric, so the pullback of ``∇Φ`` is the product). On the
+        Conv-4 job a product costs ≈ 1.9–2.5 gradients instead of ≈ 4.5 for forward over
         reverse. With a ``linearisation_budget`` (set by a :class:`BilevelPoint` of in-memory
         tasks; :mod:`._budget`) the graph — the activations of the chunk — is kept, when what
         its build added to the memory in use fits the budget, for all later products at this
