@@ -249,11 +249,15 @@ def stages(job: Job, lam: dict, info: dict, variant: str, a: argparse.Namespace)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
-        s = curv.solve(pt, g).x
+        with pt.recording() as tape:  # as removal_effects: the scores are read off its products
+            s = curv.solve(pt, g).x
         out["stage_solve"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        t_sc = pt.item_scores(s.detach())[0]
+        t_sc = pt.item_scores(s.detach(), tape)[0]
         out["stage_item_scores"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pt.meta_grad()  # ‖∇F(λ*)‖ of the diagnostics: the linearisation's own value
+        out["stage_meta_grad"] = time.perf_counter() - t0
         removed = sorted(torch.argsort(t_sc).tolist()[: int(job.mask.sum())])
         t0 = time.perf_counter()
         rhs = pt.removal_rhs({"task": removed})

@@ -99,12 +99,15 @@ def scores(
     streamed: bool = False,
     store: bool = True,
     target=None,
+    tape: bool = True,
     **kw,
 ) -> mf.InfluenceResult:
     """Resumable removal effects, 8 tasks in chunks of 2; logs ``solve`` per total solve and
-    ``chunk <first task>`` per chunk of scores computed (before it is saved)."""
+    ``chunk <first task>`` per chunk of scores made by a mixed product (before it is saved).
+    ``tape=False``: the solve's products are not read off (every chunk by a mixed product)."""
     from unittest import mock
 
+    from metafluence.bilevel._tape import ProductTape
     from metafluence.bilevel.point import BilevelPoint
     from metafluence.influence import removal
 
@@ -128,6 +131,7 @@ def scores(
     with (
         mock.patch.object(BilevelPoint, "chunk_item_scores", staticmethod(logged_chunk)),
         mock.patch.object(removal, "_solve", logged_solve),
+        mock.patch.object(ProductTape, "MAX_BYTES", ProductTape.MAX_BYTES if tape else 0),
     ):
         return mf.removal_effects(
             prob,
@@ -179,4 +183,6 @@ def run_and_kill(mode: str, directory: Path, ready, sleep: float, timeout: float
 if __name__ == "__main__":
     torch.set_num_threads(1)  # as the parent (conftest): identical arithmetic
     mode, where, pause = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
-    {"train": train, "loo": loo, "scores": scores}[mode](where, pause)
+    modes = {"train": train, "loo": loo, "scores": scores}
+    modes["scores-products"] = lambda d, p: scores(d, p, tape=False)
+    modes[mode](where, pause)

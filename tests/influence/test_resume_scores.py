@@ -1,6 +1,10 @@
 """Resumable removal effects: SIGKILL mid-run, rerun, identical result, finished chunks (and the
 solve) not recomputed; a streamed rerun does not even build the finished chunks' engines; a
-damaged file is reported and recomputed; a changed configuration is refused."""
+damaged file is reported and recomputed; a changed configuration is refused.
+
+The worker's CG solve makes exact products, so its scores are read off them (the tape) unless
+``tape=False`` (every chunk by a mixed product: the path of solves without such products, where
+chunks take time and a kill can fall between them)."""
 
 from __future__ import annotations
 
@@ -42,33 +46,48 @@ def reference(tmp_path_factory):
     return quiet(w.scores, tmp_path_factory.mktemp("ref"), store=False)
 
 
-def test_kill_and_resume_removal_effects(tmp_path, reference):
+@pytest.fixture(scope="module")
+def reference_products(tmp_path_factory, reference):
+    """Uninterrupted, every chunk by a mixed product (``tape=False``): the tape's scores to
+    rounding."""
+    out = quiet(w.scores, tmp_path_factory.mktemp("ref-products"), store=False, tape=False)
+    assert torch.equal(out.solve.x, reference.solve.x)
+    assert_close_normwise(out.scores, reference.scores, rtol=1e-5)
+    for kind in ("support_point", "query_point"):
+        a, b = (torch.stack(r.all_scores[kind]) for r in (out, reference))
+        assert_close_normwise(a, b, rtol=1e-5)
+    return out
+
+
+def test_kill_and_resume_removal_effects(tmp_path, reference_products):
+    reference = reference_products
     store_dir = tmp_path / "scores"
 
     def some_chunk_done():
         return store_dir.is_dir() and any(store_dir.glob("scores-*.safetensors"))
 
-    rc = w.run_and_kill("scores", tmp_path, some_chunk_done, sleep=0.4)
+    rc = w.run_and_kill("scores-products", tmp_path, some_chunk_done, sleep=0.4)
     assert rc == -signal.SIGKILL
     assert (store_dir / "solve.safetensors").exists()
     finished = {int(p.name.split("-")[1]) for p in store_dir.glob("scores-*.safetensors")}
     assert finished and len(finished) < len(CHUNKS)  # killed mid-way through the scores
     assert not (store_dir / "diagnostics.safetensors").exists()
     (tmp_path / "work.log").unlink()
-    resumed = quiet(w.scores, tmp_path)
+    resumed = quiet(w.scores, tmp_path, tape=False)
     # neither the solve nor a finished chunk was recomputed
     assert w.work_log(tmp_path) == [f"chunk {k}" for k in CHUNKS if k not in finished]
     assert_same(resumed, reference)
     assert (reference.scores != 0).all()
     (tmp_path / "work.log").unlink()
-    again = quiet(w.scores, tmp_path, items="query_point")  # items may change: nothing redone
+    again = quiet(w.scores, tmp_path, items="query_point", tape=False)  # nothing redone
     assert w.work_log(tmp_path) == [] and again.items == "query_point"
     for x, y in zip(again.scores, reference.all_scores["query_point"], strict=True):
         assert torch.equal(x, y)
 
 
-def test_streamed_rerun_builds_only_unfinished_engines(tmp_path, reference, monkeypatch):
-    first = quiet(w.scores, tmp_path, streamed=True)
+def test_streamed_rerun_builds_only_unfinished_engines(tmp_path, reference_products, monkeypatch):
+    reference = reference_products
+    first = quiet(w.scores, tmp_path, streamed=True, tape=False)
     assert_same(first, reference)  # streamed = stacked, bit for bit
     for k in (2, 6):  # as if killed before these chunks were saved
         (tmp_path / "scores" / f"scores-{k:08d}-{k + 2:08d}.safetensors").unlink()
@@ -81,14 +100,15 @@ def test_streamed_rerun_builds_only_unfinished_engines(tmp_path, reference, monk
 
     monkeypatch.setattr(point_module, "build_engine", counting)
     (tmp_path / "work.log").unlink()
-    resumed = quiet(w.scores, tmp_path, streamed=True)
+    resumed = quiet(w.scores, tmp_path, streamed=True, tape=False)
     assert built == [[2, 3], [6, 7]]  # solve and diagnostics loaded, finished chunks skipped
     assert w.work_log(tmp_path) == ["chunk 2", "chunk 6"]
     assert_same(resumed, reference)
 
 
-def test_damaged_files_are_reported_and_recomputed(tmp_path, reference):
-    quiet(w.scores, tmp_path)
+def test_damaged_files_are_reported_and_recomputed(tmp_path, reference_products):
+    reference = reference_products
+    quiet(w.scores, tmp_path, tape=False)
     d = tmp_path / "scores"
     chunk = d / "scores-00000004-00000006.safetensors"
     blob = bytearray(chunk.read_bytes())
@@ -96,7 +116,7 @@ def test_damaged_files_are_reported_and_recomputed(tmp_path, reference):
     chunk.write_bytes(bytes(blob))
     (tmp_path / "work.log").unlink()
     with pytest.warns(RuntimeWarning, match=r"scores-00000004-00000006.*corrupt.*not used"):
-        again = w.scores(tmp_path)
+        again = w.scores(tmp_path, tape=False)
     assert w.work_log(tmp_path) == ["chunk 4"]
     assert_same(again, reference)
     assert chunk.with_name(chunk.name + ".corrupt").exists()
@@ -105,13 +125,37 @@ def test_damaged_files_are_reported_and_recomputed(tmp_path, reference):
     solve.write_bytes(solve.read_bytes()[:100])
     (tmp_path / "work.log").unlink()
     with pytest.warns(RuntimeWarning, match=r"solve\.safetensors.*corrupt.*truncated"):
-        again = w.scores(tmp_path)
+        again = w.scores(tmp_path, tape=False)
     assert w.work_log(tmp_path) == ["solve"]
     assert_same(again, reference)
 
 
-def test_chunks_of_another_solve_are_not_used(tmp_path, reference):
-    quiet(w.scores, tmp_path)
+def test_tape_solve_is_saved_after_its_chunks_and_made_again_for_a_lost_chunk(tmp_path, reference):
+    first = quiet(w.scores, tmp_path)
+    assert w.work_log(tmp_path) == ["solve"]  # every chunk read off the solve's products
+    assert_same(first, reference)
+    streamed = quiet(w.scores, tmp_path / "streamed", streamed=True)
+    assert_same(streamed, reference)  # streamed = stacked, bit for bit, on the tape too
+    d = tmp_path / "scores"
+    # killed between the chunks and the solve (saved last): solved again, chunks loaded
+    (d / "solve.safetensors").unlink()
+    (tmp_path / "work.log").unlink()
+    assert_same(quiet(w.scores, tmp_path), reference)
+    assert w.work_log(tmp_path) == ["solve"]
+    # chunks of a stored tape solve lost: its products made again, once; the same bits
+    for k in (2, 6):
+        (d / f"scores-{k:08d}-{k + 2:08d}.safetensors").unlink()
+    (tmp_path / "work.log").unlink()
+    assert_same(quiet(w.scores, tmp_path), reference)
+    assert w.work_log(tmp_path) == ["solve"]
+    (tmp_path / "work.log").unlink()
+    assert_same(quiet(w.scores, tmp_path), reference)
+    assert w.work_log(tmp_path) == []  # all stored now
+
+
+def test_chunks_of_another_solve_are_not_used(tmp_path, reference_products):
+    reference = reference_products
+    quiet(w.scores, tmp_path, tape=False)
     from metafluence._store import load_tensors, save_tensors
 
     # a solve file with a different s (as if a rerun had solved to another precision)
@@ -120,25 +164,28 @@ def test_chunks_of_another_solve_are_not_used(tmp_path, reference):
     tensors["x"] = tensors["x"] * 2
     save_tensors(path, tensors, meta)
     (tmp_path / "work.log").unlink()
-    doubled = quiet(w.scores, tmp_path)
+    doubled = quiet(w.scores, tmp_path, tape=False)
     assert w.work_log(tmp_path) == [f"chunk {k}" for k in CHUNKS]  # all recomputed with 2 s
     assert doubled.diagnostics["solve_converged"] == reference.diagnostics["solve_converged"]
     assert_close_normwise(doubled.scores, 2 * reference.scores, rtol=1e-6)
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-def test_chunk_copied_over_another_is_refused_and_recomputed(tmp_path, reference, streamed):
-    quiet(w.scores, tmp_path, streamed=streamed)
+def test_chunk_copied_over_another_is_refused_and_recomputed(
+    tmp_path, reference_products, streamed
+):
+    reference = reference_products
+    quiet(w.scores, tmp_path, streamed=streamed, tape=False)
     d = tmp_path / "scores"
     a, b = (d / f"scores-{k:08d}-{k + 2:08d}.safetensors" for k in (0, 4))
     b.write_bytes(a.read_bytes())  # a valid checksum, but chunk 0-2's scores
     (tmp_path / "work.log").unlink()
     with pytest.warns(RuntimeWarning, match=r"scores-00000004-00000006.*another computation.*key"):
-        again = w.scores(tmp_path, streamed=streamed)
+        again = w.scores(tmp_path, streamed=streamed, tape=False)
     assert w.work_log(tmp_path) == ["chunk 4"]  # only the refused chunk was recomputed
     assert_same(again, reference)
     (tmp_path / "work.log").unlink()
-    assert_same(quiet(w.scores, tmp_path, streamed=streamed), reference)
+    assert_same(quiet(w.scores, tmp_path, streamed=streamed, tape=False), reference)
     assert w.work_log(tmp_path) == []  # the recomputed chunk is stored under its own identity
 
 

@@ -14,6 +14,7 @@ Curvatures of the total Hessian ``H`` (math.md §2), all ``x ↦ Hx`` operators 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from ..data.source import TaskSource, _localise
 from ..data.tasks import TaskBatch, item_masks
 from ._budget import LinearisationBudget
 from ._func import jvp, vjp
+from ._tape import Blocks, ProductTape
 from .engine import Engine, build_engine
 from .inner import Implicit
 from .losses import logit_hessian_vp
@@ -108,6 +110,7 @@ class BilevelPoint:
         else:
             self._batch, self.source, self._engines = None, tasks, None
         self._gamma: float | None = None
+        self._tape: ProductTape | None = None
         self._ids: list[Any] | None = None
         self._fingerprint: dict[str, Any] | None = None
 
@@ -329,12 +332,23 @@ class BilevelPoint:
         h_l = self._damped(self.reduce.sum(h_l), dlam)
         return (h_l, *self.cat_items(parts))
 
-    def item_scores(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def item_scores(
+        self, s: Tensor, tape: ProductTape | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """``(c ⊙ ∂_c∇F·s [M], W ⊙ ∂_W∇F·s [M, n], V ⊙ ∂_V∇F·s [M, m])``: removal effects.
 
         One pass of the mixed product ``∇²Φ · (s, 0, 0, 0)`` with each chunk's own weights, so
-        a streamed point never holds more than one chunk.
+        a streamed point never holds more than one chunk; none when ``s`` lies in the span of
+        what ``tape`` recorded (the solve of ``s`` made while :meth:`recording`): the blocks
+        are then read off its products (:mod:`._tape`).
         """
+        a = tape.coefficients(s) if tape is not None else None
+        if a is not None and tape is not None:
+            parts = [
+                self.weighted_item_blocks(b.batch, tape.chunk_blocks(i, a))
+                for i, (_, b) in enumerate(self.chunk_engines())
+            ]
+            return self.cat_items(parts)
         return self.cat_items([self.chunk_item_scores(e, s) for e in self.engines])
 
     @staticmethod
@@ -347,7 +361,26 @@ class BilevelPoint:
         _, h_c, h_w, h_v = engine.hvp_all(
             s, torch.zeros_like(c), torch.zeros_like(W), torch.zeros_like(V)
         )
-        return c * h_c, W * h_w, V * h_v
+        return BilevelPoint.weighted_item_blocks(engine.batch, (h_c, h_w, h_v))
+
+    @staticmethod
+    def weighted_item_blocks(batch: TaskBatch, blocks: Blocks) -> Blocks:
+        """``(c ⊙ h_c, W ⊙ h_w, V ⊙ h_v)``: a chunk's item blocks along ``s`` as removal
+        effects, weighted by the chunk's own weights."""
+        c, W, V = batch.weights()
+        return c * blocks[0], W * blocks[1], V * blocks[2]
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[ProductTape]:
+        """A :class:`~metafluence.bilevel._tape.ProductTape` of the exact products made here
+        inside the block (e.g. a solve's): their directions and every chunk's item blocks
+        along them, which the same backward passes give (:meth:`item_scores` ``tape=``)."""
+        tape, before = ProductTape(), self._tape
+        self._tape = tape
+        try:
+            yield tape
+        finally:
+            self._tape = before
 
     def removal_rhs(self, remove: Any) -> Tensor:
         """``Σ_{e∈R} ω_e ∂_{ω_e}∇F [P]``: λ-block of ``∇²Φ · (0, c⊙1_R, W⊙1_R, V⊙1_R)``.
@@ -387,7 +420,7 @@ class BilevelPoint:
         """Total-Hessian product ``H d`` (damping ``δ`` included) for ``D [P]`` or ``[k, P]``."""
         check_curvature(curvature)
         if curvature == "exact":
-            return self._on_rows(D, lambda Dk: self._sum(lambda e: e.hvp_exact(Dk), Dk))
+            return self._on_rows(D, self._exact_total)
         if curvature == "gauss_newton":
             return self._on_rows(D, lambda Dk: self._sum(lambda e: self._gn_chunk(e, Dk), Dk))
         return self._on_rows(
@@ -396,6 +429,24 @@ class BilevelPoint:
                 self._sum(lambda e: self._gamma_chunk(e, Dk), Dk) + self.gamma_constant() * Dk
             ),
         )
+
+    def _exact_total(self, D: Tensor) -> Tensor:
+        """``Σ_chunks hvp_exact(D)`` for rows ``D [k, P]`` (``k > 0``); while :meth:`recording`,
+        each chunk's item blocks along ``D`` (from the same passes) go on the tape."""
+        tape = self._tape
+        if tape is None or not tape.valid:
+            return self._sum(lambda e: e.hvp_exact(D), D)
+        out, blocks = torch.zeros_like(D), []
+        for e in self.engines:
+            if hasattr(e, "hvp_rows"):
+                h, *b = e.hvp_rows(D)
+                blocks.append((b[0], b[1], b[2]))
+            else:  # no item blocks with its products (an implicit map's): nothing to read off
+                h = e.hvp_exact(D)
+                tape.invalidate()
+            out = out + h
+        tape.record(D, blocks)
+        return self.reduce.sum(out)
 
     def _on_rows(self, D: Tensor, total: Callable[[Tensor], Tensor]) -> Tensor:
         """``total(D) + δD`` for ``D [P]`` or ``[k, P]``: rows made dense (forward-mode

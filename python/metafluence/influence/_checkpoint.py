@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from .._store import ProgressStore, digest
+from ..bilevel._tape import ProductTape
 from ..bilevel.point import BilevelPoint, batch_digest
 from ..solvers import SolveResult
 
@@ -105,7 +106,8 @@ def everywhere(pt: BilevelPoint, have: bool) -> bool:
 
 
 # ---- stage (a): the target gradient and the total solve --------------------------------------
-def save_solve(store: ProgressStore, grad_f: Tensor, res: SolveResult) -> None:
+def save_solve(store: ProgressStore, grad_f: Tensor, res: SolveResult, tape: bool = False) -> None:
+    """The ``solve`` stage; ``tape``: its scores were read off its products (saved first)."""
     tensors = {"target_grad": grad_f, "x": res.x, "residual": res.residual}
     if res.column_converged is not None:
         tensors["column_converged"] = res.column_converged
@@ -125,6 +127,7 @@ def save_solve(store: ProgressStore, grad_f: Tensor, res: SolveResult) -> None:
         "negative_curvature": bool(res.negative_curvature),
         "info": info,
         "info_order": list(res.info),
+        "tape": bool(tape),
     }
     store.save(SOLVE, tensors, meta)
 
@@ -160,8 +163,11 @@ def chunked_item_scores(
     pt: BilevelPoint,
     s: Tensor,
     store: ProgressStore | None,
+    tape: Callable[[], ProductTape | None] | None = None,
 ) -> Blocks:
-    """:meth:`BilevelPoint.item_scores` chunk by chunk, each chunk saved in / loaded from ``store``.
+    """:meth:`BilevelPoint.item_scores` chunk by chunk, each chunk saved in / loaded from ``store``
+    (read off the tape ``tape()`` gives, asked when the first chunk is computed, when ``s`` lies
+    in the span of its products: no pass, no engine built).
 
     A stored chunk is used only when its checksum, its identity (the store's config, the
     chunk's range ``start:stop`` and a digest of its tasks and weights: a chunk file copied
@@ -173,7 +179,9 @@ def chunked_item_scores(
     n, m = pt.item_widths()
     s_digest = digest(s) if store is not None else None
     parts: list[Blocks] = []
-    for (lo, hi), build in pt.chunk_engines():
+    taped: tuple[ProductTape, Tensor] | None = None
+    asked = tape is None
+    for i, ((lo, hi), build) in enumerate(pt.chunk_engines()):
         key = chunk_key(lo, hi)
         ident = None
         if store is not None:
@@ -185,7 +193,14 @@ def chunked_item_scores(
         if loaded is not None:
             parts.append(loaded)
             continue
-        t_c, s_c, q_c = pt.chunk_item_scores(build(), s)
+        if not asked and tape is not None:
+            asked, got_tape = True, tape()
+            a = got_tape.coefficients(s) if got_tape is not None else None
+            taped = None if a is None or got_tape is None else (got_tape, a)
+        if taped is not None:
+            t_c, s_c, q_c = pt.weighted_item_blocks(build.batch, taped[0].chunk_blocks(i, taped[1]))
+        else:
+            t_c, s_c, q_c = pt.chunk_item_scores(build(), s)
         blocks = (t_c.detach(), s_c.detach(), q_c.detach())
         if store is not None:
             names = ("task", "support_point", "query_point")

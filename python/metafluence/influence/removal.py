@@ -13,6 +13,10 @@ every item's score at once:
 - support point ``j``: ``w_kj · [∂_W ∂_λ Φ · s]_kj = w_kj c_k ∂_{w_kj}(sᵀ g_k)``;
 - query point ``q``:   ``v_kq · [∂_V ∂_λ Φ · s]_kq = v_kq (c_k/m_k) sᵀ D_λ ℓ(z_q; θ_k)``.
 
+Those blocks are linear in ``s``, and each exact product the solve made gave them along its
+direction: when ``s`` lies in the span of those directions (a Krylov solve's does) the mixed
+product is read off the solve (:mod:`metafluence.bilevel._tape`) instead of made again.
+
 Parameter influence of a group ``R``: ``Δλ_{-R} = (H + δ'I)⁻¹ Σ_{e∈R} ω_e ∂_{ω_e}∇F``, where the sum
 is the λ-block of ``∇²Φ · (0, c⊙1_R, W⊙1_R, V⊙1_R)``: one mixed product and one solve.
 """
@@ -20,6 +24,7 @@ is the λ-block of ``∇²Φ · (0, c⊙1_R, W⊙1_R, V⊙1_R)``: one mixed prod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_int
+from ..bilevel._tape import ProductTape
 from ..bilevel.curvature import Curvature, as_curvature, resolve_auto
 from ..bilevel.point import BilevelPoint
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
@@ -365,7 +371,10 @@ def removal_effects(
             not: use ``solve_damping`` or ``mf.edit(newton_steps=k)``). 0 (default) skips it
             and the regime comes from the Lanczos condition number alone.
 
-    Cost: one solve with ``H`` (shared by every item), one mixed HVP for all scores,
+    Cost: one solve with ``H`` (shared by every item), one mixed HVP for all scores (none
+    when ``s`` lies in the span of the solve's own exact products, e.g. a Krylov solve on the
+    exact curvature of an unrolled map: the same backward passes gave the item blocks,
+    :mod:`metafluence.bilevel._tape`),
     ``lanczos_steps`` HVPs for the diagnostics, and for the Newton check one
     ``newton_check``-column solve plus ``2·newton_check`` single solves.
     """
@@ -392,9 +401,11 @@ def removal_effects(
         problem, pt, target, curv, checkpoint_dir, lanczos_steps, newton_check if diagnostics else 0
     )
     # (a) the target gradient ∇f(λ*) and the total solve s = (H + δ'I)⁻¹ ∇f
-    grad_f, res = _target_solve(problem, pt, target, curv, store, grad_f)
-    # (b) every item's score: one mixed product per chunk of tasks
-    all_scores = _item_scores(problem, pt, res.x.detach(), store, query_method, exact_support)
+    grad_f, res, tape, save_last = _target_solve(problem, pt, target, curv, store, grad_f)
+    # (b) every item's score: read off the solve's products, else one mixed product per chunk
+    all_scores = _item_scores(problem, pt, res.x.detach(), store, query_method, exact_support, tape)
+    if save_last:  # the chunks its products gave are saved: now the solve
+        ck.save_solve(store, grad_f, res, tape=True)
     # (c) diagnostics: ‖∇F(λ*)‖, spectrum of H + δ'I, inner and solve health
     meta_grad_norm, diag, reuse = _stored_or_new_diagnostics(
         pt, res, curv, store, diagnostics, lanczos_steps, all_scores["task"]
@@ -504,19 +515,43 @@ def _target_solve(
     curv: Curvature,
     store: Any,
     grad_f: Tensor | None,
-) -> tuple[Tensor, SolveResult]:
-    """``(∇f(λ*) [P], SolveResult of s = (H + δ'I)⁻¹ ∇f)``, loaded from ``store`` if there."""
+) -> tuple[Tensor, SolveResult, Callable[[], ProductTape | None], bool]:
+    """``(∇f(λ*) [P], SolveResult of s = (H + δ'I)⁻¹ ∇f, its products' tape, save_last)``,
+    the solve loaded from ``store`` if there.
+
+    The solve's exact products are recorded (:meth:`BilevelPoint.recording`): when ``s``
+    lies in their span the scores are read off them (the tape, a callable giving it or
+    ``None``). Such a solve is saved by the caller after the chunks of scores (``save_last``):
+    a rerun finds the solve and all its chunks, or no solve, which it makes again bit for bit.
+    When chunks of a stored solve of that kind are missing (damaged, deleted), its products
+    are made again, once, to read them off (``x`` checked bit for bit), so a resumed run
+    always equals an uninterrupted one. A solve without a usable tape is saved here."""
     got = store.get(ck.SOLVE) if store is not None else None
+    purpose = "total solve for the target (s-test)"
     if store is not None and ck.everywhere(pt, got is not None) and got is not None:
         grad_f, res = ck.load_solve(got, pt.lam)
-        _warn_unconverged(res, curv, "total solve for the target (s-test)", stacklevel=4)
-        return grad_f, res
+        _warn_unconverged(res, curv, purpose, stacklevel=4)
+        if not got[1].get("tape"):
+            return grad_f, res, lambda: None, False
+        loaded = (grad_f, res)
+
+        @functools.cache
+        def again() -> ProductTape | None:
+            with pt.recording() as tape, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # warned above, once
+                redo = _solve(pt, loaded[0], curv, purpose)
+            same = torch.equal(redo.x, loaded[1].x)
+            return tape if same and tape.coefficients(redo.x.detach()) is not None else None
+
+        return grad_f, res, again, False
     if grad_f is None:
         grad_f = _finite_target_gradient(target_gradient(problem, pt.lam, target))
-    res = _solve(pt, grad_f, curv, "total solve for the target (s-test)")
-    if store is not None:
+    with pt.recording() as tape:
+        res = _solve(pt, grad_f, curv, purpose)
+    usable = tape if tape.coefficients(res.x.detach()) is not None else None
+    if store is not None and usable is None:
         ck.save_solve(store, grad_f, res)
-    return grad_f, res
+    return grad_f, res, lambda: usable, store is not None and usable is not None
 
 
 def _item_scores(
@@ -526,11 +561,13 @@ def _item_scores(
     store: Any,
     query_method: str,
     exact_support: bool,
+    tape: Callable[[], ProductTape | None] | None = None,
 ) -> dict[str, Any]:
     """All three kinds from ``s``: task ``c_k sᵀ g_k [M]``, support points ``w_kj c_k
-    ∂_{w_kj}(sᵀ g_k)`` (or the exact response), query points ``v_kq (c_k/m) sᵀ D_λ ℓ_q``."""
+    ∂_{w_kj}(sᵀ g_k)`` (or the exact response), query points ``v_kq (c_k/m) sᵀ D_λ ℓ_q``;
+    read off ``tape`` (the solve's products) when ``s`` lies in their span."""
     if query_method == "mixed":
-        t_sc, s_sc, q_sc = ck.chunked_item_scores(pt, s, store)
+        t_sc, s_sc, q_sc = ck.chunked_item_scores(pt, s, store, tape)
         support: list[Tensor] | None = list(s_sc.unbind(0))
     else:
         q_parts = [query_point_scores(problem, e, s, query_method) for e in pt.engines]
@@ -553,8 +590,12 @@ def _multi_target(
     """``(∇f rows [T, P], the solve, scores)`` against ``T`` targets: ``S = (H + δ'I)⁻¹ [∇f_1;
     …; ∇f_T]`` in one batched solve, then each kind's scores with a trailing ``T`` dimension."""
     G = torch.stack([_finite_target_gradient(target_gradient(problem, pt.lam, t)) for t in targets])
-    res = _solve(pt, G, curv, f"total solve for {len(targets)} targets")
-    cols = [_item_scores(problem, pt, s.detach(), None, query_method, exact_support) for s in res.x]
+    with pt.recording() as tape:
+        res = _solve(pt, G, curv, f"total solve for {len(targets)} targets")
+    cols = [
+        _item_scores(problem, pt, s.detach(), None, query_method, exact_support, lambda: tape)
+        for s in res.x
+    ]
     all_scores: dict[str, Any] = {"task": torch.stack([c["task"] for c in cols], -1)}
     for kind in ("support_point", "query_point"):
         all_scores[kind] = None
