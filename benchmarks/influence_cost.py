@@ -159,7 +159,7 @@ def unit_costs(job: Job, lam: dict) -> dict[str, float]:
     pt.hvp(v, "exact")  # pt now holds its linearisation
     out = {}
     for name, fn in (
-        ("t_grad", pt.meta_grad),
+        ("t_grad", lambda: job.problem.point(lam, job.tasks).meta_grad()),  # (pt's is kept)
         ("t_gn", lambda: pt.hvp(v, "gauss_newton")),
         ("t_hvp", lambda: job.problem.point(lam, job.tasks).hvp(v, "exact")),
         ("t_hvp_reused", lambda: pt.hvp(v, "exact")),
