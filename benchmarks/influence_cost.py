@@ -83,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stages", default="secant-pcg2", help="variant timed stage by stage")
     p.add_argument("--plot", action="store_true", help="only draw the plot against M")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--no-keep-freed-memory",
+        dest="keep_freed_memory",
+        action="store_false",
+        help="as metafluence run: by default glibc keeps freed memory (mf.keep_freed_memory)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=Path("/tmp/mf_influence_cost"))
     p.add_argument("--out", type=Path, default=OUT)
@@ -328,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(a.out)
         return 0
     torch.set_num_threads(a.threads)
+    kept = mf.keep_freed_memory() if a.keep_freed_memory else False
+    log(f"keep freed memory: {kept}")
     job = Job(a)
     P = job.problem.spec.size
     log(f"M={a.M} P={P}: meta-train")
@@ -380,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tail_probes": a.tail_probes,
                 "ref": a.ref,
                 "threads": a.threads,
+                "keep_freed_memory": kept,
                 **machine_info(),
             }
         )

@@ -35,6 +35,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "per_sample_grad_dots",
             "build_info",
             "set_deterministic",
+            "keep_freed_memory",
         ],
     ),
     ("metafluence.inner", ["Unrolled", "Implicit", "HeadOnly"]),

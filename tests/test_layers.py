@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "python" / "metafluence"
 #: Layers from the bottom. A "part" is a subpackage or a module at the package root;
 #: ``metafluence`` is the root ``__init__`` (the public namespace, which gathers the layers below).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("_version", "_checks", "_jit", "_loader", "_determinism", "_store"),  # foundation
+    ("_version", "_checks", "_jit", "_loader", "_determinism", "_malloc", "_store"),  # foundation
     ("reference", "kernels"),  # pure-PyTorch twins; Triton kernels
     ("ops", "_build"),  # one entry per op, the only backend choice; build information
     ("psg",),

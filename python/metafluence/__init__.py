@@ -12,6 +12,7 @@ from . import solvers as solvers  # noqa: E402
 from . import train as train  # noqa: E402
 from ._build import build_info as build_info
 from ._determinism import set_deterministic as set_deterministic
+from ._malloc import keep_freed_memory as keep_freed_memory
 from ._version import __version__ as __version__
 from .bilevel import Curvature as Curvature  # noqa: E402
 from .bilevel import MetaProblem as MetaProblem  # noqa: E402

@@ -327,6 +327,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     a("--name", default=None, help="run name (default from the configuration)")
     a("--quiet", action="store_true", help="no progress bars")
     a(
+        "--no-keep-freed-memory",
+        dest="keep_freed_memory",
+        action="store_false",
+        help="let glibc return freed memory to the system after each pass (default on CPU: keep "
+        "it for reuse; about 2x faster second-order passes, resident memory stays at its peak)",
+    )
+    a(
         "--nproc",
         type=positive,
         default=1,

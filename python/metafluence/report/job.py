@@ -79,6 +79,7 @@ class RunConfig:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = 1
+    keep_freed_memory: bool = True
     chunk_size: int | None = 64
     seed: int = 0
     out: str = "results"
@@ -213,6 +214,10 @@ def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = torch.device(cfg.device)
+    if cfg.keep_freed_memory and device.type == "cpu":  # no page faults per pass (_malloc.py)
+        from .._malloc import keep_freed_memory
+
+        keep_freed_memory()
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK
     # everything is written into <out>/.<name>.partial/ (finished stages, then the report) and
@@ -605,7 +610,8 @@ def _stage_store(work: Path, cfg: RunConfig) -> Any:
     from .._store import ProgressStore
     from .._version import __version__
 
-    keep = {k: v for k, v in asdict(cfg).items() if k not in ("quiet", "out", "name")}
+    unbound = ("quiet", "out", "name", "keep_freed_memory")  # they do not change results
+    keep = {k: v for k, v in asdict(cfg).items() if k not in unbound}
     config = {"stage": "metafluence-run", "config": keep, "version": __version__}
     return ProgressStore(work / "stages", config, overwrite=True)
 
