@@ -181,15 +181,17 @@ def chunked_item_scores(
     parts: list[Blocks] = []
     taped: tuple[ProductTape, Tensor] | None = None
     asked = tape is None
+    if tape is not None and store is not None and pt.reduce.world > 1:
+        # a stored solve's tape is made again by collective products: when any process lacks
+        # a chunk, every process takes part (tape() is cached: the loop below reuses it)
+        have = all(
+            _stored_chunk(store, lo, hi, b, s_digest, pt)[1] is not None
+            for (lo, hi), b in pt.chunk_engines()
+        )
+        if not everywhere(pt, have):
+            tape()
     for i, ((lo, hi), build) in enumerate(pt.chunk_engines()):
-        key = chunk_key(lo, hi)
-        ident = None
-        if store is not None:
-            ident = {"range": [lo, hi], "tasks": batch_digest(build.batch)}
-        got = store.get(key, ident) if store is not None else None
-        loaded = None
-        if got is not None and got[1].get("s") == s_digest:
-            loaded = _checked_blocks(got[0], hi - lo, n, m, pt.lam)
+        ident, loaded = _stored_chunk(store, lo, hi, build, s_digest, pt)
         if loaded is not None:
             parts.append(loaded)
             continue
@@ -205,9 +207,24 @@ def chunked_item_scores(
         if store is not None:
             names = ("task", "support_point", "query_point")
             meta = {"start": lo, "stop": hi, "s": s_digest}
-            store.save(key, dict(zip(names, blocks, strict=True)), meta, ident)
+            store.save(chunk_key(lo, hi), dict(zip(names, blocks, strict=True)), meta, ident)
         parts.append(blocks)
     return pt.cat_items(parts)
+
+
+def _stored_chunk(
+    store: ProgressStore | None, lo: int, hi: int, build: Any, s_digest: Any, pt: BilevelPoint
+) -> tuple[dict[str, Any] | None, Blocks | None]:
+    """``(identity, blocks)`` of chunk ``lo:hi`` in ``store`` (blocks ``None`` when absent, of
+    another solve, another computation or damaged)."""
+    if store is None:
+        return None, None
+    n, m = pt.item_widths()
+    ident = {"range": [lo, hi], "tasks": batch_digest(build.batch)}
+    got = store.get(chunk_key(lo, hi), ident)
+    if got is None or got[1].get("s") != s_digest:
+        return ident, None
+    return ident, _checked_blocks(got[0], hi - lo, n, m, pt.lam)
 
 
 def _checked_blocks(t: dict[str, Tensor], k: int, n: int, m: int, lam: Tensor) -> Blocks | None:
