@@ -151,3 +151,22 @@ def test_the_gradient_comes_with_the_linearisation():
         assert e._grad is not None
     for a, b in zip(pt.grad_all(), want, strict=True):
         assert_close_normwise(a, b, rtol=1e-12)
+
+
+def test_the_basis_is_made_once_and_again_after_a_new_product():
+    prob = _problem("unrolled", chunk_size=2)
+    lam = prob.flat(prob.init_params())
+    pt = prob.point(lam, prob.batch(_tasks(5), lam))
+    g = torch.Generator().manual_seed(4)
+    s, tape = _solve_recorded(pt, torch.randn(lam.numel(), dtype=torch.float64, generator=g), 2)
+    assert tape.coefficients(s) is not None
+    basis = tape._basis
+    assert tape.coefficients(2 * s) is not None and tape._basis is basis  # reused
+    new = torch.randn(lam.numel(), dtype=torch.float64, generator=g)
+    assert tape.coefficients(new) is None
+    pt._tape = tape  # record one more product on the same tape
+    pt.hvp(new)
+    pt._tape = None
+    a = tape.coefficients(new)  # the new direction is in the span now
+    assert a is not None and tape._basis is not basis
+    assert_close_normwise(a @ torch.cat(tape.rows), new, rtol=1e-12)

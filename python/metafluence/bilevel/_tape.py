@@ -42,10 +42,11 @@ class ProductTape:
         self.blocks: list[list[Blocks]] = []  # per product: per chunk ([k_j, M_c], ...)
         self.valid = True
         self._bytes = 0
+        self._basis: SpanBasis | None = None  # of the rows, made once for every coefficients()
 
     def invalidate(self) -> None:
         """Keep nothing more; answer nothing."""
-        self.valid, self.rows, self.blocks = False, [], []
+        self.valid, self.rows, self.blocks, self._basis = False, [], [], None
 
     def record(self, D: Tensor, chunk_blocks: list[Blocks]) -> None:
         """Keep the directions ``D [k, P]`` of one product and each chunk's item blocks along
@@ -58,25 +59,30 @@ class ProductTape:
             self.invalidate()
             return
         self._bytes += size
+        self._basis = None
         self.rows.append(D.detach().clone())  # a solver may update its directions in place
         self.blocks.append([tuple(b.detach() for b in cb) for cb in chunk_blocks])  # type: ignore[misc]
 
     def coefficients(self, s: Tensor) -> Tensor | None:
         """``a [N]`` with ``s ≈ Σ_i a_i d_i`` over the ``N`` recorded rows, or ``None`` when
         ``s [P]`` is not in their span to ``√eps`` (relative) or the combination would
-        amplify the products' rounding by more than ``1/√eps``."""
+        amplify the products' rounding by more than ``1/√eps``. The rows' basis is made once
+        and serves every ``s`` (a solve's several columns, a check before the scores)."""
         if not self.valid or not self.rows:
             return None
-        D = torch.cat(self.rows).to(s.dtype)  # [N, P]
+        if self._basis is None:
+            self._basis = SpanBasis(torch.cat(self.rows))
+        basis = self._basis
+        D = basis.D.to(s.dtype)  # [N, P]
         s_norm = float(torch.linalg.vector_norm(s))
         if s_norm == 0.0:
             return s.new_zeros(D.shape[0])
-        a = span_coefficients(D, s)
+        a = basis.coefficients(s)
         if not bool(torch.isfinite(a).all()):
             return None
         tol = math.sqrt(torch.finfo(s.dtype).eps)
         miss = float(torch.linalg.vector_norm(a @ D - s))
-        growth = float((a.abs() * torch.linalg.vector_norm(D, dim=1)).sum())
+        growth = float((a.abs() * basis.row_norms.to(s.dtype)).sum())
         if miss > tol * s_norm or growth * tol > s_norm:
             return None
         return a
@@ -92,36 +98,52 @@ class ProductTape:
         return out[0], out[1], out[2]
 
 
-def span_coefficients(D: Tensor, s: Tensor) -> Tensor:
-    """``a [N]`` minimising ``‖Σ_i a_i d_i − s‖`` over the rows of ``D [N, P]``.
+class SpanBasis:
+    """An orthonormal basis of the rows of ``D [N, P]``, for least squares in their span.
 
     Gram–Schmidt with reorthogonalisation on the rows (a row within ``10³·eps`` of the span of
-    the earlier ones gets ``a_i = 0``), then back substitution ``R a = Q s``. Plain tensor
-    products only, so the result is bit-reproducible (LAPACK least squares is not: its bits
-    follow the memory alignment of its inputs).
+    the earlier ones is left out, and gets ``a_i = 0``): ``Q [r, P]`` and the upper triangular
+    ``R [r, r]`` with ``D[kept] = Rᵀ Q``. Plain tensor products only, so results are
+    bit-reproducible (LAPACK least squares is not: its bits follow the memory alignment of its
+    inputs).
     """
-    N = D.shape[0]
-    cut = 1e3 * torch.finfo(D.dtype).eps
-    Q = D.new_zeros(0, D.shape[1])  # orthonormal rows [r, P]
-    R = D.new_zeros(N, N)  # R[j, t]: row ``kept[t]`` on q_j
-    kept: list[int] = []
-    for i in range(N):
-        v, r = D[i], D.new_zeros(Q.shape[0])
-        for _ in range(2):  # twice is enough (Kahan–Parlett)
-            c = Q @ v
-            v, r = v - c @ Q, r + c
-        nv, n0 = torch.linalg.vector_norm(v), torch.linalg.vector_norm(D[i])
-        if float(nv) <= cut * float(n0):
-            continue
-        t = len(kept)
-        R[:t, t], R[t, t] = r, nv
-        Q = torch.cat([Q, (v / nv).unsqueeze(0)])
-        kept.append(i)
-    c = Q @ s
-    x = D.new_zeros(len(kept))
-    for t in reversed(range(len(kept))):  # R[:r, :r] x = c, upper triangular
-        x[t] = (c[t] - R[t, t + 1 : len(kept)] @ x[t + 1 :]) / R[t, t]
-    a = D.new_zeros(N)
-    if kept:
-        a[torch.tensor(kept, device=D.device)] = x
-    return a
+
+    def __init__(self, D: Tensor) -> None:
+        N = D.shape[0]
+        cut = 1e3 * torch.finfo(D.dtype).eps
+        Q = D.new_zeros(0, D.shape[1])  # orthonormal rows [r, P]
+        R = D.new_zeros(N, N)  # R[j, t]: row ``kept[t]`` on q_j
+        kept: list[int] = []
+        row_norms = torch.linalg.vector_norm(D, dim=1)
+        for i in range(N):
+            v, r = D[i], D.new_zeros(Q.shape[0])
+            for _ in range(2):  # twice is enough (Kahan–Parlett)
+                c = Q @ v
+                v, r = v - c @ Q, r + c
+            nv = torch.linalg.vector_norm(v)
+            if float(nv) <= cut * float(row_norms[i]):
+                continue
+            t = len(kept)
+            R[:t, t], R[t, t] = r, nv
+            Q = torch.cat([Q, (v / nv).unsqueeze(0)])
+            kept.append(i)
+        self.D, self.row_norms, self.Q, self.R, self.kept = D, row_norms, Q, R, kept
+
+    def coefficients(self, s: Tensor) -> Tensor:
+        """``a [N]`` minimising ``‖Σ_i a_i d_i − s‖``: back substitution ``R a = Q s``."""
+        r = len(self.kept)
+        c = self.Q.to(s.dtype) @ s
+        R = self.R.to(s.dtype)
+        x = s.new_zeros(r)
+        for t in reversed(range(r)):  # R[:r, :r] x = c, upper triangular
+            x[t] = (c[t] - R[t, t + 1 : r] @ x[t + 1 :]) / R[t, t]
+        a = s.new_zeros(self.D.shape[0])
+        if self.kept:
+            a[torch.tensor(self.kept, device=s.device)] = x
+        return a
+
+
+def span_coefficients(D: Tensor, s: Tensor) -> Tensor:
+    """``a [N]`` minimising ``‖Σ_i a_i d_i − s‖`` over the rows of ``D [N, P]``
+    (:class:`SpanBasis`)."""
+    return SpanBasis(D).coefficients(s)

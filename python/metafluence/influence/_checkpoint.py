@@ -176,22 +176,24 @@ def chunked_item_scores(
     ``λ``'s dtype) match; its engine is then never built (a streamed point does not adapt its
     tasks).
     """
-    n, m = pt.item_widths()
     s_digest = digest(s) if store is not None else None
     parts: list[Blocks] = []
     taped: tuple[ProductTape, Tensor] | None = None
     asked = tape is None
+    stored: list[tuple[dict[str, Any] | None, Blocks | None]] | None = None
     if tape is not None and store is not None and pt.reduce.world > 1:
         # a stored solve's tape is made again by collective products: when any process lacks
-        # a chunk, every process takes part (tape() is cached: the loop below reuses it)
-        have = all(
-            _stored_chunk(store, lo, hi, b, s_digest, pt)[1] is not None
-            for (lo, hi), b in pt.chunk_engines()
-        )
-        if not everywhere(pt, have):
+        # a chunk, every process takes part (tape() is cached: the loop below reuses it, and
+        # the chunks read here)
+        chunks = pt.chunk_engines()
+        stored = [_stored_chunk(store, lo, hi, b, s_digest, pt) for (lo, hi), b in chunks]
+        if not everywhere(pt, all(got is not None for _, got in stored)):
             tape()
     for i, ((lo, hi), build) in enumerate(pt.chunk_engines()):
-        ident, loaded = _stored_chunk(store, lo, hi, build, s_digest, pt)
+        if stored is not None:
+            ident, loaded = stored[i]
+        else:
+            ident, loaded = _stored_chunk(store, lo, hi, build, s_digest, pt)
         if loaded is not None:
             parts.append(loaded)
             continue
