@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 
@@ -82,6 +83,9 @@ def test_run_tiny_end_to_end_and_deterministic(tmp_path, glyph_cache, capsys):
     assert "after the stationarity phase" in md and "total solve for the target" in md
     assert "ranked by their own query loss" in md and "- tasks: " in md
     assert 0.0 <= summary["detection"]["task_auc_loss_baseline"] <= 1.0
+    d = summary["detection"]  # what the report's "why below the loss ranking" line reads
+    assert 0 <= d["flipped_harmful_predicted"] <= d["n_flipped"] == 2
+    assert math.isfinite(d["flipped_mean_effect"]) and math.isfinite(d["clean_mean_effect"])
     # the job's curvature: the stationarity phase's secant pairs (free), exact Hessian
     assert summary["secant_pairs"] >= 1
     assert (summary["curvature"]["method"], summary["curvature"]["curvature"]) == (
@@ -167,3 +171,28 @@ def test_run_without_stationarity_falls_back_to_krylov(tmp_path, glyph_cache):
     )
     assert summary["secant_pairs"] is None
     assert any("no secant pairs" in w for w in summary["warnings"])
+
+
+def _detection(auc: float, harmful: int, flipped_mean: float, clean_mean: float) -> dict:
+    return {
+        "task_auc": auc,
+        "task_auc_loss_baseline": 0.99,
+        "n_flipped": 8,
+        "flipped_harmful_predicted": harmful,
+        "flipped_mean_effect": flipped_mean,
+        "clean_mean_effect": clean_mean,
+    }
+
+
+def test_report_says_why_task_scores_rank_below_the_loss_ranking():
+    """Below the loss ranking the report says why, from what influence predicts for the
+    flipped tasks; at or above it, nothing."""
+    from metafluence.report.render import _below_loss_ranking
+
+    assert _below_loss_ranking(_detection(0.98, 2, 0.01, -0.002)) == ""  # as good: no line
+    not_harmful = _below_loss_ranking(_detection(0.72, 3, 0.004, -0.001))
+    assert "3 of the 8 flipped tasks are predicted harmful" in not_harmful
+    assert "does not call them harmful" in not_harmful and "leave_one_out" in not_harmful
+    harmful = _below_loss_ranking(_detection(0.80, 7, -0.02, -0.001))
+    assert "7 of the 8" in harmful and "they are predicted harmful" in harmful
+    assert _below_loss_ranking({"task_auc": 0.5, "task_auc_loss_baseline": 0.9}) == ""  # old

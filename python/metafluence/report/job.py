@@ -494,9 +494,27 @@ def _detection_stage(job: _Job, problem: Any, lam: Any, data: _Data, res: Any) -
         "n_flipped": int(m.sum()),
         "n_tasks": len(data.tasks),
         "harmful_predicted": int((scores["task"] < 0).sum()),
+        **_flipped_vs_clean(scores["task"], m),
     }
     removed = sorted(torch.argsort(scores["task"]).tolist()[:k])  # most harmful first
     return detect, removed, scores
+
+
+def _flipped_vs_clean(task: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """What influence predicts for the flipped tasks against the clean ones: how many of the
+    flipped are predicted harmful (removal effect < 0) and the mean removal effect of each
+    group (``task [M]`` scores, ``mask [M]`` flipped). The report reads them to say why the
+    scores rank the flipped tasks below the loss ranking, when they do."""
+    flipped, clean = task[mask], task[~mask]
+
+    def mean(x: torch.Tensor) -> float:
+        return float(x.mean()) if x.numel() else float("nan")
+
+    return {
+        "flipped_harmful_predicted": int((flipped < 0).sum()),
+        "flipped_mean_effect": mean(flipped),
+        "clean_mean_effect": mean(clean),
+    }
 
 
 def _edit_stage(problem: Any, lam: Any, tasks: list, removed: list[int], curv: Any) -> Any:

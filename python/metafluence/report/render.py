@@ -167,13 +167,50 @@ def _auc_verdict(auc: float, baseline: float | None) -> str:
 
 
 def _auc_lines(d: dict) -> list[str]:
-    """One interpretation line per detection AUC."""
+    """One interpretation line per detection AUC (and, for tasks ranked below the loss
+    ranking, why: :func:`_below_loss_ranking`)."""
     base = d.get("task_auc_loss_baseline")
+    lines = [f"- tasks: {_auc_verdict(d['task_auc'], base)}."]
+    why = _below_loss_ranking(d)
+    if why:
+        lines.append(f"  {why}")
     return [
-        f"- tasks: {_auc_verdict(d['task_auc'], base)}.",
+        *lines,
         f"- support points: {_auc_verdict(d['support_point_auc'], None)}.",
         f"- query points: {_auc_verdict(d['query_point_auc'], None)}.",
     ]
+
+
+def _below_loss_ranking(d: dict) -> str:
+    """Why the task scores find the flipped tasks worse than ranking by loss (empty when they
+    do not): the loss ranking reads how badly a task fits, influence what removing it would do
+    to the target, and a flipped task need not be harmful to the target. Says how many of the
+    flipped tasks influence predicts harmful and their mean removal effect against the clean
+    tasks'."""
+    auc, base = d.get("task_auc"), d.get("task_auc_loss_baseline")
+    if auc is None or base is None or not auc < base - 0.02:
+        return ""
+    if "flipped_harmful_predicted" not in d:
+        return ""
+    n, h = d["n_flipped"], d["flipped_harmful_predicted"]
+    fm, cm = d["flipped_mean_effect"], d["clean_mean_effect"]
+    if h >= 0.75 * n and fm < cm:
+        verdict = (
+            "they are predicted harmful, so the scores rank them below the loss ranking "
+            "through the clean tasks they also call harmful; check the harm by retraining "
+            "(`mf.evaluate.leave_one_out`) before acting on either ranking"
+        )
+    else:
+        verdict = (
+            "so influence does not call them harmful to the target as a group: the loss "
+            "ranking finds labels that fit badly, influence finds tasks whose removal would "
+            "lower the target loss, and here these are not the same tasks (check with "
+            "`mf.evaluate.leave_one_out` whether the flipped tasks truly hurt the target)"
+        )
+    return (
+        f"Why below the loss ranking: {h} of the {n} flipped tasks are predicted harmful "
+        f"(mean removal effect {fm:+.3g}, clean tasks {cm:+.3g}); {verdict}."
+    )
 
 
 def _edit_vs_control(ch: dict) -> str:
