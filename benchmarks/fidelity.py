@@ -226,6 +226,8 @@ def check_columns(diag: dict[str, Any]) -> dict[str, Any]:
         "newton_scale": chk.get("scale", float("nan")),
         "newton_expected_spearman": chk.get("expected_spearman", float("nan")),
         "newton_residual": float(torch.tensor(res).median()),
+        "newton_residual_max": float(torch.tensor(res).max()),
+        "newton_nonlinear": chk.get("nonlinear", ""),  # the check's verdict
     }
 
 

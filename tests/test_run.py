@@ -193,6 +193,8 @@ def test_report_says_why_task_scores_rank_below_the_loss_ranking():
     not_harmful = _below_loss_ranking(_detection(0.72, 3, 0.004, -0.001))
     assert "3 of the 8 flipped tasks are predicted harmful" in not_harmful
     assert "does not call them harmful" in not_harmful and "leave_one_out" in not_harmful
+    on_average = _below_loss_ranking(_detection(0.72, 5, -0.001, 0.0003))
+    assert "more harmful than the clean tasks on average but not one by one" in on_average
     harmful = _below_loss_ranking(_detection(0.80, 7, -0.02, -0.001))
     assert "7 of the 8" in harmful and "they are predicted harmful" in harmful
     assert _below_loss_ranking({"task_auc": 0.5, "task_auc_loss_baseline": 0.9}) == ""  # old

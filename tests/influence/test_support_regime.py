@@ -11,9 +11,11 @@ from torch import nn
 import metafluence as mf
 from metafluence.data.source import TaskSource
 from metafluence.influence.regime import (
+    RETRAIN_RESIDUAL,
     TRACK_BELOW,
     checked_items,
     expected_spearman,
+    is_nonlinear,
     predict_spearman,
 )
 from tests.toy_tasks import random_tasks
@@ -196,7 +198,8 @@ def test_newton_check_retrains_like_leave_one_out():
     )
     assert float(torch.tensor(chk["residual"]).median()) < 0.2
     assert res.diagnostics["lambda_min"] > 0
-    assert chk["nonlinear"] == (chk["expected_spearman"] < TRACK_BELOW)
+    assert chk["nonlinear"] == is_nonlinear(chk["expected_spearman"], chk["residual"])
+    assert chk["retrains_unfinished"] == sum(r > RETRAIN_RESIDUAL for r in chk["residual"])
     assert res.diagnostics["regime"] == ("nonlinear" if chk["nonlinear"] else "linear")
 
 
@@ -263,3 +266,44 @@ def test_predicted_spearman_tracks_a_known_noise_model(noise, tol):
     true = float(mf.evaluate.correlation(x, y)["spearman"])
     assert abs(pred.estimate - true) < tol, (pred, true)
     assert pred.low <= pred.estimate <= pred.high
+
+
+def test_check_calls_removals_nonlinear_when_most_retrains_did_not_finish():
+    """The verdict: below the expected-ρ line, or (whatever ρ is expected) when more than half
+    of the checked retrains ended above RETRAIN_RESIDUAL, values that are not where retraining
+    ends; one unfinished retrain alone does not decide, a non-finite residual is unfinished."""
+    done = [1e-9, 1e-6, RETRAIN_RESIDUAL, 1e-4]
+    assert not is_nonlinear(0.98, done)
+    assert is_nonlinear(TRACK_BELOW - 1e-3, done)
+    assert not is_nonlinear(0.98, [*done[:3], 2 * RETRAIN_RESIDUAL])  # one of four
+    assert not is_nonlinear(0.98, [*done[:2], 0.5, 0.5])  # half: not most
+    assert is_nonlinear(0.98, [done[0], 0.5, 0.5, float("nan")])  # three of four
+    assert not is_nonlinear(0.5, done, track_below=0.4)
+
+
+def test_note_says_which_reason_made_the_check_call_removals_nonlinear():
+    """The diagnostics' note names the reason: the expected Spearman below 0.9, or (expected
+    above it) how many of the check's retrains did not finish; a linear verdict adds no note."""
+    from metafluence.influence.removal import _with_check
+
+    def check(expected: float, residual: list[float]) -> dict:
+        return {
+            "items": list(range(len(residual))),
+            "expected_spearman": expected,
+            "spearman_band": [expected - 0.05, expected + 0.05],
+            "residual": residual,
+            "retrains_unfinished": sum(r > RETRAIN_RESIDUAL for r in residual),
+            "nonlinear": is_nonlinear(expected, residual),
+        }
+
+    def notes(chk: dict) -> list[str]:
+        diag = {"regime": "well_conditioned", "notes": []}
+        out = _with_check(diag, chk, "task", 0.0)
+        assert out["regime"] == ("nonlinear" if chk["nonlinear"] else "linear")
+        return [n for n in out["notes"] if n.startswith("Newton check")]
+
+    (low,) = notes(check(0.7, [1e-8] * 4))
+    assert "at 0.70 (< 0.9;" in low
+    (unfinished,) = notes(check(0.97, [1e-8, 0.2, 0.3, 0.5]))
+    assert "at 0.97 (but 3 of its 4 retrains ended" in unfinished and "up to 0.5" in unfinished
+    assert notes(check(0.97, [1e-8, 1e-8, 1e-8, 0.5])) == []

@@ -44,8 +44,8 @@ from ..solvers import EigenBounds, SolveResult, lanczos_eigen_bounds
 from . import _checkpoint as ck
 from ._newton import newton_descent
 from .query import QUERY_METHODS, query_point_scores
+from .regime import RETRAIN_RESIDUAL, TRACK_BELOW, regime_from_check
 from .regime import newton_check as newton_check_fn
-from .regime import regime_from_check
 from .support import exact_support_scores
 
 ITEMS = ("task", "support_point", "query_point")
@@ -723,10 +723,17 @@ def _with_check(
         # the check's verdict replaced the condition rule's
         notes = [n for n in notes if not n.startswith(_CONDITION_NOTES)]
     if check is not None and check["nonlinear"] and solve_damping == 0:
+        why = (
+            "(< 0.9"
+            if check["expected_spearman"] < TRACK_BELOW
+            else f"(but {check['retrains_unfinished']} of its {len(check['residual'])} "
+            f"retrains ended with a relative residual above {RETRAIN_RESIDUAL:g}, up to "
+            f"{max(check['residual']):.2g}: they did not reach the retrained point"
+        )
         notes.append(
             f"Newton check: {len(check['items'])} items retrained by Newton steps put the "
             f"expected Spearman of the scores against retraining at "
-            f"{check['expected_spearman']:.2f} (< 0.9; 10–90% band "
+            f"{check['expected_spearman']:.2f} {why}; 10–90% band "
             f"{check['spearman_band'][0]:.2f}–{check['spearman_band'][1]:.2f}): removals are "
             "nonlinear here; consider "
             "solve_damping (proximal response) or mf.edit(newton_steps=k)"

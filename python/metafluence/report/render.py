@@ -194,18 +194,25 @@ def _below_loss_ranking(d: dict) -> str:
         return ""
     n, h = d["n_flipped"], d["flipped_harmful_predicted"]
     fm, cm = d["flipped_mean_effect"], d["clean_mean_effect"]
+    check = "check with `mf.evaluate.leave_one_out` whether the flipped tasks truly hurt the target"
     if h >= 0.75 * n and fm < cm:
         verdict = (
             "they are predicted harmful, so the scores rank them below the loss ranking "
             "through the clean tasks they also call harmful; check the harm by retraining "
             "(`mf.evaluate.leave_one_out`) before acting on either ranking"
         )
+    elif fm < cm:
+        verdict = (
+            "influence predicts them more harmful than the clean tasks on average but not one "
+            "by one: the loss ranking finds labels that fit badly, influence finds tasks whose "
+            "removal would lower the target loss, and a flipped task the meta-learner absorbs "
+            f"need not hurt the target ({check})"
+        )
     else:
         verdict = (
             "so influence does not call them harmful to the target as a group: the loss "
             "ranking finds labels that fit badly, influence finds tasks whose removal would "
-            "lower the target loss, and here these are not the same tasks (check with "
-            "`mf.evaluate.leave_one_out` whether the flipped tasks truly hurt the target)"
+            f"lower the target loss, and here these are not the same tasks ({check})"
         )
     return (
         f"Why below the loss ranking: {h} of the {n} flipped tasks are predicted harmful "
