@@ -724,7 +724,7 @@ def _with_check(
         notes = [n for n in notes if not n.startswith(_CONDITION_NOTES)]
     if check is not None and check["nonlinear"] and solve_damping == 0:
         why = (
-            "(< 0.9"
+            f"(< {TRACK_BELOW:g}"
             if check["expected_spearman"] < TRACK_BELOW
             else f"(but {check['retrains_unfinished']} of its {len(check['residual'])} "
             f"retrains ended with a relative residual above {RETRAIN_RESIDUAL:g}, up to "
