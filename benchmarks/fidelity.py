@@ -228,6 +228,9 @@ def check_columns(diag: dict[str, Any]) -> dict[str, Any]:
         "newton_residual": float(torch.tensor(res).median()),
         "newton_residual_max": float(torch.tensor(res).max()),
         "newton_nonlinear": chk.get("nonlinear", ""),  # the check's verdict
+        # how many of its retrains ended above RETRAIN_RESIDUAL, of how many checked
+        "newton_unfinished": chk.get("retrains_unfinished", ""),
+        "newton_checked": len(chk.get("residual") or []),
     }
 
 

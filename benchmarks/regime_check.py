@@ -7,9 +7,10 @@ under ``benchmarks/results/fidelity_check/`` into one table and plot.
 Each row: one influence run (problem × curvature × δ'); ``actual`` is Spearman against the truth
 the scores predict (plain leave-one-out for δ' = 0, the proximal response at the same δ'
 otherwise); the verdicts are the check's own (``nonlinear``, as the fidelity runs recorded it:
-expected < 0.9, or most of its retrains ended above ``RETRAIN_RESIDUAL``; ``residual_max`` its
-largest retrain residual) and the condition
-number rule (condition > 1e3 → ill-conditioned), each right when it agrees with actual ≥ 0.9.
+expected < 0.9, or at least half its retrains ended above ``RETRAIN_RESIDUAL``;
+``residual_max`` its largest retrain residual, ``unfinished`` of ``checked`` how many ended
+above it) and the condition number rule (condition > 1e3 → ill-conditioned), each right when
+it agrees with actual ≥ 0.9.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def _verdict(r: dict) -> dict:
     ``metafluence.influence.regime``) and its largest retrain residual, from a fidelity CSV row."""
     return {
         "residual_max": float(r["newton_residual_max"]),
+        "unfinished": int(r.get("newton_unfinished") or -1),  # -1: not recorded
+        "checked": int(r.get("newton_checked") or -1),
         "nonlinear": r["newton_nonlinear"] == "True",
     }
 

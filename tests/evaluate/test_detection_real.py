@@ -46,7 +46,8 @@ def test_detection_real_runs_on_an_idx_folder(tmp_path):
     idx_tree(data)
     proc = _run(
         ["--fashion-mnist", str(data), "--datasets", "fashion-mnist", "--tasks", "6",
-         "--target", "3", "--check", "2", "--corruptions", "query", "--out", str(out)],
+         "--target", "3", "--check", "2", "--corruptions", "query", "--shots", "2",
+         "--queries", "3", "--out", str(out)],
         tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -58,6 +59,7 @@ def test_detection_real_runs_on_an_idx_folder(tmp_path):
             assert 0.0 <= float(r[k]) <= 1.0 or k == "spearman_vs_loo", (k, r[k])
         assert math.isfinite(float(r["regime_expected_spearman"]))
         assert r["note"] and r["commit"] and r["torch"]
+        assert (r["shots"], r["queries"]) == ("2", "3")  # --shots / --queries reach the tasks
     with (out / "tasks.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 6
     assert "AUC loss ranking" in (out / "table.md").read_text()

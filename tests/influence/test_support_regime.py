@@ -268,15 +268,16 @@ def test_predicted_spearman_tracks_a_known_noise_model(noise, tol):
     assert pred.low <= pred.estimate <= pred.high
 
 
-def test_check_calls_removals_nonlinear_when_most_retrains_did_not_finish():
-    """The verdict: below the expected-ρ line, or (whatever ρ is expected) when more than half
+def test_check_calls_removals_nonlinear_when_half_the_retrains_did_not_finish():
+    """The verdict: below the expected-ρ line, or (whatever ρ is expected) when at least half
     of the checked retrains ended above RETRAIN_RESIDUAL, values that are not where retraining
     ends; one unfinished retrain alone does not decide, a non-finite residual is unfinished."""
     done = [1e-9, 1e-6, RETRAIN_RESIDUAL, 1e-4]
     assert not is_nonlinear(0.98, done)
     assert is_nonlinear(TRACK_BELOW - 1e-3, done)
     assert not is_nonlinear(0.98, [*done[:3], 2 * RETRAIN_RESIDUAL])  # one of four
-    assert not is_nonlinear(0.98, [*done[:2], 0.5, 0.5])  # half: not most
+    assert is_nonlinear(0.98, [*done[:2], 0.5, 0.5])  # half
+    assert not is_nonlinear(0.98, [1e-9] * 5 + [0.5] * 3)  # three of eight
     assert is_nonlinear(0.98, [done[0], 0.5, 0.5, float("nan")])  # three of four
     assert not is_nonlinear(0.5, done, track_below=0.4)
 

@@ -19,9 +19,9 @@ is a prediction of the Spearman correlation between all ``n`` scores and retrain
 Theil–Sen slope of the checked pairs, always positive), the checked items keep their retrained
 values, every other item draws the residual of a checked item (scaled to its own size), and the
 prediction is the mean Spearman of ``(x, y)`` over the draws, with a 10–90% band. Below
-``TRACK_BELOW`` = 0.9, or when most checked retrains end with a relative residual above
-``RETRAIN_RESIDUAL`` = 1e-2 (their Newton steps did not reach the retrained point, so their
-values are not retraining's), the removals are called nonlinear: use ``solve_damping`` for
+``TRACK_BELOW`` = 0.9, or when at least half the checked retrains end with a relative residual
+above ``RETRAIN_RESIDUAL`` = 1e-2 (their Newton steps did not reach the retrained point, so
+their values are not retraining's), the removals are called nonlinear: use ``solve_damping`` for
 the proximal response, whose scores track it, or ``mf.edit(newton_steps=k)`` for an edit.
 Also reported: the scale ``a`` and ``shift`` = median |retrained − a·Δf_e| / std(a · all scores).
 
@@ -64,11 +64,13 @@ TRACK_BELOW = 0.9
 
 # relative residual above which a checked retrain did not reach the retrained point: where the
 # response is locally quadratic the Newton steps from the first-order step end far below it.
-# When most checked retrains end above it, the removals are called nonlinear whatever Spearman
-# is expected. Over the 54 fidelity runs (benchmarks/results/fidelity_check) every plain-LOO
-# run with a median residual above it measured ρ < 0.9 (8 of 8, one of them expected 0.98),
-# and the largest median of a run that measured ρ ≥ 0.9 was 2e-3. Single unfinished retrains
-# are common where ρ ≥ 0.9 (12 false alarms in those runs if any one of them counted)
+# When at least half the checked retrains end above it, the removals are called nonlinear
+# whatever Spearman is expected. Over the 54 fidelity runs (benchmarks/results/fidelity_check)
+# every plain-LOO run with a median residual above it measured ρ < 0.9 (8 of 8, one of them
+# expected 0.98), and the largest median of a run that measured ρ ≥ 0.9 was 2e-3. Single
+# unfinished retrains are common where ρ ≥ 0.9 (12 false alarms in those runs if any one of
+# them counted, 7 at three of eight); "at least half" and "more than half" decide those runs
+# alike (36 of 42 right), and at half the real-image runs measured ρ 0.72 and 0.85 (issue 16)
 RETRAIN_RESIDUAL = 1e-2
 
 
@@ -82,10 +84,10 @@ def is_nonlinear(
     expected_spearman: float, residuals: list[float], track_below: float = TRACK_BELOW
 ) -> bool:
     """The check's verdict: removals are nonlinear when the expected Spearman is below
-    ``track_below``, or when most checked retrains (more than half) ended above
+    ``track_below``, or when at least half the checked retrains ended above
     :data:`RETRAIN_RESIDUAL`: their retrained values are then not where retraining ends, and
     the expected Spearman built on them is no evidence of a linear response."""
-    return expected_spearman < track_below or 2 * unfinished_retrains(residuals) > len(residuals)
+    return expected_spearman < track_below or 2 * unfinished_retrains(residuals) >= len(residuals)
 
 
 def checked_items(scores: Any, items: str, k: int) -> list[Any]:
@@ -156,9 +158,9 @@ def newton_check(
     ``residual`` (``‖∇F_{-e}(λ_e) + δ'(λ_e − λ*)‖ / ‖b_e‖``), ``scale`` (Theil–Sen ``a`` in
     ``retrained ≈ a·first_order``), ``shift`` (median ``|retrained − a·first_order|`` / std
     of ``a``·all scores), ``expected_spearman`` and ``spearman_band`` (:func:`predict_spearman`),
-    ``nonlinear`` (:func:`is_nonlinear`: ``expected_spearman < track_below``, or most
-    retrains' ``residual`` above :data:`RETRAIN_RESIDUAL`), ``retrains_unfinished`` (how many
-    ended above it), and the internal solves:
+    ``nonlinear`` (:func:`is_nonlinear`: ``expected_spearman < track_below``, or at least
+    half the retrains' ``residual`` above :data:`RETRAIN_RESIDUAL`), ``retrains_unfinished``
+    (how many ended above it), and the internal solves:
     ``solve_residual`` (per item, the largest relative residual of its solves; ``nan`` when
     ``solve_at`` returns bare tensors), ``solve_converged``, ``solve_negative_curvature``,
     ``solve_warnings`` (how many warnings were caught) and ``warnings`` (the distinct ones).
