@@ -83,6 +83,9 @@ def test_run_tiny_end_to_end_and_deterministic(tmp_path, glyph_cache, capsys):
     assert "after the stationarity phase" in md and "total solve for the target" in md
     assert "ranked by their own query loss" in md and "- tasks: " in md
     assert 0.0 <= summary["detection"]["task_auc_loss_baseline"] <= 1.0
+    assert "TracIn at λ*" in md and 0.0 <= summary["detection"]["task_auc_tracin"] <= 1.0
+    assert "have their support labels permuted" in md  # the default corruption
+    assert summary["labels_changed"] == {"support": 2, "query": 0}
     d = summary["detection"]  # what the report's "why below the loss ranking" line reads
     assert 0 <= d["flipped_harmful_predicted"] <= d["n_flipped"] == 2
     assert math.isfinite(d["flipped_mean_effect"]) and math.isfinite(d["clean_mean_effect"])
@@ -171,6 +174,19 @@ def test_run_without_stationarity_falls_back_to_krylov(tmp_path, glyph_cache):
     )
     assert summary["secant_pairs"] is None
     assert any("no secant pairs" in w for w in summary["warnings"])
+
+
+def test_run_flips_query_labels_when_asked(tmp_path, glyph_cache):
+    """``--flip query``: the flipped tasks' query labels are permuted instead of their support
+    labels, and the report and summary say which."""
+    args = [*TINY, "--out", str(tmp_path), "--name", "q", "--flip", "query", "--quiet"]
+    assert cli.main(args) == 0
+    summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert summary["config"]["flip"] == "query" and summary["detection"]["n_flipped"] == 2
+    assert summary["labels_changed"] == {"support": 0, "query": 2}  # read off the tasks
+    md = (tmp_path / "q" / "report.md").read_text()
+    assert "have their query labels permuted" in md
+    assert 0.0 <= summary["detection"]["task_auc_tracin"] <= 1.0
 
 
 def _detection(auc: float, harmful: int, flipped_mean: float, clean_mean: float) -> dict:

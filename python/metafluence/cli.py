@@ -233,6 +233,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         default=d.noise,
         help="fraction of tasks with flipped labels",
     )
+    a(
+        "--flip",
+        choices=("support", "query"),
+        default=d.flip,
+        help="which labels of a flipped task are permuted",
+    )
     a("--inner", choices=INNERS, default=d.inner, help="inner map")
     a(
         "--inner-steps",

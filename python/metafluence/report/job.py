@@ -3,15 +3,16 @@
 Stages (each timed; the report lists the wall time of every one):
 
 1. data: load the dataset (embedded glyphs by default), sample ``tasks`` meta-training tasks
-   from the train split, flip the support labels of ``noise`` of them (the injected harm),
-   and sample target tasks (val split: the influence target) and evaluation tasks (test split);
+   from the train split, flip the support (``flip="query"``: query) labels of ``noise`` of
+   them (the injected harm), and sample target tasks (val split: the influence target) and
+   evaluation tasks (test split);
 2. meta-train a Conv-4 on the noisy tasks, then a stationarity phase (full-batch L-BFGS to
    ``‖∇F‖ ≤ stationary_tol``: the λ* every formula assumes);
 3. influence: the job's curvature is fitted once (:func:`mf.fit_curvature`) and one call gives
    removal effects of every task, support point and query point on the target (mean
    post-adaptation query loss of the target tasks);
 4. detection: rank items from most harmful (most negative removal effect); AUC and recall@k
-   against the injected noise;
+   against the injected noise, beside the loss ranking and TracIn at ``λ*``;
 5. edit: remove the ``k`` most harmful tasks without retraining (``mf.edit``: ``λ* + Δλ``);
 6. retrain: meta-train without those tasks, warm-started at ``λ*``, to check the edit, and the
    control (the same extra training on all tasks); both stop by λ*'s stationarity rule;
@@ -54,6 +55,7 @@ class RunConfig:
     target_tasks: int = 40
     eval_tasks: int = 40
     noise: float = 0.2
+    flip: str = "support"
     inner: str = "anil"
     inner_steps: int = 1
     inner_lr: float = 0.5
@@ -204,9 +206,11 @@ class _Job:
 class _Data:
     ds: Any
     tasks: list
-    mask: torch.Tensor  # [M] bool: the tasks whose support labels were flipped
+    mask: torch.Tensor  # [M] bool: the tasks whose labels (``cfg.flip``) were flipped
     target: list
     held_out: list
+    # tasks whose support / query labels differ from the sampled ones (what the flip changed)
+    labels_changed: dict[str, int] = field(default_factory=dict)
 
 
 def _run(cfg: RunConfig, rank: int, world: int) -> dict[str, Any]:
@@ -308,7 +312,8 @@ class _recorded:  # noqa: N801 - a context manager used like a function
 
 def _data_stage(job: _Job) -> _Data:
     """The dataset (embedded glyphs by default), ``tasks`` meta-training tasks with the support
-    labels of ``noise`` of them flipped, target tasks (val split) and held-out tasks (test)."""
+    (or query: ``flip``) labels of ``noise`` of them flipped, target tasks (val split) and
+    held-out tasks (test)."""
     import torch.distributed as dist
 
     import metafluence as mf
@@ -324,7 +329,7 @@ def _data_stage(job: _Job) -> _Data:
         dist.barrier()
     kw: dict[str, Any] = dict(ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=cfg.seed)
     clean = mf.data.sample_tasks(ds, num_tasks=cfg.tasks, split="train", **kw)
-    tasks, mask = mf.data.flip_labels(clean, cfg.noise, level="task", seed=cfg.seed)
+    tasks, mask = mf.data.flip_labels(clean, cfg.noise, level="task", seed=cfg.seed, where=cfg.flip)
     assert isinstance(mask, torch.Tensor)  # level="task": one flag per task [M]
     tsplit = "val" if len(ds.by_class("val")) >= cfg.ways else "train"
     esplit = "test" if len(ds.by_class("test")) >= cfg.ways else tsplit
@@ -338,7 +343,14 @@ def _data_stage(job: _Job) -> _Data:
     def move(ts: list) -> list:
         return [t.to(job.device, job.dtype) for t in ts]
 
-    return _Data(ds, move(tasks), mask.cpu(), move(target), move(held_out))
+    changed = {
+        where: sum(
+            not torch.equal(getattr(a, where)[1], getattr(b, where)[1])
+            for a, b in zip(clean, tasks, strict=True)
+        )
+        for where in ("support", "query")
+    }
+    return _Data(ds, move(tasks), mask.cpu(), move(target), move(held_out), changed)
 
 
 def _meta_train_stage(job: _Job, data: _Data) -> tuple:
@@ -460,9 +472,10 @@ def _influence_stage(
 
 
 def _detection_stage(job: _Job, problem: Any, lam: Any, data: _Data, res: Any) -> tuple:
-    """Detection of the flipped tasks (AUC, recall@k; harm = −removal effect) beside the loss
-    ranking baseline; the ``k`` most harmful tasks to remove (``k`` = ``remove`` or the number
-    flipped)."""
+    """Detection of the flipped tasks (AUC, recall@k; harm = −removal effect) beside two
+    baselines, the loss ranking and TracIn at ``λ*`` (gradient alignment ``c_k g_kᵀ∇f``, query
+    points by one forward-mode pass; not under torch.distributed); the ``k`` most harmful tasks
+    to remove (``k`` = ``remove`` or the number flipped)."""
     import metafluence as mf
 
     cfg = job.cfg
@@ -484,9 +497,20 @@ def _detection_stage(job: _Job, problem: Any, lam: Any, data: _Data, res: Any) -
         for kind, s in scores.items()
         if kind != "task"
     }
+    tracin = (
+        mf.evaluate.tracin(
+            problem, lam, data.tasks, data.target, support_points=False, method="jvp"
+        )
+        .task.detach()
+        .double()
+        .cpu()
+        if job.world == 1
+        else None
+    )
     detect = {
         "task_auc": auc(scores["task"], m),
         "task_auc_loss_baseline": auc(-loss, m),
+        "task_auc_tracin": auc(tracin, m) if tracin is not None else float("nan"),
         **per_point,
         "k": k,
         "recall_at_k": mf.evaluate.recall_at_k(scores["task"], m, k),
@@ -586,6 +610,7 @@ def _summary(
         "detection": detect,
         "removed_tasks": [data.tasks[i].id for i in removed],
         "removed_flipped": int(data.mask[removed].sum()),
+        "labels_changed": data.labels_changed,
         "evaluation": evals,
         "target_change": change,
         "solve": {

@@ -322,7 +322,8 @@ def _markdown(
         "",
         f"{c['ways']}-way {c['shots']}-shot tasks, {c['queries']} queries per class; "
         f"{d['n_tasks']} meta-training tasks of which {d['n_flipped']} "
-        f"({100 * c['noise']:.0f}%) have their support labels permuted (injected harm). Model: "
+        f"({100 * c['noise']:.0f}%) have their {c.get('flip', 'support')} labels permuted "
+        "(injected harm). Model: "
         f"{c['model']} (width {c['width']}, {summary['parameters']:,} meta-parameters); inner map "
         f"`{c['inner']}`; curvature `{summary['curvature'].get('curvature', c['curvature'])}` "
         f"({summary['curvature'].get('method', c['curvature_method'])}), solver "
@@ -338,10 +339,12 @@ def _markdown(
         "| items | ROC AUC |",
         "|---|---|",
         f"| tasks | **{d['task_auc']:.3f}** |",
-        f"| support points (flipped task ⇒ flipped point) | {d['support_point_auc']:.3f} |",
+        f"| support points (in a flipped task) | {d['support_point_auc']:.3f} |",
         f"| query points (in a flipped task) | {d['query_point_auc']:.3f} |",
         f"| tasks, ranked by their own query loss (baseline) | "
         f"{d.get('task_auc_loss_baseline', float('nan')):.3f} |",
+        f"| tasks, TracIn at λ* (gradient alignment, baseline) | "
+        f"{d.get('task_auc_tracin', float('nan')):.3f} |",
         "",
         *_auc_lines(d),
         "",
