@@ -242,7 +242,10 @@ def tracin(
     for lam, eta in zip(ckpts, lrs, strict=True):
         pt = problem.point(lam, train_tasks)
         gf = target_gradient(problem, pt.lam, target)
-        q = torch.cat([query_point_scores(problem, e, gf, method) for e in pt.engines])
+        # this process's tasks, gathered over ranks (a ShardedProblem; identity otherwise)
+        q = pt._cat(
+            lambda e, gf=gf: query_point_scores(problem, e, gf, method), gf.new_zeros(0, 0).clone
+        )
         q_tot = eta * q if q_tot is None else q_tot + eta * q
         if support_points:
             h_w = pt.hvp_all(gf)[2]

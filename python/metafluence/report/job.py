@@ -474,7 +474,7 @@ def _influence_stage(
 def _detection_stage(job: _Job, problem: Any, lam: Any, data: _Data, res: Any) -> tuple:
     """Detection of the flipped tasks (AUC, recall@k; harm = −removal effect) beside two
     baselines, the loss ranking and TracIn at ``λ*`` (gradient alignment ``c_k g_kᵀ∇f``, query
-    points by one forward-mode pass; not under torch.distributed); the ``k`` most harmful tasks
+    points by one forward-mode pass); the ``k`` most harmful tasks
     to remove (``k`` = ``remove`` or the number flipped)."""
     import metafluence as mf
 
@@ -497,20 +497,13 @@ def _detection_stage(job: _Job, problem: Any, lam: Any, data: _Data, res: Any) -
         for kind, s in scores.items()
         if kind != "task"
     }
-    tracin = (
-        mf.evaluate.tracin(
-            problem, lam, data.tasks, data.target, support_points=False, method="jvp"
-        )
-        .task.detach()
-        .double()
-        .cpu()
-        if job.world == 1
-        else None
-    )
+    tracin = mf.evaluate.tracin(
+        problem, lam, data.tasks, data.target, support_points=False, method="jvp"
+    ).task.detach()
     detect = {
         "task_auc": auc(scores["task"], m),
         "task_auc_loss_baseline": auc(-loss, m),
-        "task_auc_tracin": auc(tracin, m) if tracin is not None else float("nan"),
+        "task_auc_tracin": auc(tracin.double().cpu(), m),
         **per_point,
         "k": k,
         "recall_at_k": mf.evaluate.recall_at_k(scores["task"], m, k),
