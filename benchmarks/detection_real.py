@@ -118,14 +118,14 @@ def fmnist_folder(arg: str | None) -> Path:
 def dataset_args(name: str, args: argparse.Namespace) -> argparse.Namespace:
     """The namespace ``fidelity.load_tasks`` / ``fidelity.build`` read."""
     cfg = dict(DATASETS[name])
-    if getattr(args, "queries", None):
+    if args.queries:
         cfg["queries"] = args.queries
     data = "glyphs" if name == "glyphs" else f"idx:{fmnist_folder(args.fashion_mnist)}"
     return argparse.Namespace(
         data=data,
         subset=False,
         ways=5,
-        shots=getattr(args, "shots", 1),
+        shots=args.shots,
         dim=cfg["side"] ** 2,
         implicit_reg=3.0,
         **cfg,
@@ -472,22 +472,7 @@ def rewrite(out: Path) -> None:
     :func:`note` or :func:`table`; the measurements are not touched)."""
     with (out / "detection_real.csv").open(newline="") as f:
         rows = [{k: _parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    with (out / "tasks.csv").open(newline="") as f:
-        tasks = list(csv.DictReader(f))
     for r in rows:
-        if r.get("spearman_vs_loo_branch") in (None, ""):  # runs before the column: from tasks.csv
-            mine = [
-                t
-                for t in tasks
-                if (t["dataset"], t["corruption"]) == (r["dataset"], r["corruption"])
-            ]
-            r.update(
-                on_branch(
-                    torch.tensor([float(t["influence"]) for t in mine], dtype=torch.float64),
-                    torch.tensor([float(t["loo"]) for t in mine], dtype=torch.float64),
-                    [t["loo_retrain"] for t in mine],
-                )
-            )
         r["note"] = note(r)
     keys = list(machine_info())
     info = {k: rows[0][k] for k in keys if k in rows[0]}

@@ -61,11 +61,12 @@ def rows() -> list[dict]:
 
 def _verdict(r: dict) -> dict:
     """The check's verdict as the run recorded it (``nonlinear``: :func:`is_nonlinear` of
-    ``metafluence.influence.regime``) and its largest retrain residual, from a fidelity CSV row."""
+    ``metafluence.influence.regime``), its largest retrain residual and how many of its retrains
+    were unfinished of how many checked, from a fidelity CSV row."""
     return {
         "residual_max": float(r["newton_residual_max"]),
-        "unfinished": int(r.get("newton_unfinished") or -1),  # -1: not recorded
-        "checked": int(r.get("newton_checked") or -1),
+        "unfinished": int(r["newton_unfinished"]),
+        "checked": int(r["newton_checked"]),
         "nonlinear": r["newton_nonlinear"] == "True",
     }
 

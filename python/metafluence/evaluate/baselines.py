@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
-from ..influence.query import query_point_scores
+from ..influence.query import query_point_scores_all
 from ..influence.removal import TargetLike, target_gradient
 from ..solvers import compute_kfac_factors, get_solver, solve_ekfac
 from .groups import Group, group_reweighted
@@ -242,10 +242,7 @@ def tracin(
     for lam, eta in zip(ckpts, lrs, strict=True):
         pt = problem.point(lam, train_tasks)
         gf = target_gradient(problem, pt.lam, target)
-        # this process's tasks, gathered over ranks (a ShardedProblem; identity otherwise)
-        q = pt._cat(
-            lambda e, gf=gf: query_point_scores(problem, e, gf, method), gf.new_zeros(0, 0).clone
-        )
+        q = query_point_scores_all(problem, pt, gf, method)
         q_tot = eta * q if q_tot is None else q_tot + eta * q
         if support_points:
             h_w = pt.hvp_all(gf)[2]

@@ -27,6 +27,7 @@ from torch.func import vmap
 
 from ..bilevel._func import jvp
 from ..bilevel.engine import Engine
+from ..bilevel.point import BilevelPoint
 from ..bilevel.problem import MetaProblem
 from ..psg import per_sample_grad_dots
 
@@ -64,6 +65,17 @@ def query_point_scores(
     else:
         dots = _dots_psg(problem, theta, U, b.xq, b.yq)
     return (V * (c / b.n_query).unsqueeze(-1) * dots).detach()
+
+
+def query_point_scores_all(
+    problem: MetaProblem, pt: BilevelPoint, s: Tensor, method: str = "psg"
+) -> Tensor:
+    """Query-point removal scores of every task ``[M, m]`` for the s-test ``s``: the
+    :func:`query_point_scores` of this process's chunks (``pt.engines``), concatenated over all
+    processes (``pt.reduce``; a ``ShardedProblem``'s point covers this rank's tasks only)."""
+    parts = [query_point_scores(problem, e, s, method) for e in pt.engines]
+    local = torch.cat(parts) if parts else s.new_zeros(0, pt.item_widths()[1])
+    return pt.reduce.cat(local.detach())
 
 
 def _dots_psg(problem: MetaProblem, theta: Tensor, U: Tensor, xq: Tensor, yq: Tensor) -> Tensor:

@@ -43,7 +43,7 @@ from ..data.tasks import check_items
 from ..solvers import EigenBounds, SolveResult, lanczos_eigen_bounds
 from . import _checkpoint as ck
 from ._newton import newton_descent
-from .query import QUERY_METHODS, query_point_scores
+from .query import QUERY_METHODS, query_point_scores_all
 from .regime import RETRAIN_RESIDUAL, TRACK_BELOW, regime_from_check
 from .regime import newton_check as newton_check_fn
 from .support import exact_support_scores
@@ -570,9 +570,7 @@ def _item_scores(
         t_sc, s_sc, q_sc = ck.chunked_item_scores(pt, s, store, tape)
         support: list[Tensor] | None = list(s_sc.unbind(0))
     else:
-        q_parts = [query_point_scores(problem, e, s, query_method) for e in pt.engines]
-        q_local = torch.cat(q_parts) if q_parts else s.new_zeros(0, pt.item_widths()[1])
-        q_sc = pt.reduce.cat(q_local.detach())
+        q_sc = query_point_scores_all(problem, pt, s, query_method)
         t_sc, support = q_sc.sum(1), None
     if exact_support and support is not None:
         support = list(exact_support_scores(pt, s).unbind(0))
