@@ -81,6 +81,9 @@ def test_run_tiny_end_to_end_and_deterministic(tmp_path, glyph_cache, capsys):
     st = summary["stationarity"]  # the λ* phase ran, within its budget, and is reported
     assert 1 <= st["evaluations"] <= 6 and st["grad_norm_after"] <= st["grad_norm_before"]
     assert "after the stationarity phase" in md and "total solve for the target" in md
+    # Conv-4's conv blocks feed GroupNorm: scale-invariant, so the damping sets a floor
+    assert st["scale_invariant"] == ["body.0", "body.3", "body.6", "body.9"]
+    assert 0 < st["radial_floor"] < st["grad_norm_after"] and "- floor: ‖∇F‖ ≥" in md
     assert "ranked by their own query loss" in md and "- tasks: " in md
     assert 0.0 <= summary["detection"]["task_auc_loss_baseline"] <= 1.0
     assert "TracIn at λ*" in md and 0.0 <= summary["detection"]["task_auc_tracin"] <= 1.0

@@ -11,6 +11,7 @@ import numpy as np
 from torch import Tensor
 
 from ..evaluate import detection, plots
+from ..train.stationary import floor_note
 
 
 def _plots(out: Path, summary: dict, task_scores: Tensor, mask: Tensor, sup: Tensor) -> list[str]:
@@ -257,6 +258,14 @@ def _reliability(summary: dict) -> list[str]:
             f"{st['tol']:.3g} {state}; {st['evaluations']} full gradients, "
             f"{st['seconds']:.1f} s; F {st['objective_before']:.4g} → {st['objective_after']:.4g})."
         )
+        if st.get("scale_invariant"):
+            rest = max(st["grad_norm_after"] ** 2 - st["radial_floor"] ** 2, 0.0) ** 0.5
+            out.append(
+                f"- floor: {floor_note(st['radial_floor'], st['scale_invariant'])}. The rest "
+                f"of the gradient, (‖∇F‖² − floor²)^½ = {rest:.3g}, is what separates λ* from "
+                "a stationary point of the function the model computes; the floor is the "
+                "damping pulling those weights to 0."
+            )
     else:
         out.append(
             f"- λ*: ‖∇F(λ*)‖ = {summary['meta_grad_norm']:.3g} (no stationarity phase: the "

@@ -2,7 +2,7 @@
 
 from .meta_train import OPTIMIZERS, TrainState, grad_norm, meta_train
 from .refine import RefineReport, newton_refine
-from .stationary import StationarityReport, make_stationary
+from .stationary import StationarityReport, make_stationary, radial_floor
 
 __all__ = [
     "OPTIMIZERS",
@@ -13,4 +13,5 @@ __all__ = [
     "make_stationary",
     "meta_train",
     "newton_refine",
+    "radial_floor",
 ]

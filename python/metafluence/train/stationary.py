@@ -12,11 +12,24 @@ and returns the accepted iterate with the smallest ``‖∇F‖`` (F falls monot
 gradient norm need not), with what it did (:class:`StationarityReport`). Every retraining used
 as ground truth (leave-out, warm, full) should stop by the same rule (``meta_train(...,
 stationary_tol=tol)``), so that an edit and a retrain are compared at the same tolerance.
+
+**When no stationary point exists.** A parameter block ``w_b`` (one module's parameters) that a
+normalisation follows is *scale-invariant*: ``L(αw_b) = L(w_b)`` for ``α > 0``, so
+``⟨w_b, ∇_b L⟩ = 0`` and the damping alone sets the radial part of the gradient,
+``⟨w_b, ∇_b F⟩ / ‖w_b‖ = δ‖w_b‖``. Hence, for every ``λ``,
+
+    ‖∇F(λ)‖₂ ≥ δ · (Σ_b ‖w_b‖²)^{1/2}  =: the radial floor,
+
+and ``∇F = 0`` only as ``w_b → 0`` (into the normalisation's ``eps``): the damping shrinks those
+weights for ever without changing what the model computes. :func:`radial_floor` finds such
+blocks (a loss evaluation with each block scaled, on a few tasks); the report carries the floor
+and a warning says when the tolerance is below it (or was met only by shrinking them).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -25,6 +38,8 @@ from torch import Tensor
 
 from .._checks import check_float, check_int
 from ..bilevel.problem import MetaProblem, ParamsLike, TasksLike
+from ..data.source import TaskSource
+from ..data.tasks import TaskBatch
 from ._bar import progress_bar
 
 
@@ -32,10 +47,12 @@ from ._bar import progress_bar
 class StationarityReport:
     """What the stationarity phase did: ``‖∇F‖`` and ``F`` before and after, the number of
     ``(F, ∇F)`` evaluations (each one full meta-gradient over the tasks), the wall time, and
-    whether ``‖∇F‖ ≤ tol`` was reached. ``pairs`` holds the secant pairs ``(S [r, P],
-    Y [r, P])`` the phase accepted (the newest ``keep_pairs``; ``y_j = ∇F(λ_{j+1}) − ∇F(λ_j)``),
-    a curvature for free (``mf.fit_curvature(method="secant", pairs=...)``); it is left out of
-    :meth:`as_dict`."""
+    whether ``‖∇F‖ ≤ tol`` was reached. ``radial_floor`` is the bound
+    ``‖∇F‖ ≥ δ(Σ_b ‖w_b‖²)^{1/2}`` at the returned λ and ``scale_invariant`` the blocks ``b``
+    that set it (module docstring; 0 and ``()`` when there are none). ``pairs`` holds the
+    secant pairs ``(S [r, P], Y [r, P])`` the phase accepted (the newest ``keep_pairs``;
+    ``y_j = ∇F(λ_{j+1}) − ∇F(λ_j)``), a curvature for free
+    (``mf.fit_curvature(method="secant", pairs=...)``); it is left out of :meth:`as_dict`."""
 
     tol: float
     grad_norm_before: float
@@ -46,6 +63,8 @@ class StationarityReport:
     seconds: float
     converged: bool
     method: str = "lbfgs"
+    radial_floor: float = 0.0  # ‖∇F‖ ≥ this at every λ with these norms (module docstring)
+    scale_invariant: tuple[str, ...] = ()  # the blocks that set it (module names)
     secant_pairs: int = 0  # how many pairs ``pairs`` holds
     pairs: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
@@ -55,12 +74,92 @@ class StationarityReport:
     def line(self) -> str:
         """One line for reports."""
         state = "reached" if self.converged else "NOT reached"
-        return (
+        out = (
             f"stationarity ({self.method}): ‖∇F‖ {self.grad_norm_before:.3g} → "
             f"{self.grad_norm_after:.3g} (tol {self.tol:.3g} {state}), F "
             f"{self.objective_before:.4g} → {self.objective_after:.4g}, "
             f"{self.evaluations} gradient evaluations, {self.seconds:.1f} s"
         )
+        if self.scale_invariant:
+            out += f"; {floor_note(self.radial_floor, self.scale_invariant)}"
+        return out
+
+
+def floor_note(floor: float, blocks: tuple[str, ...] | list[str]) -> str:
+    """One sentence on the radial floor, for reports and warnings."""
+    return (
+        f"‖∇F‖ ≥ {floor:.3g} at any λ with these weight norms: {len(blocks)} damped "
+        f"scale-invariant block(s) ({', '.join(blocks)}; a normalisation follows them) have "
+        "no stationary point short of w → 0"
+    )
+
+
+def radial_floor(
+    problem: MetaProblem,
+    lam: Tensor,
+    batch: TaskBatch | TaskSource,
+    grad: Tensor,
+    tasks: int = 8,
+    rtol: float = 1e-2,
+) -> tuple[float, tuple[str, ...]]:
+    """``(δ (Σ_b ‖w_b‖²)^{1/2}, names)`` over the scale-invariant blocks ``b`` (module docstring).
+
+    Candidates are the modules with a parameter of two or more dimensions (conv filters, linear
+    weights); a block counts as scale-invariant when scaling it by 2 changes the undamped outer
+    loss on the first ``tasks`` tasks by at most ``rtol`` relatively (the normalisation's
+    ``eps`` leaves a trace of order ``eps / variance``) and when the damping makes up the
+    radial part of ``grad = ∇F(λ) [P]`` to 1%: ``|⟨w_b, ∇_b F⟩ / ‖w_b‖² − δ| ≤ δ/100`` (Euler's
+    ``⟨w_b, ∇_b L⟩ = 0``; a block that is not invariant passes this only by a coincidence of
+    order 1e-3, and then still has to pass the scaling). At most one loss evaluation per
+    candidate on those tasks; ``(0.0, ())`` when ``δ = 0`` or there are no tasks.
+    """
+    if problem.damping == 0 or batch.num_tasks == 0:
+        return 0.0, ()
+    few = min(int(tasks), batch.num_tasks)
+    if isinstance(batch, TaskBatch):
+        sub = batch.slice(0, few)
+    else:  # a streamed source: its first chunk of `few` tasks
+        sub = next(iter(batch.chunks(few, dtype=lam.dtype, device=lam.device)))
+    x = lam.detach()
+    groups, ndims = _module_blocks(problem)
+    base: float | None = None  # the sub-batch's loss, evaluated once a candidate needs it
+    found, sq = [], 0.0
+    for mod, parts in groups.items():
+        if ndims[mod] < 2:
+            continue
+        w_sq = _sq_norm(x, parts)
+        if w_sq == 0:
+            continue
+        radial = sum(float(x[sl] @ grad[sl]) for sl in parts) / w_sq
+        if abs(radial - problem.damping) > 0.01 * problem.damping:
+            continue
+        y = x.clone()
+        for sl in parts:
+            y[sl] *= 2.0
+        if base is None:
+            base = float(problem.point(x, sub).outer_loss())
+        if abs(float(problem.point(y, sub).outer_loss()) - base) <= rtol * max(abs(base), 1e-12):
+            found.append(mod)
+            sq += w_sq
+    return problem.damping * sq**0.5, tuple(found)
+
+
+def _module_blocks(problem: MetaProblem) -> tuple[dict[str, list[slice]], dict[str, int]]:
+    """``({module: its slices of λ}, {module: largest parameter rank})`` in flat layout."""
+    groups: dict[str, list[slice]] = {}
+    ndims: dict[str, int] = {}
+    k = 0
+    for name, shape in zip(problem.spec.names, problem.spec.shapes, strict=True):
+        n = int(torch.Size(shape).numel())
+        mod = name.rsplit(".", 1)[0] if "." in name else name
+        groups.setdefault(mod, []).append(slice(k, k + n))
+        ndims[mod] = max(ndims.get(mod, 0), len(shape))
+        k += n
+    return groups, ndims
+
+
+def _sq_norm(x: Tensor, parts: list[slice]) -> float:
+    return sum(float(x[sl].square().sum()) for sl in parts)
 
 
 def make_stationary(
@@ -110,7 +209,7 @@ def make_stationary(
     x, (f_t, g) = lam, value_and_grad(lam)
     f, gn = float(f_t), float(g.norm())
     f_before, gn_before = f, gn
-    best = (x, f, gn)  # the most stationary accepted iterate (‖∇F‖ need not fall monotonically)
+    best = (x, f, gn, g)  # the most stationary accepted iterate (‖∇F‖ need not fall monotonically)
     S: list[Tensor] = []
     Y: list[Tensor] = []
     kept: list[tuple[Tensor, Tensor]] = []  # the newest keep_pairs accepted pairs
@@ -144,13 +243,32 @@ def make_stationary(
         x, f, g = x + s_k, f_new, g_new
         gn = float(g.norm())
         if gn < best[2]:
-            best = (x, f, gn)
+            best = (x, f, gn, g)
         if bar is not None:
             bar.set_postfix(grad=gn, F=f)
     if bar is not None:
         bar.close()
     if return_best:
-        x, f, gn = best
+        x, f, gn, g = best
+    floor, blocks = radial_floor(problem, x, batch, grad=g)
+    groups = _module_blocks(problem)[0] if blocks else {}
+    floor_start = problem.damping * sum(_sq_norm(lam, groups[b]) for b in blocks) ** 0.5
+    # warn when the floor binds: above tol at the end, or above it at the start and met only
+    # because the damping shrank those weights
+    if blocks and (floor >= tol or (gn <= tol and floor_start >= tol)):
+        how = (
+            f"was met only because the damping shrank them from a floor of {floor_start:.3g} "
+            f"to {floor:.3g}: a λ* whose normalised layers are being scaled away"
+            if gn <= tol
+            else f"cannot be reached: {floor_note(floor, blocks)} (the damping shrinks them for "
+            "ever)"
+        )
+        warnings.warn(
+            f"stationarity: tol {tol:.3g} {how}. Scale-invariant block(s): {', '.join(blocks)}; "
+            "use a model without normalisation after these layers, or read ‖∇F‖ against the "
+            "floor.",
+            stacklevel=2,
+        )
     report = StationarityReport(
         tol=tol,
         grad_norm_before=gn_before,
@@ -160,6 +278,8 @@ def make_stationary(
         evaluations=evals,
         seconds=time.perf_counter() - t0,
         converged=gn <= tol,
+        radial_floor=floor,
+        scale_invariant=blocks,
         secant_pairs=len(kept),
         pairs=(torch.stack([p[0] for p in kept]), torch.stack([p[1] for p in kept]))
         if kept
