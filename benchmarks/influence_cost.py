@@ -100,8 +100,14 @@ class Job:
 
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
-        damping = getattr(a, "damping", None)  # job_fidelity.py sets the outer damping
-        self.cfg = cfg = RunConfig(seed=a.seed, **({} if damping is None else {"damping": damping}))
+        # job_fidelity.py / job_floor.py set the outer damping; job_floor.py also the model's
+        # normalisation and the task sizes
+        keys = ("damping", "shots", "queries")
+        over = {k: v for k in keys if (v := getattr(a, k, None)) is not None}
+        self.cfg = cfg = RunConfig(seed=a.seed, **over)
+        self.norm = getattr(a, "norm", None) or "group"
+        plain = self.norm == "group" and "shots" not in over and "queries" not in over
+        self.variant = "" if plain else f"-{self.norm}-{cfg.shots}s{cfg.queries}q"  # cache key
         ds = mf.data.load_glyphs(num_classes=cfg.glyph_classes, seed=0, progress=False)
         kw: dict[str, Any] = dict(ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, seed=a.seed)
         clean = mf.data.sample_tasks(ds, num_tasks=a.M, split="train", **kw)
@@ -116,7 +122,7 @@ class Job:
         )
         c, h, _ = ds.image_shape
         self.model = build_model(
-            "conv4", cfg.ways, c, h, width=cfg.width, seed=a.seed, pool="stride"
+            "conv4", cfg.ways, c, h, width=cfg.width, seed=a.seed, pool="stride", norm=self.norm
         )
         self.problem = mf.MetaProblem(
             self.model, inner=_inner(cfg), damping=cfg.damping, chunk_size=cfg.chunk_size
@@ -127,6 +133,7 @@ class Job:
         a = self.a
         # v2: one-pass (F, ∇F) in the stationarity phase (a faster meta-training than v1's)
         d = "" if getattr(a, "damping", None) is None else f"-d{a.damping:g}"
+        d += self.variant
         key = a.cache / f"v2-M{a.M}{d}-s{a.steps}-tol{a.tol:g}-e{a.evals}-seed{a.seed}.pt"
         if key.exists():
             got = torch.load(key, weights_only=False)

@@ -47,23 +47,29 @@ from metafluence.evaluate import adapted_performance, baselines  # noqa: E402
 OUT = RESULTS_DIR / "job_fidelity"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def job_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The problem and λ*'s arguments, shared with ``job_floor.py`` (one λ* cache)."""
     p.add_argument("--M", type=int, default=40, help="meta-training tasks")
     p.add_argument("--damping", type=float, default=1e-2, help="outer damping δ of the problem")
     p.add_argument("--steps", type=int, default=150, help="Adam steps before the phase")
     p.add_argument("--tol", type=float, default=1e-4, help="stationarity tolerance on ‖∇F‖")
     p.add_argument("--evals", type=int, default=300, help="stationarity gradient evaluations")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=Path("/tmp/mf_job_fidelity"))
+    p.add_argument("--out", type=Path, default=OUT)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    job_args(p)
     p.add_argument("--solve-damping", type=float, default=0.0, help="δ' of the scores' solve")
     p.add_argument("--pcg-iters", type=int, default=2, help="the job default's CG iterations")
     p.add_argument("--ref-rtol", type=float, default=1e-4)
     p.add_argument("--ref-maxiter", type=int, default=100)
     p.add_argument("--seeds", type=int, default=3, help="full retrains from scratch")
     p.add_argument("--train-only", action="store_true", help="stop after λ*")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", type=Path, default=Path("/tmp/mf_job_fidelity"))
-    p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args(argv)
 
 
@@ -215,11 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     row["reference_scores"] = ref.scores.tolist()
     row["flipped"] = flipped
     row["loo_details"] = details
+    write_row(a.out / f"job_fidelity-{tag}.json", row)
+    return 0
+
+
+def write_row(path: Path, row: dict[str, Any]) -> None:
+    """``row`` with the machine and versions (``machine_info``), as indented JSON at ``path``."""
     row.update(machine_info())
-    path = a.out / f"job_fidelity-{tag}.json"
     path.write_text(json.dumps(row, indent=1, default=float))
     log(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

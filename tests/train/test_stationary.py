@@ -162,6 +162,23 @@ def test_no_floor_without_the_normalisation(setup):
     assert mf.train.radial_floor(prob2, lam2, prob2.batch(tasks2, lam2), grad=g2) == (0.0, ())
 
 
+def test_a_radial_coincidence_alone_is_not_a_floor():
+    """A gradient whose radial part on a block equals δ‖w‖ (here forged) does not make the block
+    scale-invariant: the outputs must also stay put when it is doubled (the guard), which they do
+    with the norm and do not without it."""
+    for norm, expect in ((True, ("body.0",)), (False, ())):
+        prob = mf.MetaProblem(
+            _normed(norm), inner=mf.inner.HeadOnly(head="head", steps=1, lr=0.3), damping=1e-2
+        )
+        tasks = random_tasks(8, 0)
+        lam = prob.flat(prob.init_params())
+        forged = torch.zeros_like(lam)
+        for s in _slices(prob.spec, "body.0."):
+            forged[s] = prob.damping * lam[s]  # radial part exactly δ‖w‖, nothing else
+        floor, blocks = mf.train.radial_floor(prob, lam, prob.batch(tasks, lam), grad=forged)
+        assert blocks == expect and (floor > 0) == norm
+
+
 def _slices(spec, prefix: str) -> list[slice]:
     out, k = [], 0
     for name, shape in zip(spec.names, spec.shapes, strict=True):
