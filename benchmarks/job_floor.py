@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metafluence as mf  # noqa: E402
 from influence_cost import Job, log  # noqa: E402
 from job_fidelity import job_args, performance, write_row  # noqa: E402
-from metafluence.train.stationary import _module_blocks  # noqa: E402
+from metafluence.train.stationary import module_blocks  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def blocks_table(problem: mf.MetaProblem, lam: torch.Tensor, g: torch.Tensor) -> list[dict]:
     """Per module with a conv filter: ‖w_b‖, radial part of ∇F, δ‖w_b‖, tangential part."""
     rows = []
-    groups, ndims = _module_blocks(problem)
+    groups, ndims = module_blocks(problem)
     for mod, parts in groups.items():
         if ndims[mod] != 4:
             continue
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.more:
         problem: Any = job.problem
         if a.exempt:
-            groups, _ = _module_blocks(job.problem)
+            groups, _ = module_blocks(job.problem)
             mask = torch.ones_like(lam)
             for b in row["at_lambda"]["scale_invariant"]:
                 for s in groups[b]:

@@ -22,8 +22,9 @@ normalisation follows is *scale-invariant*: ``L(αw_b) = L(w_b)`` for ``α > 0``
 
 and ``∇F = 0`` only as ``w_b → 0`` (into the normalisation's ``eps``): the damping shrinks those
 weights for ever without changing what the model computes. :func:`radial_floor` finds such
-blocks (a loss evaluation with each block scaled, on a few tasks); the report carries the floor
-and a warning says when the tolerance is below it (or was met only by shrinking them).
+blocks (the radial identity on ``∇F``, guarded by the adapted outputs under doubling the block,
+on a few tasks); the report carries the floor and a warning says when the tolerance is below it
+(or was met only by shrinking them).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def radial_floor(
     else:  # a streamed source: its first chunk of `few` tasks
         sub = next(iter(batch.chunks(few, dtype=lam.dtype, device=lam.device)))
     x = lam.detach()
-    groups, ndims = _module_blocks(problem)
+    groups, ndims = module_blocks(problem)
 
     def outputs(v: Tensor) -> Tensor:  # the adapted models' query outputs [k, m, out]
         with torch.no_grad():
@@ -155,8 +156,9 @@ def radial_floor(
     return problem.damping * sq**0.5, tuple(found)
 
 
-def _module_blocks(problem: MetaProblem) -> tuple[dict[str, list[slice]], dict[str, int]]:
-    """``({module: its slices of λ}, {module: largest parameter rank})`` in flat layout."""
+def module_blocks(problem: MetaProblem) -> tuple[dict[str, list[slice]], dict[str, int]]:
+    """``({module: its slices of λ}, {module: largest parameter rank})`` in flat layout: the
+    parameter blocks :func:`radial_floor` scales (a module's name is its parameters' prefix)."""
     groups: dict[str, list[slice]] = {}
     ndims: dict[str, int] = {}
     k = 0
@@ -262,7 +264,7 @@ def make_stationary(
     if return_best:
         x, f, gn, g = best
     floor, blocks = radial_floor(problem, x, batch, grad=g)
-    groups = _module_blocks(problem)[0] if blocks else {}
+    groups = module_blocks(problem)[0] if blocks else {}
     floor_start = problem.damping * sum(_sq_norm(lam, groups[b]) for b in blocks) ** 0.5
     # warn when the floor binds: above tol at the end, or above it at the start and met only
     # because the damping shrank those weights
