@@ -79,15 +79,17 @@ class _Masked:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.problem, name)
 
+    def exempted(self, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> tuple:
+        """``(F, ∇F)`` of the full damping at ``x`` → those of the masked one."""
+        off = (1 - self.mask) * x.detach()
+        return f - 0.5 * self.delta * (off * x.detach()).sum(), g - self.delta * off
+
     def point(self, x: torch.Tensor, batch: Any) -> Any:
         outer = self
 
         class _Pt:
             def value_and_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
-                pt = outer.problem.point(x, batch)
-                f, g = pt.value_and_grad()  # with δ/2‖λ‖²: take the exempt part back out
-                off = (1 - outer.mask) * x.detach()
-                return f - 0.5 * outer.delta * (off * x.detach()).sum(), g - outer.delta * off
+                return outer.exempted(x, *outer.problem.point(x, batch).value_and_grad())
 
         return _Pt()
 
@@ -97,7 +99,7 @@ def state(job: Job, problem: Any, lam: torch.Tensor) -> dict[str, Any]:
     and the block table of the job's own objective (damping on every parameter)."""
     batch = job.problem.batch(job.tasks, lam)
     f_job, g_job = job.problem.point(lam, batch).value_and_grad()
-    f, g = (f_job, g_job) if problem is job.problem else problem.point(lam, batch).value_and_grad()
+    f, g = problem.exempted(lam, f_job, g_job) if isinstance(problem, _Masked) else (f_job, g_job)
     floor, blocks = mf.train.radial_floor(job.problem, lam, batch, grad=g_job.detach())
     return {
         "F": float(f), "grad_norm": float(g.norm()), "radial_floor": floor,

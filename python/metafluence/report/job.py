@@ -474,8 +474,8 @@ def _influence_stage(
 def _detection_stage(job: _Job, problem: Any, lam: Any, data: _Data, res: Any) -> tuple:
     """Detection of the flipped tasks (AUC, recall@k; harm = −removal effect) beside two
     baselines, the loss ranking and TracIn at ``λ*`` (gradient alignment ``c_k g_kᵀ∇f``, query
-    points by one forward-mode pass); the ``k`` most harmful tasks
-    to remove (``k`` = ``remove`` or the number flipped)."""
+    points by one forward-mode pass); the ``k`` most harmful tasks to remove (``k`` =
+    ``remove`` or the number flipped)."""
     import metafluence as mf
 
     cfg = job.cfg
